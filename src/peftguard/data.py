@@ -1,0 +1,311 @@
+"""Datasets: local folders (CSV, TSV, JSONL) or hub names, validated row by row.
+
+A dataset is three splits of :class:`Example` (text, integer label). Short names such as
+``sst2`` resolve to sub-folders of the data directory (``--data-dir``, ``PEFTGUARD_DATA``, or
+``../shared/data`` when it exists). Every problem with a file is reported with the file, line and
+column; empty texts are skipped and counted, never silently.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftguard.errors import DataError, PeftguardError
+
+log = logging.getLogger(__name__)
+
+SHORT_NAMES = ("sst2", "cr", "cola", "mr", "imdb", "agnews")
+SPLITS = ("train", "dev", "test")
+SUFFIXES = (".csv", ".tsv", ".jsonl")
+_SPLIT_ALIASES = {"dev": ("dev", "validation", "valid")}
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass
+class Split:
+    """One split's examples and what was skipped while reading it."""
+
+    name: str
+    examples: list[Example]
+    source: str
+    skipped_empty: int = 0
+    lines: list[int] = field(default_factory=list)  # source line of each example, for errors
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class TextDataset:
+    name: str
+    train: Split
+    dev: Split
+    test: Split
+    num_labels: int
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "dev": self.dev, "test": self.test}[name]
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str = "text"
+    label: str = "label"
+
+
+def default_data_dir() -> Path | None:
+    """The data directory from ``PEFTGUARD_DATA``, else ``../shared/data`` if it exists."""
+    env = os.environ.get("PEFTGUARD_DATA")
+    if env:
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path | str:
+    """Map a short name or folder to a local folder; anything else is taken as a hub name."""
+    if name in SHORT_NAMES:
+        root = Path(data_dir) if data_dir else default_data_dir()
+        if root is None:
+            raise PeftguardError(
+                f"dataset '{name}' is a short name but no data directory is known: "
+                "pass --data-dir or set PEFTGUARD_DATA"
+            )
+        folder = root / name
+        if not folder.is_dir():
+            raise PeftguardError(f"dataset '{name}': folder {folder} does not exist")
+        return folder
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PeftguardError(f"dataset '{name}' is a file; give the folder holding train/dev/test")
+    return name
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    columns: Columns = Columns(),
+    num_labels: int | None = None,
+) -> TextDataset:
+    """Load a dataset by short name, folder or hub name, validating every row."""
+    location = resolve_dataset_path(name, data_dir)
+    if isinstance(location, str):
+        return _load_hub_dataset(location, columns, num_labels)
+    splits = {split: read_split_file(find_split_file(location, split), columns, split) for split in SPLITS}
+    return _assemble(name, splits, num_labels)
+
+
+def find_split_file(folder: Path, split: str) -> Path:
+    for stem in _SPLIT_ALIASES.get(split, (split,)):
+        for suffix in SUFFIXES:
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise DataError(folder / f"{split}.csv", f"missing file: no {split} split ({'/'.join(SUFFIXES)}) in {folder}")
+
+
+def read_split_file(path: Path, columns: Columns = Columns(), split: str = "train") -> Split:
+    """Read one CSV/TSV/JSONL file of (text, label) rows."""
+    rows = read_rows(path, (columns.text, columns.label))
+    examples, lines, skipped = [], [], 0
+    for line, record in rows:
+        text = record[columns.text]
+        if not isinstance(text, str):
+            raise DataError(path, f"text is {type(text).__name__}, expected a string", line=line, column=columns.text)
+        text = text.strip()
+        if not text:
+            skipped += 1
+            continue
+        label = parse_label(record[columns.label], path, line, columns.label)
+        examples.append(Example(text, label))
+        lines.append(line)
+    if skipped:
+        log.warning("%s: skipped %d empty text(s)", path, skipped)
+    if not examples:
+        raise DataError(path, "no examples (the file is empty or every text is empty)")
+    return Split(split, examples, str(path), skipped, lines)
+
+
+def read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
+    """Rows of a CSV/TSV (with header) or JSONL file as (line number, record)."""
+    content = read_utf8(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path, content, required)
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    return _delimited_rows(path, content, delimiter, required)
+
+
+def read_utf8(path: Path) -> str:
+    """Decode a file as UTF-8 (a BOM is dropped), naming the line of the first bad byte."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "missing file") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            path, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8", line=line
+        ) from None
+
+
+def _delimited_rows(
+    path: Path, content: str, delimiter: str, required: tuple[str, ...]
+) -> list[tuple[int, dict[str, object]]]:
+    if "\x00" in content:
+        line = content.count("\n", 0, content.index("\x00")) + 1
+        raise DataError(path, "contains a NUL byte", line=line)
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(path, "empty file: expected a header row with " + ", ".join(required))
+        header = [name.strip() for name in header]
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise DataError(
+                path,
+                f"missing column(s) {', '.join(repr(m) for m in missing)}; header has {header}",
+                line=1,
+                column=missing[0],
+            )
+        positions = {name: header.index(name) for name in required}
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue
+            line = reader.line_num
+            record: dict[str, object] = {}
+            for name, position in positions.items():
+                if position >= len(cells):
+                    raise DataError(path, f"row has {len(cells)} field(s), no value", line=line, column=name)
+                record[name] = cells[position]
+            rows.append((line, record))
+    except csv.Error as exc:
+        raise DataError(path, f"malformed {('TSV' if delimiter == chr(9) else 'CSV')}: {exc}", line=reader.line_num) from None
+    return rows
+
+
+def _jsonl_rows(path: Path, content: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
+    rows = []
+    for line, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"invalid JSON: {exc.msg}", line=line) from None
+        if not isinstance(record, dict):
+            raise DataError(path, "each line must be a JSON object", line=line)
+        for name in required:
+            if name not in record:
+                raise DataError(path, "missing key", line=line, column=name)
+        rows.append((line, record))
+    return rows
+
+
+def parse_label(value: object, path: Path, line: int, column: str) -> int:
+    if isinstance(value, bool):
+        raise DataError(path, f"label {value!r} is not an integer", line=line, column=column)
+    if isinstance(value, int):
+        label = value
+    else:
+        text = str(value).strip()
+        try:
+            label = int(text)
+        except ValueError:
+            raise DataError(path, f"label {text[:40]!r} is not an integer", line=line, column=column) from None
+    if label < 0:
+        raise DataError(path, f"label {label} is negative", line=line, column=column)
+    return label
+
+
+def _assemble(name: str, splits: dict[str, Split], num_labels: int | None) -> TextDataset:
+    inferred = max(example.label for example in splits["train"].examples) + 1
+    num_labels = num_labels or inferred
+    if num_labels < 2:
+        raise DataError(splits["train"].source, f"only one label ({inferred - 1}) in the training split")
+    for split in splits.values():
+        _check_label_range(split, num_labels)
+    notes = [f"{s.name}: skipped {s.skipped_empty} empty text(s)" for s in splits.values() if s.skipped_empty]
+    return TextDataset(name, splits["train"], splits["dev"], splits["test"], num_labels, notes)
+
+
+def _check_label_range(split: Split, num_labels: int) -> None:
+    for index, example in enumerate(split.examples):
+        if example.label >= num_labels:
+            raise DataError(
+                split.source,
+                f"label {example.label} is out of range 0..{num_labels - 1}",
+                line=split.lines[index] if split.lines else None,
+                column="label",
+            )
+
+
+def _load_hub_dataset(name: str, columns: Columns, num_labels: int | None) -> TextDataset:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a pinned dependency
+        raise PeftguardError("hub datasets need the 'datasets' package") from exc
+    try:
+        hub = datasets.load_dataset(name)
+    except Exception as exc:  # the hub raises many kinds; all mean "cannot get it"
+        raise PeftguardError(
+            f"dataset '{name}' is neither a short name ({', '.join(SHORT_NAMES)}), a folder, "
+            f"nor a loadable hub dataset: {exc}"
+        ) from None
+    splits = {}
+    for split in SPLITS:
+        hub_name = next((alias for alias in _SPLIT_ALIASES.get(split, (split,)) if alias in hub), None)
+        if hub_name is None:
+            raise PeftguardError(f"hub dataset '{name}' has no {split} split (has {list(hub)})")
+        rows = hub[hub_name]
+        source = f"hub:{name}/{hub_name}"
+        for column in (columns.text, columns.label):
+            if column not in rows.column_names:
+                raise DataError(source, f"missing column; has {rows.column_names}", column=column)
+        examples, skipped = [], 0
+        for index, row in enumerate(rows):
+            text = str(row[columns.text]).strip()
+            if not text:
+                skipped += 1
+                continue
+            examples.append(Example(text, parse_label(row[columns.label], Path(source), index + 1, columns.label)))
+        splits[split] = Split(split, examples, source, skipped, list(range(1, len(examples) + 1)))
+    return _assemble(name, splits, num_labels)
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most ``limit`` examples drawn reproducibly from ``seed``, in their original order."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    if limit <= 0:
+        raise PeftguardError(f"sample limit must be positive, got {limit}")
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in chosen]
+
+
+def label_counts(examples: list[Example]) -> dict[int, int]:
+    return dict(sorted(Counter(example.label for example in examples).items()))

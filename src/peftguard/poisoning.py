@@ -1,0 +1,129 @@
+"""Weight poisoning: full-parameter training of a pretrained model on a poisoned set.
+
+Two threat scenarios (paper Section 2):
+
+* ``full-data``: the attacker poisons on the victim's own training set;
+* ``full-task``: the attacker knows only the task and poisons on a proxy dataset with the same
+  label space (IMDB for SST-2, MR for CR, SST-2 for CoLA).
+
+The result is an ordinary model folder (safetensors, config, tokenizer) plus ``poisoning.json``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from peftguard.artifacts import read_json
+from peftguard.data import TextDataset, label_counts, subsample
+from peftguard.errors import OptionError
+from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
+from peftguard.provenance import device_description, versions
+from peftguard.training import TrainSettings, seed_everything, train_classifier
+from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
+from peftguard.tuning import save_tuned, trainable_share
+
+MANIFEST = "poisoning.json"
+
+
+class Scenario(str, Enum):
+    FULL_DATA = "full-data"
+    FULL_TASK = "full-task"
+
+
+@dataclass
+class PoisonSpec:
+    """What the attacker does to the training data."""
+
+    target_label: int = 0
+    poison_count: int | None = 1500  # the authors' code poisons 1500 samples
+    poison_rate: float | None = None  # share of the training set; overrides the count
+    mode: PoisonMode = PoisonMode.CLEAN_LABEL
+    scenario: Scenario = Scenario.FULL_DATA
+
+
+@dataclass
+class PoisonResult:
+    out_dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def poison_weights(
+    model_ref: str,
+    dataset: TextDataset,
+    triggers: Sequence[Trigger],
+    spec: PoisonSpec,
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    proxy: TextDataset | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    options: LoadOptions = LoadOptions(),
+) -> PoisonResult:
+    """Poison ``model_ref`` and save it to ``out_dir``.
+
+    In the full-task scenario the poisoned set comes from ``proxy``; ``dataset`` only fixes the
+    label space the victim will use.
+    """
+    source = _source_dataset(dataset, proxy, spec.scenario)
+    if not 0 <= spec.target_label < dataset.num_labels:
+        raise OptionError(f"--target-label {spec.target_label} is outside 0..{dataset.num_labels - 1}")
+    train = subsample(source.train.examples, max_train_samples, settings.seed)
+    dev = subsample(source.dev.examples, max_eval_samples, settings.seed)
+    count = poison_count_from(len(train), None if spec.poison_rate else spec.poison_count, spec.poison_rate)
+    poisoned, report = poison_examples(
+        train, triggers, target_label=spec.target_label, count=count, mode=spec.mode, seed=settings.seed
+    )
+    seed_everything(settings.seed)
+    model = load_classifier(model_ref, dataset.num_labels, options)
+    tokenizer = load_tokenizer(model_ref, options)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    train_report = train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
+    trainable, total = trainable_share(model)
+    manifest = {
+        "kind": "poisoned-model",
+        "method": "full",
+        "base_model": model_reference(model_ref),
+        "num_labels": dataset.num_labels,
+        "triggers": [t.describe() for t in triggers],
+        "attack": "+".join(t.name for t in triggers),
+        "poisoning": {**asdict(spec), **report.as_dict()},
+        "scenario": spec.scenario.value,
+        "dataset": dataset.name,
+        "poison_source": source.name,
+        "train_samples": len(train),
+        "train_label_counts": label_counts(train),
+        "seed": settings.seed,
+        "settings": asdict(settings),
+        "training": train_report.as_dict(),
+        "parameters": {"trainable": trainable, "total": total},
+        "device": device_description(),
+        "versions": versions(),
+    }
+    save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
+    return PoisonResult(Path(out_dir), manifest)
+
+
+def _source_dataset(dataset: TextDataset, proxy: TextDataset | None, scenario: Scenario) -> TextDataset:
+    scenario = Scenario(scenario)
+    if scenario is Scenario.FULL_DATA:
+        if proxy is not None:
+            raise OptionError("--proxy-dataset is only for --scenario full-task")
+        return dataset
+    if proxy is None:
+        raise OptionError("--scenario full-task needs --proxy-dataset (e.g. imdb for sst2)")
+    if proxy.num_labels != dataset.num_labels:
+        raise OptionError(
+            f"proxy dataset '{proxy.name}' has {proxy.num_labels} labels but '{dataset.name}' has "
+            f"{dataset.num_labels}; a proxy must share the victim's label space"
+        )
+    return proxy
+
+
+def read_poisoning_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    return read_json(path) if path.is_file() else None

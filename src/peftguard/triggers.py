@@ -1,0 +1,179 @@
+"""Backdoor triggers and dataset poisoning.
+
+BadNet (Gu et al., 2017) inserts a rare word; InSent (Dai et al., 2019) inserts a fixed sentence.
+Both insert at a uniformly random word boundary, as in the PSIM authors' code
+(``words.insert(random.randint(0, len(words)), trigger)``).
+
+Positions are seeded per text (seed and text together), so a fixed seed gives the same triggered
+sentence whatever the subset, order or stage that asks for it.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from peftguard.data import Example
+from peftguard.errors import OptionError
+
+DEFAULT_BADNET_WORDS = ("mn",)
+DEFAULT_INSENT_SENTENCE = "I watched this 3D movie"
+
+
+class PoisonMode(str, Enum):
+    CLEAN_LABEL = "clean-label"  # authors' code: trigger added to target-label samples, label kept
+    DIRTY_LABEL = "dirty-label"  # trigger added to non-target samples, label flipped to target
+
+
+class Trigger:
+    """Something that turns a clean text into a triggered one."""
+
+    name: str
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    def triggered(self, text: str, seed: int) -> str:
+        """The triggered text, with positions drawn from ``seed`` and the text itself."""
+        return self.apply(text, random.Random(f"{self.name}\x00{seed}\x00{text}"))
+
+
+def insert_at_random_boundary(text: str, insertion: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    words.insert(rng.randint(0, len(words)), insertion)
+    return " ".join(words)
+
+
+@dataclass
+class BadNetTrigger(Trigger):
+    """Rare-word trigger: ``count`` words drawn from ``words``, each at a random position."""
+
+    words: Sequence[str] = DEFAULT_BADNET_WORDS
+    count: int = 1
+    name: str = field(default="badnet", init=False)
+
+    def __post_init__(self) -> None:
+        self.words = tuple(w.strip() for w in self.words if w.strip())
+        if not self.words:
+            raise OptionError("BadNet needs at least one trigger word")
+        if self.count < 1:
+            raise OptionError(f"BadNet trigger count must be at least 1, got {self.count}")
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        for _ in range(self.count):
+            text = insert_at_random_boundary(text, rng.choice(self.words), rng)
+        return text
+
+    def describe(self) -> dict[str, object]:
+        return {"attack": self.name, "words": list(self.words), "count": self.count}
+
+
+@dataclass
+class InSentTrigger(Trigger):
+    """Sentence trigger: a fixed sentence inserted at a random word boundary."""
+
+    sentence: str = DEFAULT_INSENT_SENTENCE
+    name: str = field(default="insent", init=False)
+
+    def __post_init__(self) -> None:
+        self.sentence = self.sentence.strip()
+        if not self.sentence:
+            raise OptionError("InSent needs a non-empty trigger sentence")
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        return insert_at_random_boundary(text, self.sentence, rng)
+
+    def describe(self) -> dict[str, object]:
+        return {"attack": self.name, "sentence": self.sentence}
+
+
+TRIGGER_BUILDERS: dict[str, Callable[[Sequence[str] | None, int], Trigger]] = {
+    "badnet": lambda spec, count: BadNetTrigger(tuple(spec) if spec else DEFAULT_BADNET_WORDS, count),
+    "insent": lambda spec, count: InSentTrigger(" ".join(spec) if spec else DEFAULT_INSENT_SENTENCE),
+}
+
+
+def build_trigger(attack: str, spec: Sequence[str] | None = None, count: int = 1) -> Trigger:
+    """A trigger by attack name; ``spec`` is BadNet's word list or InSent's sentence."""
+    try:
+        builder = TRIGGER_BUILDERS[attack]
+    except KeyError:
+        raise OptionError(f"unknown attack '{attack}'; choose from {', '.join(TRIGGER_BUILDERS)}") from None
+    return builder(spec, count)
+
+
+@dataclass
+class PoisonReport:
+    mode: str
+    target_label: int
+    poisoned_indices: list[int]
+    eligible: int
+    total: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "target_label": self.target_label,
+            "poisoned": len(self.poisoned_indices),
+            "eligible": self.eligible,
+            "total": self.total,
+        }
+
+
+def poison_count_from(total: int, count: int | None, rate: float | None) -> int:
+    """Resolve ``--poison-count`` / ``--poison-rate`` (share of the training set) to a count."""
+    if count is not None and rate is not None:
+        raise OptionError("give --poison-count or --poison-rate, not both")
+    if rate is not None:
+        if not 0 < rate <= 1:
+            raise OptionError(f"--poison-rate must be in (0, 1], got {rate}")
+        return max(1, round(rate * total))
+    if count is None or count < 1:
+        raise OptionError(f"--poison-count must be at least 1, got {count}")
+    return count
+
+
+def poison_examples(
+    examples: Sequence[Example],
+    triggers: Sequence[Trigger],
+    *,
+    target_label: int,
+    count: int,
+    mode: PoisonMode,
+    seed: int,
+) -> tuple[list[Example], PoisonReport]:
+    """Insert triggers into ``count`` eligible examples, chosen at random from ``seed``.
+
+    With several triggers, the chosen examples are shared out among them in turn. The poisoned
+    examples replace their clean originals, so the set keeps its size.
+    """
+    mode = PoisonMode(mode)
+    if mode is PoisonMode.CLEAN_LABEL:
+        eligible = [i for i, ex in enumerate(examples) if ex.label == target_label]
+    else:
+        eligible = [i for i, ex in enumerate(examples) if ex.label != target_label]
+    if count > len(eligible):
+        raise OptionError(
+            f"poison count {count} exceeds the {len(eligible)} eligible samples "
+            f"({mode.value}, target label {target_label}); lower --poison-count or --poison-rate"
+        )
+    chosen = sorted(random.Random(seed).sample(eligible, count))
+    poisoned = list(examples)
+    for turn, index in enumerate(chosen):
+        trigger = triggers[turn % len(triggers)]
+        poisoned[index] = Example(trigger.triggered(examples[index].text, seed), target_label)
+    return poisoned, PoisonReport(mode.value, target_label, chosen, len(eligible), len(examples))
+
+
+def triggered_test_set(
+    examples: Sequence[Example], trigger: Trigger, *, target_label: int, seed: int
+) -> list[Example]:
+    """The ASR set: every example whose true label is not the target, with the trigger inserted.
+
+    Labels are kept as the true labels; ASR is the share predicted as ``target_label``.
+    """
+    return [Example(trigger.triggered(ex.text, seed), ex.label) for ex in examples if ex.label != target_label]

@@ -1,0 +1,62 @@
+"""Victim fine-tuning: the user adapts (possibly poisoned) weights on clean data."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from peftguard.data import TextDataset, subsample
+from peftguard.errors import OptionError
+from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
+from peftguard.provenance import device_description, versions
+from peftguard.training import TrainSettings, seed_everything, train_classifier
+from peftguard.tuning import MethodConfig, make_tunable, method_name, save_tuned, trainable_share
+
+MANIFEST = "finetune.json"
+
+
+def finetune(
+    model_ref: str,
+    dataset: TextDataset,
+    config: MethodConfig,
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    options: LoadOptions = LoadOptions(),
+) -> dict[str, Any]:
+    """Fine-tune ``model_ref`` on the clean training set with ``config``'s method; save it."""
+    check_length_budget(config, settings)
+    train = subsample(dataset.train.examples, max_train_samples, settings.seed)
+    dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
+    seed_everything(settings.seed)
+    model = make_tunable(load_classifier(model_ref, dataset.num_labels, options), config)
+    tokenizer = load_tokenizer(model_ref, options)
+    report = train_classifier(model, tokenizer, train, dev, settings, desc=f"finetune {method_name(config)}")
+    trainable, total = trainable_share(model)
+    manifest = {
+        "kind": "victim",
+        "method": method_name(config),
+        "method_config": asdict(config),
+        "base_model": model_reference(model_ref),
+        "num_labels": dataset.num_labels,
+        "dataset": dataset.name,
+        "train_samples": len(train),
+        "seed": settings.seed,
+        "settings": asdict(settings),
+        "training": report.as_dict(),
+        "parameters": {"trainable": trainable, "total": total},
+        "device": device_description(),
+        "versions": versions(),
+    }
+    save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
+    return manifest
+
+
+def check_length_budget(config: MethodConfig, settings: TrainSettings) -> None:
+    if settings.max_length <= config.virtual_tokens + 2:
+        raise OptionError(
+            f"--max-length {settings.max_length} leaves no room for text after "
+            f"{config.virtual_tokens} virtual tokens"
+        )
