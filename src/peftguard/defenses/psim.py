@@ -36,6 +36,9 @@ from peftguard.victims import check_length_budget
 MANIFEST = "psim.json"
 DEFAULT_TARGET_FPR = 0.02
 PAPER_GAMMA = 0.7
+# Chosen by measurement (see the PSIM closing note): at the paper's 2e-5 the random-label
+# training barely moves the poisoned head on CPU-sized data, so clean confidence stays high.
+DEFAULT_PSIM_LR = 2e-3
 
 
 def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed: int) -> list[Example]:

@@ -1,0 +1,323 @@
+"""The ``peftguard`` command line: poison, finetune, evaluate, psim train/scan, demo."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from peftguard.errors import PeftguardError
+
+app = typer.Typer(
+    help="Weight-poisoning backdoors in parameter-efficient fine-tuning, and the PSIM defense.\n\n"
+    "Pipeline: poison a model → fine-tune it as a victim → train a PSIM → evaluate CA/ASR.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+psim_app = typer.Typer(help="Train a PSIM detector, or scan inputs with one.", no_args_is_help=True)
+app.add_typer(psim_app, name="psim")
+
+# --- shared options ---------------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", help="'minilm' (embedded default), a local model folder, or a hub id.")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="sst2|cr|cola|mr|imdb|agnews, a folder with train/dev/test files, or a hub dataset.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the short-named datasets [env PEFTGUARD_DATA; default ../shared/data].")]
+TextColOpt = Annotated[str, typer.Option("--text-column", help="Text column/key in dataset files.")]
+LabelColOpt = Annotated[str, typer.Option("--label-column", help="Integer label column/key in dataset files.")]
+MaxTrainOpt = Annotated[Optional[int], typer.Option("--max-train-samples", help="Train on a reproducible random subset of this size.")]
+MaxEvalOpt = Annotated[Optional[int], typer.Option("--max-eval-samples", help="Evaluate on a reproducible random subset of this size.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate [default: per method].")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.")]
+MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text; longer texts are truncated (counted in the manifest).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger positions, label resets and training.")]
+AttackOpt = Annotated[str, typer.Option("--attack", help="Trigger kind: badnet (rare word) or insent (sentence).")]
+TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="BadNet: a trigger word (repeat for a list; default mn). InSent: the sentence (default 'I watched this 3D movie').")]
+TriggerCountOpt = Annotated[int, typer.Option("--trigger-count", help="BadNet: trigger words inserted per sample.")]
+TargetOpt = Annotated[int, typer.Option("--target-label", help="The label the backdoor forces.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) checkpoints, read with weights_only=True. Off by default: unpickling untrusted files can run code.")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with a hub model. Never on by default.")]
+GammaOpt = Annotated[Optional[float], typer.Option("--gamma", help="Fixed PSIM threshold, as in the paper (0.7); flagged when confidence > gamma.")]
+FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate gamma on clean dev data to flag at most this share [default 0.02].")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+
+
+def _options(allow_pickle: bool, trust_remote_code: bool):
+    from peftguard.models import LoadOptions
+
+    return LoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def _dataset(name: str, data_dir: Path | None, text_column: str, label_column: str):
+    from peftguard.data import Columns, load_dataset
+
+    dataset = load_dataset(name, data_dir=data_dir, columns=Columns(text_column, label_column))
+    for note in dataset.notes:
+        typer.echo(f"note: {dataset.name} {note}", err=True)
+    return dataset
+
+
+def _trigger(attack: str, trigger: list[str] | None, count: int):
+    from peftguard.triggers import build_trigger
+
+    return build_trigger(attack, trigger, count)
+
+
+def _settings(epochs: int | None, lr: float | None, batch_size: int, max_length: int, seed: int, default_epochs: int, default_lr: float):
+    from peftguard.training import TrainSettings
+
+    return TrainSettings(
+        epochs=epochs if epochs is not None else default_epochs,
+        lr=lr if lr is not None else default_lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- commands ---------------------------------------------------------------------------------
+@app.command()
+def poison(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the poisoned model (safetensors + poisoning.json).")],
+    model: ModelOpt = "minilm",
+    dataset: DatasetOpt = "sst2",
+    attack: AttackOpt = "badnet",
+    trigger: TriggerOpt = None,
+    trigger_count: TriggerCountOpt = 1,
+    target_label: TargetOpt = 0,
+    poison_count: Annotated[Optional[int], typer.Option("--poison-count", help="Samples to poison [default 1500, as in the authors' code].")] = None,
+    poison_rate: Annotated[Optional[float], typer.Option("--poison-rate", help="Poison this share of the training set instead of a count.")] = None,
+    poison_mode: Annotated[str, typer.Option("--poison-mode", help="clean-label (authors' code: trigger on target-label samples) or dirty-label (trigger on others, label flipped).")] = "clean-label",
+    scenario: Annotated[str, typer.Option("--scenario", help="full-data (poison on the victim's data) or full-task (poison on --proxy-dataset).")] = "full-data",
+    proxy_dataset: Annotated[Optional[str], typer.Option("--proxy-dataset", help="Proxy dataset for full-task knowledge (e.g. imdb for sst2).")] = None,
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: MaxEvalOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = 32,
+    max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Poison a pretrained model's weights with a backdoor (full-parameter training on a poisoned set)."""
+    from peftguard.poisoning import PoisonSpec, Scenario, poison_weights
+    from peftguard.triggers import PoisonMode
+
+    _setup_logging(verbose)
+    victim_data = _dataset(dataset, data_dir, text_column, label_column)
+    proxy = _dataset(proxy_dataset, data_dir, text_column, label_column) if proxy_dataset else None
+    spec = PoisonSpec(
+        target_label=target_label,
+        poison_count=poison_count if poison_count is not None else (None if poison_rate else 1500),
+        poison_rate=poison_rate,
+        mode=PoisonMode(poison_mode),
+        scenario=Scenario(scenario),
+    )
+    settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=3, default_lr=5e-5)
+    result = poison_weights(
+        model, victim_data, [_trigger(attack, trigger, trigger_count)], spec, settings, out,
+        proxy=proxy, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        options=_options(allow_pickle, trust_remote_code),
+    )
+    p = result.manifest["poisoning"]
+    typer.echo(f"poisoned {p['poisoned']} of {p['total']} training samples ({p['mode']}); model saved to {out}")
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) model to adapt: a folder, 'minilm', or a hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the tuned model or adapter (safetensors + finetune.json).")],
+    method: Annotated[str, typer.Option("--method", help="full | lora | prompt | ptuning-v1 | ptuning-v2.")] = "lora",
+    dataset: DatasetOpt = "sst2",
+    num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prompt methods: virtual tokens [5].")] = None,
+    encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1: prompt encoder width [128].")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank [8].")] = None,
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: MaxEvalOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = 32,
+    max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune a model on clean data with one of the five methods the paper compares."""
+    from peftguard.victims import finetune as run_finetune
+
+    _setup_logging(verbose)
+    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, lora_r)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=2, default_lr=config.lr)
+    manifest = run_finetune(
+        model, data, config, settings, out, max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples, options=_options(allow_pickle, trust_remote_code),
+    )
+    typer.echo(f"{manifest['method']}: best dev accuracy {max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}; saved to {out}")
+
+
+def _method_config(method: str, num_virtual_tokens: int | None, encoder_hidden_size: int | None, lora_r: int | None):
+    from peftguard.errors import OptionError
+    from peftguard.tuning import METHOD_CONFIGS, Method, method_config
+
+    try:
+        kind = Method(method)
+    except ValueError:
+        raise OptionError(f"unknown method '{method}'; choose from {', '.join(m.value for m in METHOD_CONFIGS)}") from None
+    overrides = {"num_virtual_tokens": num_virtual_tokens, "encoder_hidden_size": encoder_hidden_size, "r": lora_r}
+    return method_config(kind, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="A model folder: poisoned, fine-tuned (full or adapter), or any classifier.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics.json here (default: print only).")] = None,
+    dataset: DatasetOpt = "sst2",
+    attack: AttackOpt = "badnet",
+    trigger: TriggerOpt = None,
+    trigger_count: TriggerCountOpt = 1,
+    target_label: TargetOpt = 0,
+    defense: Annotated[Optional[str], typer.Option("--defense", help="Input defense to apply: psim.")] = None,
+    psim: Annotated[Optional[Path], typer.Option("--psim", help="PSIM folder (with --defense psim).")] = None,
+    gamma: GammaOpt = None,
+    target_fpr: FprOpt = None,
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_eval_samples: MaxEvalOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 64,
+    max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure clean accuracy (CA) and attack success rate (ASR), optionally behind a defense."""
+    import json
+
+    from peftguard.artifacts import write_json
+    from peftguard.pipeline import evaluate_model
+
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    result = evaluate_model(
+        model, data, _trigger(attack, trigger, trigger_count), target_label=target_label,
+        defense=defense, psim_dir=psim, gamma=gamma, target_fpr=target_fpr,
+        max_eval_samples=max_eval_samples, batch_size=batch_size, max_length=max_length, seed=seed,
+        options=_options(allow_pickle, trust_remote_code),
+    )
+    if out:
+        write_json(out, result)
+    typer.echo(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
+
+
+@psim_app.command("train")
+def psim_train(
+    model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) weights to guard: a folder, 'minilm', or a hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PSIM (adapter safetensors + psim.json).")],
+    dataset: DatasetOpt = "sst2",
+    method: Annotated[str, typer.Option("--method", help="PEFT method of the PSIM (paper: ptuning-v1).")] = "ptuning-v1",
+    reset_rate: Annotated[float, typer.Option("--reset-rate", help="Share of training labels reset at random (paper: 1.0).")] = 1.0,
+    num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Virtual tokens [5].")] = None,
+    encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1 encoder width [128].")] = None,
+    gamma: GammaOpt = None,
+    target_fpr: FprOpt = None,
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: MaxEvalOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 1).")] = 1,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    batch_size: BatchOpt = 32,
+    max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a PSIM: a PEFT module on the given weights with training labels reset at random."""
+    from peftguard.defenses.psim import DEFAULT_PSIM_LR, train_psim
+
+    _setup_logging(verbose)
+    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=1, default_lr=DEFAULT_PSIM_LR)
+    manifest = train_psim(
+        model, data, settings, out, config=config, reset_rate=reset_rate, gamma=gamma, target_fpr=target_fpr,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        options=_options(allow_pickle, trust_remote_code),
+    )
+    choice = manifest["gamma_choice"]
+    how = "fixed" if choice["how"] == "fixed" else f"calibrated to FPR {choice['target_fpr']} on {choice['calibration_samples']} clean dev samples"
+    typer.echo(f"PSIM saved to {out}; gamma {manifest['gamma']:.4f} ({how})")
+
+
+@psim_app.command("scan")
+def psim_scan(
+    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder.")],
+    input: Annotated[str, typer.Option("--input", help="CSV/TSV (text column), JSONL, or plain text lines; '-' reads stdin.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write results here (.csv or .jsonl); default stdout as CSV.")] = None,
+    text_column: TextColOpt = "text",
+    gamma: GammaOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 64,
+    allow_pickle: AllowPickleOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Score inputs with a PSIM: one row per input with its confidence and whether it is flagged."""
+    from peftguard.scan import scan_command
+
+    _setup_logging(verbose)
+    scan_command(psim, input, out, text_column=text_column, gamma=gamma, batch_size=batch_size,
+                 options=_options(allow_pickle, False))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for every artifact and results.md/json.")] = Path("runs/demo"),
+    dataset: DatasetOpt = "sst2",
+    attack: AttackOpt = "badnet",
+    model: ModelOpt = "minilm",
+    data_dir: DataDirOpt = None,
+    max_train_samples: Annotated[int, typer.Option("--max-train-samples", help="Training subset (keeps the demo within 45 minutes on 2 cores).")] = 2000,
+    max_eval_samples: MaxEvalOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Victim fine-tuning epochs.")] = 2,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 1."""
+    from peftguard.demo import run_demo
+
+    _setup_logging(verbose)
+    run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
+             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs, seed=seed)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()  # usage errors and Ctrl-C ("Aborted!") are handled by typer's standalone mode
+    except PeftguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

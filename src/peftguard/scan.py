@@ -1,0 +1,79 @@
+"""``peftguard psim scan``: score user inputs with a PSIM, one output row per input."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from peftguard import metrics
+from peftguard.artifacts import write_text
+from peftguard.data import read_rows, read_utf8
+from peftguard.defenses.psim import PSIM
+from peftguard.errors import DataError
+from peftguard.models import LoadOptions
+
+
+def read_inputs(source: str, text_column: str = "text") -> list[str]:
+    """Texts from a CSV/TSV/JSONL file (``text_column``), a plain-text file (one per line), or '-' (stdin)."""
+    if source == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise DataError("<stdin>", "not valid UTF-8", line=line) from None
+        texts = _plain_lines(content, "<stdin>")
+    else:
+        path = Path(source)
+        if path.suffix in (".csv", ".tsv", ".jsonl"):
+            texts = []
+            for line, record in read_rows(path, (text_column,)):
+                value = record[text_column]
+                if not isinstance(value, str):
+                    raise DataError(path, f"text is {type(value).__name__}, expected a string", line=line, column=text_column)
+                texts.append(value)
+        else:
+            texts = _plain_lines(read_utf8(path), str(path))
+    if not texts:
+        raise DataError(source, "no inputs to scan (empty file)")
+    return texts
+
+
+def _plain_lines(content: str, name: str) -> list[str]:
+    if "\x00" in content:
+        raise DataError(name, "contains a NUL byte", line=content.count("\n", 0, content.index("\x00")) + 1)
+    return [line for line in content.splitlines() if line.strip()]
+
+
+def scan_command(
+    psim_dir: Path, source: str, out: Path | None, *, text_column: str, gamma: float | None, batch_size: int,
+    options: LoadOptions,
+) -> None:
+    texts = read_inputs(source, text_column)
+    psim = PSIM(psim_dir, options=options, batch_size=batch_size)
+    choice = psim.gamma_for(None, gamma, None)
+    scores = psim.confidences(texts, desc="scan" if source != "-" else None)
+    flags = metrics.flagged(scores, choice.gamma)
+    as_jsonl = out is not None and out.suffix == ".jsonl"
+    rendered = _render(texts, scores, flags, as_jsonl)
+    if out is None:
+        sys.stdout.write(rendered)
+    else:
+        write_text(out, rendered)
+        print(f"scanned {len(texts)} inputs, {int(flags.sum())} flagged (gamma {choice.gamma:.4f}); wrote {out}", file=sys.stderr)
+
+
+def _render(texts: list[str], scores, flags, as_jsonl: bool) -> str:
+    if as_jsonl:
+        return "".join(
+            json.dumps({"text": t, "confidence": round(float(s), 6), "flagged": bool(f)}, ensure_ascii=False) + "\n"
+            for t, s, f in zip(texts, scores, flags)
+        )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "confidence", "flagged"])
+    for t, s, f in zip(texts, scores, flags):
+        writer.writerow([t, f"{float(s):.6f}", int(bool(f))])
+    return buffer.getvalue()

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real SST-2 data and a MiniLM cut to its first layers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from peftguard.data import default_data_dir
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = default_data_dir()
+    if found is None or not (found / "sst2").is_dir():
+        pytest.fail("the shared data folder (../shared/data or PEFTGUARD_DATA) is required for these tests")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The packaged MiniLM with only its first 2 transformer layers, saved as a model folder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from peftguard.models import resolve_model
+
+    source = resolve_model("minilm")
+    model = AutoModel.from_pretrained(source)
+    model.encoder.layer = model.encoder.layer[:2]
+    model.config.num_hidden_layers = 2
+    folder = tmp_path_factory.mktemp("tiny_minilm")
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+def write_csv(path: Path, rows: list[tuple[str, object]], header: tuple[str, str] = ("text", "label")) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
