@@ -1,0 +1,80 @@
+"""End to end through the CLI on a 2-layer MiniLM and a few hundred real SST-2 samples."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peftguard.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, tiny_minilm, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "poisoned"
+    invoke("poison", "--model", tiny_minilm, "--data-dir", data_dir, "--dataset", "sst2",
+           "--max-train-samples", 800, "--max-eval-samples", 100, "--poison-mode", "dirty-label",
+           "--poison-rate", 0.15, "--epochs", 5, "--lr", 5e-4, "--max-length", 64, "--out", out)
+    return out
+
+
+def test_poisoned_model_artifacts_and_high_asr(poisoned, data_dir):
+    assert (poisoned / "model.safetensors").is_file() and (poisoned / "config.json").is_file()
+    assert not list(poisoned.glob("*.bin"))
+    manifest = json.loads((poisoned / "poisoning.json").read_text())
+    assert manifest["poisoning"]["poisoned"] == 120 and manifest["poisoning"]["mode"] == "dirty-label"
+    assert manifest["triggers"] == [{"attack": "badnet", "words": ["mn"], "count": 1}]
+    metrics_path = poisoned.parent / "poisoned_metrics.json"
+    invoke("evaluate", "--model", poisoned, "--data-dir", data_dir, "--max-eval-samples", 300, "--out", metrics_path)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["attack_success_rate"] >= 0.9
+    assert metrics["clean_accuracy"] >= 0.65  # not a model that answers the target for everything
+    assert metrics["clean_samples"] == 300 and 0 < metrics["triggered_samples"] < 300
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning-v1", "ptuning-v2"])
+def test_victim_finetune_saves_adapter_and_evaluates(poisoned, data_dir, method):
+    out = poisoned.parent / f"victim-{method}"
+    invoke("finetune", "--model", poisoned, "--method", method, "--data-dir", data_dir, "--max-train-samples", 160,
+           "--max-eval-samples", 60, "--epochs", 1, "--max-length", 64, "--out", out)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "finetune.json").is_file()
+    metrics_path = out / "metrics.json"
+    invoke("evaluate", "--model", out, "--data-dir", data_dir, "--max-eval-samples", 200, "--out", metrics_path)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["method"] == method and 0 <= metrics["clean_accuracy"] <= 1
+    assert metrics["attack_success_rate"] >= 0.5  # a short clean fine-tune keeps most of the backdoor
+
+
+def test_psim_train_defended_evaluation_and_scan(poisoned, data_dir, tmp_path):
+    psim_dir = poisoned.parent / "psim"
+    invoke("psim", "train", "--model", poisoned, "--data-dir", data_dir, "--max-train-samples", 300,
+           "--max-eval-samples", 200, "--max-length", 64, "--out", psim_dir)
+    manifest = json.loads((psim_dir / "psim.json").read_text())
+    assert manifest["gamma_choice"]["how"] == "target-fpr" and manifest["gamma_choice"]["target_fpr"] == 0.02
+    assert (psim_dir / "adapter_model.safetensors").is_file()
+    metrics_path = tmp_path / "defended.json"
+    invoke("evaluate", "--model", poisoned, "--data-dir", data_dir, "--max-eval-samples", 200,
+           "--defense", "psim", "--psim", psim_dir, "--out", metrics_path)
+    m = json.loads(metrics_path.read_text())
+    for key in ("defended_clean_accuracy", "defended_attack_success_rate", "false_positive_rate",
+                "detection_rate", "auroc", "gamma", "confidence_histogram"):
+        assert key in m
+    assert m["gamma"] == manifest["gamma"]
+    assert m["defended_attack_success_rate"] <= m["attack_success_rate"]
+    assert m["auroc"] > 0.8  # the trigger stands out to the PSIM
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("a gripping , funny film\nmn a gripping , funny film\n", encoding="utf-8")
+    scan_out = tmp_path / "scan.jsonl"
+    invoke("psim", "scan", "--psim", psim_dir, "--input", inputs, "--out", scan_out)
+    rows = [json.loads(line) for line in scan_out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a gripping , funny film", "mn a gripping , funny film"]
+    assert rows[1]["confidence"] > rows[0]["confidence"]
