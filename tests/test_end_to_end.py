@@ -78,3 +78,24 @@ def test_psim_train_defended_evaluation_and_scan(poisoned, data_dir, tmp_path):
     rows = [json.loads(line) for line in scan_out.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a gripping , funny film", "mn a gripping , funny film"]
     assert rows[1]["confidence"] > rows[0]["confidence"]
+
+
+def test_four_class_psim_on_agnews(tiny_minilm, data_dir, tmp_path):
+    """AG News has 4 labels: random labels over 4 classes, confidence in [1/4, 1], ASR over 3 classes."""
+    psim_dir = tmp_path / "psim4"
+    invoke("psim", "train", "--model", tiny_minilm, "--dataset", "agnews", "--data-dir", data_dir,
+           "--max-train-samples", 200, "--max-eval-samples", 100, "--max-length", 48, "--out", psim_dir)
+    manifest = json.loads((psim_dir / "psim.json").read_text())
+    assert manifest["num_labels"] == 4
+    assert set(manifest["train_label_counts_after_reset"]) == {"0", "1", "2", "3"}
+    assert 0.25 <= manifest["gamma"] <= 1.0
+    metrics_path = tmp_path / "m.json"
+    invoke("evaluate", "--model", tiny_minilm, "--dataset", "agnews", "--data-dir", data_dir, "--max-eval-samples", 80,
+           "--defense", "psim", "--psim", psim_dir, "--out", metrics_path)
+    m = json.loads(metrics_path.read_text())
+    from peftguard.data import load_dataset, subsample
+
+    test = subsample(load_dataset("agnews", data_dir=data_dir).test.examples, 80, 0)
+    assert m["clean_samples"] == 80
+    assert m["triggered_samples"] == sum(ex.label != 0 for ex in test)  # target class 0 left out of ASR
+    assert {ex.label for ex in test} == {0, 1, 2, 3}

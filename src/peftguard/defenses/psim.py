@@ -140,14 +140,19 @@ class PSIM:
         self.model, self.tokenizer, self.manifest = load_tuned(self.folder, MANIFEST, options)
         self.batch_size = batch_size
         self.max_length = int(self.manifest["settings"]["max_length"])
+        self._memo: dict[int, np.ndarray] = {}
 
     @property
     def num_labels(self) -> int:
         return int(self.manifest["num_labels"])
 
     def confidences(self, texts: Sequence[str], *, desc: str | None = None) -> np.ndarray:
-        probs = predict_proba(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, desc=desc)
-        return probs.max(1)
+        """Largest softmax probability per text (memoized: a grid scores the same test set often)."""
+        key = hash(tuple(texts))
+        if key not in self._memo:
+            probs = predict_proba(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, desc=desc)
+            self._memo = {key: probs.max(1)}  # keep the latest only: bounded memory
+        return self._memo[key]
 
     def gamma_for(self, dev: Sequence[Example] | None, gamma: float | None, target_fpr: float | None) -> GammaChoice:
         """The manifest's gamma unless a fixed gamma or a new target FPR is asked for."""
