@@ -36,9 +36,11 @@ from peftguard.victims import check_length_budget
 MANIFEST = "psim.json"
 DEFAULT_TARGET_FPR = 0.02
 PAPER_GAMMA = 0.7
-# Chosen by measurement (see the PSIM closing note): at the paper's 2e-5 the random-label
-# training barely moves the poisoned head on CPU-sized data, so clean confidence stays high.
-DEFAULT_PSIM_LR = 2e-3
+# Chosen by measurement (experiments/psim_lr_sweep.py, MiniLM/SST-2/BadNet, 2000 samples, 1 epoch):
+# at the paper's 2e-5 one epoch of random labels barely moves the poisoned head (80% of clean test
+# confidences stay above 0.7); at 3e-4 clean confidence centres near 1/2 (mean 0.56, 2.5% above
+# 0.7) while every triggered sample stays above 0.7, the paper's Table 12 picture.
+DEFAULT_PSIM_LR = 3e-4
 
 
 def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed: int) -> list[Example]:
