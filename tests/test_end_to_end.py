@@ -79,6 +79,18 @@ def test_psim_train_defended_evaluation_and_scan(poisoned, data_dir, tmp_path):
     assert [r["text"] for r in rows] == ["a gripping , funny film", "mn a gripping , funny film"]
     assert rows[1]["confidence"] > rows[0]["confidence"]
 
+    # the guarded predictor: with gamma between the two confidences, only the triggered text is withheld
+    from peftguard.defenses.psim import PSIM, REJECTED, GuardedPredictor
+    from peftguard.pipeline import load_model
+
+    victim, tokenizer, _ = load_model(str(poisoned), 2)
+    psim = PSIM(psim_dir)
+    clean_confidence = float(psim.confidences([rows[0]["text"]])[0])
+    guard = GuardedPredictor(psim, victim, tokenizer, gamma=clean_confidence)
+    predictions = guard.predict([r["text"] for r in rows] + ["a gripping , funny film"])
+    assert predictions[1] == REJECTED
+    assert predictions[0] in (0, 1) and predictions[2] == predictions[0]
+
 
 def test_four_class_psim_on_agnews(tiny_minilm, data_dir, tmp_path):
     """AG News has 4 labels: random labels over 4 classes, confidence in [1/4, 1], ASR over 3 classes."""
