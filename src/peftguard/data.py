@@ -42,6 +42,7 @@ class Split:
     source: str
     skipped_empty: int = 0
     lines: list[int] = field(default_factory=list)  # source line of each example, for errors
+    label_column: str = "label"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -142,7 +143,7 @@ def read_split_file(path: Path, columns: Columns = Columns(), split: str = "trai
         log.warning("%s: skipped %d empty text(s)", path, skipped)
     if not examples:
         raise DataError(path, "no examples (the file is empty or every text is empty)")
-    return Split(split, examples, str(path), skipped, lines)
+    return Split(split, examples, str(path), skipped, lines, columns.label)
 
 
 def read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
@@ -260,7 +261,7 @@ def _check_label_range(split: Split, num_labels: int) -> None:
                 split.source,
                 f"label {example.label} is out of range 0..{num_labels - 1}",
                 line=split.lines[index] if split.lines else None,
-                column="label",
+                column=split.label_column,
             )
 
 
@@ -293,7 +294,7 @@ def _load_hub_dataset(name: str, columns: Columns, num_labels: int | None) -> Te
                 skipped += 1
                 continue
             examples.append(Example(text, parse_label(row[columns.label], Path(source), index + 1, columns.label)))
-        splits[split] = Split(split, examples, source, skipped, list(range(1, len(examples) + 1)))
+        splits[split] = Split(split, examples, source, skipped, list(range(1, len(examples) + 1)), columns.label)
     return _assemble(name, splits, num_labels)
 
 

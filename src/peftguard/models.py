@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peftguard.errors import PeftguardError, UnsafeCheckpointError
+from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,14 @@ def load_classifier(
     return model
 
 
-def model_max_length(model: PreTrainedModel) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+def check_max_length(model: PreTrainedModel, max_length: int, virtual_tokens: int = 0) -> None:
+    """Refuse a --max-length the model's position embeddings cannot hold (before any training)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length + virtual_tokens > limit:
+        raise OptionError(
+            f"--max-length {max_length} plus {virtual_tokens} virtual tokens exceeds the model's "
+            f"{limit} positions; use --max-length {limit - virtual_tokens} or less"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

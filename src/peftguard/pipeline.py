@@ -45,6 +45,9 @@ def build_defense(
         if psim_dir is not None or gamma is not None or target_fpr is not None:
             raise OptionError("--psim/--gamma/--target-fpr need --defense psim")
         return None
+    from peftguard.defenses.psim import check_gamma_options
+
+    check_gamma_options(gamma, target_fpr)
     if defense != "psim":
         raise OptionError(f"unknown defense '{defense}'; available: psim")
     if psim_dir is None:

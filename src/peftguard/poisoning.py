@@ -19,7 +19,7 @@ from typing import Any
 from peftguard.artifacts import read_json
 from peftguard.data import TextDataset, label_counts, subsample
 from peftguard.errors import OptionError
-from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
+from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.provenance import device_description, versions
 from peftguard.training import TrainSettings, seed_everything, train_classifier
 from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
@@ -68,6 +68,7 @@ def poison_weights(
     In the full-task scenario the poisoned set comes from ``proxy``; ``dataset`` only fixes the
     label space the victim will use.
     """
+    settings.validate()
     source = _source_dataset(dataset, proxy, spec.scenario)
     if not 0 <= spec.target_label < dataset.num_labels:
         raise OptionError(f"--target-label {spec.target_label} is outside 0..{dataset.num_labels - 1}")
@@ -79,6 +80,7 @@ def poison_weights(
     )
     seed_everything(settings.seed)
     model = load_classifier(model_ref, dataset.num_labels, options)
+    check_max_length(model, settings.max_length)
     tokenizer = load_tokenizer(model_ref, options)
     for parameter in model.parameters():
         parameter.requires_grad_(True)

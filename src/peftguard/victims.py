@@ -7,7 +7,7 @@ from typing import Any
 
 from peftguard.data import TextDataset, subsample
 from peftguard.errors import OptionError
-from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
+from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.provenance import device_description, versions
 from peftguard.training import TrainSettings, seed_everything, train_classifier
 from peftguard.tuning import MethodConfig, make_tunable, method_name, save_tuned, trainable_share
@@ -27,11 +27,14 @@ def finetune(
     options: LoadOptions = LoadOptions(),
 ) -> dict[str, Any]:
     """Fine-tune ``model_ref`` on the clean training set with ``config``'s method; save it."""
+    settings.validate()
     check_length_budget(config, settings)
     train = subsample(dataset.train.examples, max_train_samples, settings.seed)
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
     seed_everything(settings.seed)
-    model = make_tunable(load_classifier(model_ref, dataset.num_labels, options), config)
+    base = load_classifier(model_ref, dataset.num_labels, options)
+    check_max_length(base, settings.max_length, config.virtual_tokens)
+    model = make_tunable(base, config)
     tokenizer = load_tokenizer(model_ref, options)
     report = train_classifier(model, tokenizer, train, dev, settings, desc=f"finetune {method_name(config)}")
     trainable, total = trainable_share(model)

@@ -27,7 +27,7 @@ from peftguard.artifacts import write_json
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.errors import OptionError
-from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
+from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.provenance import device_description, versions
 from peftguard.training import TrainSettings, predict_proba, seed_everything, train_classifier
 from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, make_tunable, method_name, save_tuned, trainable_share
@@ -63,15 +63,21 @@ class GammaChoice:
         return asdict(self)
 
 
+def check_gamma_options(gamma: float | None, target_fpr: float | None) -> None:
+    if gamma is not None and target_fpr is not None:
+        raise OptionError("give --gamma or --target-fpr, not both")
+    if gamma is not None and not 0 < gamma < 1:
+        raise OptionError(f"--gamma must be in (0, 1), got {gamma}")
+    if target_fpr is not None and not 0 <= target_fpr < 1:
+        raise OptionError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+
+
 def choose_gamma(
     dev_confidences: np.ndarray | None, gamma: float | None, target_fpr: float | None
 ) -> GammaChoice:
     """A fixed gamma, or one calibrated on clean dev confidences to a target false-positive rate."""
-    if gamma is not None and target_fpr is not None:
-        raise OptionError("give --gamma or --target-fpr, not both")
+    check_gamma_options(gamma, target_fpr)
     if gamma is not None:
-        if not 0 < gamma < 1:
-            raise OptionError(f"--gamma must be in (0, 1), got {gamma}")
         return GammaChoice(gamma, "fixed")
     target_fpr = DEFAULT_TARGET_FPR if target_fpr is None else target_fpr
     if dev_confidences is None:
@@ -95,13 +101,17 @@ def train_psim(
 ) -> dict[str, Any]:
     """Train a PSIM on ``model_ref`` (the weights to guard) and calibrate its gamma; save it."""
     config = config or PTuningV1Config()
+    settings.validate()
+    check_gamma_options(gamma, target_fpr)
     check_length_budget(config, settings)
     train = reset_labels(
         subsample(dataset.train.examples, max_train_samples, settings.seed), dataset.num_labels, reset_rate, settings.seed
     )
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
     seed_everything(settings.seed)
-    model = make_tunable(load_classifier(model_ref, dataset.num_labels, options), config)
+    base = load_classifier(model_ref, dataset.num_labels, options)
+    check_max_length(base, settings.max_length, config.virtual_tokens)
+    model = make_tunable(base, config)
     tokenizer = load_tokenizer(model_ref, options)
     # Dev accuracy means nothing against random labels: keep the last epoch.
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
