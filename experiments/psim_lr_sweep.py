@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from peftguard import metrics
-from peftguard.data import load_dataset, subsample
+from peftguard.data import load_dataset
 from peftguard.defenses.psim import PSIM, train_psim
 from peftguard.training import TrainSettings
 from peftguard.triggers import build_trigger, triggered_test_set

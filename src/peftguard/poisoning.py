@@ -19,11 +19,11 @@ from typing import Any
 from peftguard.artifacts import read_json
 from peftguard.data import TextDataset, label_counts, subsample
 from peftguard.errors import OptionError
-from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
-from peftguard.provenance import device_description, versions
-from peftguard.training import TrainSettings, seed_everything, train_classifier
+from peftguard.models import LoadOptions, model_reference
+from peftguard.training import TrainSettings, train_classifier
 from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
-from peftguard.tuning import save_tuned, trainable_share
+from peftguard.tuning import FullConfig, save_tuned
+from peftguard.victims import prepare_tunable, training_record
 
 MANIFEST = "poisoning.json"
 
@@ -78,14 +78,8 @@ def poison_weights(
     poisoned, report = poison_examples(
         train, triggers, target_label=spec.target_label, count=count, mode=spec.mode, seed=settings.seed
     )
-    seed_everything(settings.seed)
-    model = load_classifier(model_ref, dataset.num_labels, options)
-    check_max_length(model, settings.max_length)
-    tokenizer = load_tokenizer(model_ref, options)
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
+    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, FullConfig(lr=settings.lr), settings, options)
     train_report = train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
-    trainable, total = trainable_share(model)
     manifest = {
         "kind": "poisoned-model",
         "method": "full",
@@ -99,12 +93,7 @@ def poison_weights(
         "poison_source": source.name,
         "train_samples": len(train),
         "train_label_counts": label_counts(train),
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "training": train_report.as_dict(),
-        "parameters": {"trainable": trainable, "total": total},
-        "device": device_description(),
-        "versions": versions(),
+        **training_record(model, settings, train_report),
     }
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return PoisonResult(Path(out_dir), manifest)

@@ -9,7 +9,7 @@ from peftguard.data import TextDataset, subsample
 from peftguard.errors import OptionError
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.provenance import device_description, versions
-from peftguard.training import TrainSettings, seed_everything, train_classifier
+from peftguard.training import TrainReport, TrainSettings, seed_everything, train_classifier
 from peftguard.tuning import MethodConfig, make_tunable, method_name, save_tuned, trainable_share
 
 MANIFEST = "finetune.json"
@@ -31,13 +31,8 @@ def finetune(
     check_length_budget(config, settings)
     train = subsample(dataset.train.examples, max_train_samples, settings.seed)
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
-    seed_everything(settings.seed)
-    base = load_classifier(model_ref, dataset.num_labels, options)
-    check_max_length(base, settings.max_length, config.virtual_tokens)
-    model = make_tunable(base, config)
-    tokenizer = load_tokenizer(model_ref, options)
+    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options)
     report = train_classifier(model, tokenizer, train, dev, settings, desc=f"finetune {method_name(config)}")
-    trainable, total = trainable_share(model)
     manifest = {
         "kind": "victim",
         "method": method_name(config),
@@ -46,6 +41,26 @@ def finetune(
         "num_labels": dataset.num_labels,
         "dataset": dataset.name,
         "train_samples": len(train),
+        **training_record(model, settings, report),
+    }
+    save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
+    return manifest
+
+
+def prepare_tunable(
+    model_ref: str, num_labels: int, config: MethodConfig, settings: TrainSettings, options: LoadOptions
+) -> tuple[Any, Any]:
+    """Load ``model_ref`` as a classifier and wrap it for ``config``'s method (seeded head init)."""
+    seed_everything(settings.seed)
+    base = load_classifier(model_ref, num_labels, options)
+    check_max_length(base, settings.max_length, config.virtual_tokens)
+    return make_tunable(base, config), load_tokenizer(model_ref, options)
+
+
+def training_record(model: Any, settings: TrainSettings, report: TrainReport) -> dict[str, Any]:
+    """The manifest fields every trained artifact shares: settings, training curve, provenance."""
+    trainable, total = trainable_share(model)
+    return {
         "seed": settings.seed,
         "settings": asdict(settings),
         "training": report.as_dict(),
@@ -53,8 +68,6 @@ def finetune(
         "device": device_description(),
         "versions": versions(),
     }
-    save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
-    return manifest
 
 
 def check_length_budget(config: MethodConfig, settings: TrainSettings) -> None:

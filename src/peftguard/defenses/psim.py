@@ -23,15 +23,13 @@ from typing import Any
 import numpy as np
 
 from peftguard import metrics
-from peftguard.artifacts import write_json
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.errors import OptionError
-from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
-from peftguard.provenance import device_description, versions
-from peftguard.training import TrainSettings, predict_proba, seed_everything, train_classifier
-from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, make_tunable, method_name, save_tuned, trainable_share
-from peftguard.victims import check_length_budget
+from peftguard.models import LoadOptions, model_reference
+from peftguard.training import TrainSettings, predict_proba, train_classifier
+from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, save_tuned
+from peftguard.victims import check_length_budget, prepare_tunable, training_record
 
 MANIFEST = "psim.json"
 DEFAULT_TARGET_FPR = 0.02
@@ -108,17 +106,12 @@ def train_psim(
         subsample(dataset.train.examples, max_train_samples, settings.seed), dataset.num_labels, reset_rate, settings.seed
     )
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
-    seed_everything(settings.seed)
-    base = load_classifier(model_ref, dataset.num_labels, options)
-    check_max_length(base, settings.max_length, config.virtual_tokens)
-    model = make_tunable(base, config)
-    tokenizer = load_tokenizer(model_ref, options)
+    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options)
     # Dev accuracy means nothing against random labels: keep the last epoch.
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
     report = train_classifier(model, tokenizer, train, None, settings, desc="psim")
     dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
     choice = choose_gamma(dev_confidence, gamma, target_fpr)
-    trainable, total = trainable_share(model)
     manifest = {
         "kind": "psim",
         "method": method_name(config),
@@ -133,12 +126,7 @@ def train_psim(
         "gamma_choice": choice.as_dict(),
         "dev_confidence_histogram": metrics.confidence_histogram(dev_confidence),
         "dev_confidence_mean": float(dev_confidence.mean()),
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "training": report.as_dict(),
-        "parameters": {"trainable": trainable, "total": total},
-        "device": device_description(),
-        "versions": versions(),
+        **training_record(model, settings, report),
     }
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return manifest
