@@ -14,6 +14,11 @@ ptuning-v2      deep prompts (a prefix at each layer)  ``PrefixTuningConfig``
 
 With every PEFT method the classification head trains too (peft's ``modules_to_save`` for
 sequence classification), as in the paper's code.
+
+Default learning rates are measured, not copied: the authors train every method at 2e-3 for 20
+epochs; on CPU budgets (1-2k samples, 2 epochs) we measured dev accuracy of a fresh MiniLM head
+per method and kept the rate that trained best (LoRA 3e-3: 0.82; Prompt 1e-1: 0.74;
+P-tuning v1 1e-2: 0.69; P-tuning v2 3e-2: 0.68, against 1e-3/3e-2/3e-3/1e-2 at 0.70/0.60/0.67/0.66).
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ class FullConfig(MethodConfig):
 
 @dataclass
 class LoraMethodConfig(MethodConfig):
-    lr: float = field(default=5e-4, metadata={"help": "learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate"})
     r: int = field(default=8, metadata={"help": "rank of the update matrices (paper: 8)"})
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path (paper: 0.1)"})
@@ -81,7 +86,7 @@ class LoraMethodConfig(MethodConfig):
 
 @dataclass
 class PromptMethodConfig(MethodConfig):
-    lr: float = field(default=2e-2, metadata={"help": "learning rate"})
+    lr: float = field(default=1e-1, metadata={"help": "learning rate"})
     num_virtual_tokens: int = field(default=5, metadata={"help": "soft prompt length (paper: 5)"})
 
     def peft_config(self) -> PeftConfig:
@@ -94,7 +99,7 @@ class PromptMethodConfig(MethodConfig):
 
 @dataclass
 class PTuningV1Config(MethodConfig):
-    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    lr: float = field(default=1e-2, metadata={"help": "learning rate"})
     num_virtual_tokens: int = field(default=5, metadata={"help": "prompt length (paper: 5)"})
     encoder_hidden_size: int = field(default=128, metadata={"help": "prompt encoder MLP width (paper: 128)"})
 
@@ -112,7 +117,7 @@ class PTuningV1Config(MethodConfig):
 
 @dataclass
 class PTuningV2Config(MethodConfig):
-    lr: float = field(default=1e-2, metadata={"help": "learning rate"})
+    lr: float = field(default=3e-2, metadata={"help": "learning rate"})
     num_virtual_tokens: int = field(default=5, metadata={"help": "prefix length per layer (paper: 5)"})
 
     def peft_config(self) -> PeftConfig:
