@@ -49,7 +49,7 @@ def main() -> None:
             victim = Path(tmp) / "victim"
             manifest = finetune(args.poisoned, data, method_config(method), TrainSettings(epochs=epochs, lr=lr, seed=args.seed),
                                 victim, max_train_samples=samples)
-            result = evaluate_model(str(victim), data, trigger, seed=args.seed)
+            result = evaluate_model(str(victim), data, [trigger], seed=args.seed)
         row = {"method": method, "lr": lr, "epochs": epochs, "train_samples": samples,
                "clean_accuracy": result["clean_accuracy"], "attack_success_rate": result["attack_success_rate"],
                "best_epoch": manifest["training"]["best_epoch"], "seconds": round(time.perf_counter() - started, 1)}

@@ -34,7 +34,9 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate [def
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text; longer texts are truncated (counted in the manifest).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger positions, label resets and training.")]
-AttackOpt = Annotated[str, typer.Option("--attack", help="Trigger kind: badnet (rare word) or insent (sentence).")]
+AttackOpt = Annotated[list[str], typer.Option("--attack", help="Trigger kind: badnet (rare word), insent (sentence) or synattack (syntactic paraphrase). Repeat for several triggers at once.")]
+ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic].")]
+ParaphraserOpt = Annotated[Optional[str], typer.Option("--paraphraser", help="SynAttack: a seq2seq paraphrase model (folder or hub id) to generate paraphrases instead.")]
 TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="BadNet: a trigger word (repeat for a list; default mn). InSent: the sentence (default 'I watched this 3D movie').")]
 TriggerCountOpt = Annotated[int, typer.Option("--trigger-count", help="BadNet: trigger words inserted per sample.")]
 TargetOpt = Annotated[int, typer.Option("--target-label", help="The label the backdoor forces.")]
@@ -60,10 +62,16 @@ def _dataset(name: str, data_dir: Path | None, text_column: str, label_column: s
     return dataset
 
 
-def _trigger(attack: str, trigger: list[str] | None, count: int):
-    from peftguard.triggers import build_trigger
+def _triggers(attacks: list[str], trigger: list[str] | None, count: int, dataset, paraphrases: Path | None,
+              paraphraser: str | None, options):
+    from peftguard.triggers import build_triggers
 
-    return build_trigger(attack, trigger, count)
+    generator = None
+    if paraphraser is not None:
+        from peftguard.paraphrase import Seq2SeqParaphraser
+
+        generator = Seq2SeqParaphraser(paraphraser, options=options)
+    return build_triggers(attacks, spec=trigger, count=count, dataset=dataset, paraphrases=paraphrases, paraphraser=generator)
 
 
 def _settings(epochs: int | None, lr: float | None, batch_size: int, max_length: int, seed: int, default_epochs: int, default_lr: float):
@@ -88,9 +96,11 @@ def poison(
     out: Annotated[Path, typer.Option("--out", help="Folder for the poisoned model (safetensors + poisoning.json).")],
     model: ModelOpt = "minilm",
     dataset: DatasetOpt = "sst2",
-    attack: AttackOpt = "badnet",
+    attack: AttackOpt = ["badnet"],
     trigger: TriggerOpt = None,
     trigger_count: TriggerCountOpt = 1,
+    paraphrases: ParaphrasesOpt = None,
+    paraphraser: ParaphraserOpt = None,
     target_label: TargetOpt = 0,
     poison_count: Annotated[Optional[int], typer.Option("--poison-count", help="Samples to poison [default 1500, as in the authors' code].")] = None,
     poison_rate: Annotated[Optional[float], typer.Option("--poison-rate", help="Poison this share of the training set instead of a count.")] = None,
@@ -126,10 +136,11 @@ def poison(
         scenario=Scenario(scenario),
     )
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=3, default_lr=5e-5)
+    options = _options(allow_pickle, trust_remote_code)
+    triggers = _triggers(attack, trigger, trigger_count, proxy or victim_data, paraphrases, paraphraser, options)
     result = poison_weights(
-        model, victim_data, [_trigger(attack, trigger, trigger_count)], spec, settings, out,
-        proxy=proxy, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-        options=_options(allow_pickle, trust_remote_code),
+        model, victim_data, triggers, spec, settings, out,
+        proxy=proxy, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, options=options,
     )
     p = result.manifest["poisoning"]
     typer.echo(f"poisoned {p['poisoned']} of {p['total']} training samples ({p['mode']}); model saved to {out}")
@@ -189,9 +200,11 @@ def evaluate(
     model: Annotated[str, typer.Option("--model", help="A model folder: poisoned, fine-tuned (full or adapter), or any classifier.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics.json here (default: print only).")] = None,
     dataset: DatasetOpt = "sst2",
-    attack: AttackOpt = "badnet",
+    attack: AttackOpt = ["badnet"],
     trigger: TriggerOpt = None,
     trigger_count: TriggerCountOpt = 1,
+    paraphrases: ParaphrasesOpt = None,
+    paraphraser: ParaphraserOpt = None,
     target_label: TargetOpt = 0,
     defense: Annotated[Optional[str], typer.Option("--defense", help="Input defense to apply: psim.")] = None,
     psim: Annotated[Optional[Path], typer.Option("--psim", help="PSIM folder (with --defense psim).")] = None,
@@ -216,15 +229,20 @@ def evaluate(
 
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
+    options = _options(allow_pickle, trust_remote_code)
+    triggers = _triggers(attack, trigger, trigger_count, data, paraphrases, paraphraser, options)
     result = evaluate_model(
-        model, data, _trigger(attack, trigger, trigger_count), target_label=target_label,
+        model, data, triggers, target_label=target_label,
         defense=defense, psim_dir=psim, gamma=gamma, target_fpr=target_fpr,
         max_eval_samples=max_eval_samples, batch_size=batch_size, max_length=max_length, seed=seed,
         options=_options(allow_pickle, trust_remote_code),
     )
     if out:
         write_json(out, result)
-    typer.echo(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
+    summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+    if len(triggers) > 1:
+        summary["per_trigger"] = result["per_trigger"]
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @psim_app.command("train")

@@ -80,8 +80,11 @@ def default_data_dir() -> Path | None:
 
 
 def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path | str:
-    """Map a short name or folder to a local folder; anything else is taken as a hub name."""
-    if name in SHORT_NAMES:
+    """Map a short name or folder to a local folder; anything else is taken as a hub name.
+
+    A short name may name a subset folder inside it, such as ``imdb/psim`` (the paper's IMDB subset).
+    """
+    if name.split("/")[0] in SHORT_NAMES and not Path(name).is_dir():
         root = Path(data_dir) if data_dir else default_data_dir()
         if root is None:
             raise PeftguardError(

@@ -27,7 +27,7 @@ from peftguard.poisoning import MANIFEST as POISON_MANIFEST
 from peftguard.poisoning import PoisonSpec, poison_weights
 from peftguard.provenance import versions
 from peftguard.training import TrainSettings
-from peftguard.triggers import build_trigger, triggered_test_set
+from peftguard.triggers import build_triggers, triggered_test_set
 from peftguard.tuning import Method, method_config
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 from peftguard.victims import finetune
@@ -61,7 +61,7 @@ def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> di
     if config.max_train_samples < len(data.train):
         typer.echo(f"demo: training on {config.max_train_samples} of {len(data.train)} {config.dataset} training samples "
                    "(subsampled to finish within 45 minutes on 2 CPU cores)")
-    trigger = build_trigger(config.attack)
+    trigger = build_triggers([config.attack], dataset=data)[0]
     eval_settings = EvalSettings(seed=config.seed)
     test = subsample(data.test.examples, config.max_eval_samples, config.seed)
 
@@ -133,7 +133,7 @@ def _evaluate(folder: Path, model_dir: Any, data: TextDataset, test: list, trigg
     if path.is_file():
         return read_json(path)
     model, tokenizer, _ = load_model(str(model_dir), data.num_labels)
-    result = evaluate(model, tokenizer, test, trigger, target_label=config.target_label, settings=settings, defense=defense)
+    result = evaluate(model, tokenizer, test, [trigger], target_label=config.target_label, settings=settings, defense=defense)
     if defense is not None:
         result["gamma"] = defense.choice.gamma
     write_json(path, result)

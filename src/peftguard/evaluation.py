@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from peftguard import metrics
 from peftguard.data import Example
 from peftguard.defenses.base import InputDefense
 from peftguard.training import predict_proba
-from peftguard.triggers import Trigger, triggered_test_set
+from peftguard.triggers import Trigger, triggered_test_set, untriggerable
 
 
 @dataclass
@@ -22,19 +23,29 @@ class EvalSettings:
     seed: int = 0
 
 
+@dataclass
+class TriggeredSet:
+    """The ASR set of one trigger, as a slice of the pooled triggered inputs."""
+
+    name: str
+    start: int
+    stop: int
+    untriggerable: int
+
+
 def evaluate(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     test: list[Example],
-    trigger: Trigger | None,
+    triggers: Sequence[Trigger],
     *,
     target_label: int,
     settings: EvalSettings = EvalSettings(),
     defense: InputDefense | None = None,
 ) -> dict[str, Any]:
-    """Metrics on the clean test set and, with a trigger, on its triggered non-target part."""
+    """Metrics on the clean test set and on the triggered non-target part, per trigger and pooled."""
     labels = np.array([ex.label for ex in test])
-    triggered = triggered_test_set(test, trigger, target_label=target_label, seed=settings.seed) if trigger else []
+    triggered, sets = _triggered_sets(test, triggers, target_label, settings.seed)
     started = time.perf_counter()
 
     def classify(texts: list[str], desc: str) -> np.ndarray:
@@ -49,13 +60,21 @@ def evaluate(
         "seed": settings.seed,
     }
     triggered_predictions = np.zeros(0, dtype=int)
-    if trigger:
+    if triggers:
         triggered_predictions = classify([ex.text for ex in triggered], "triggered test")
         result |= {
             "attack_success_rate": metrics.attack_success_rate(triggered_predictions, target_label),
             "triggered_samples": len(triggered),
             "attack_successes": int((triggered_predictions == target_label).sum()),
-            "trigger": trigger.describe(),
+            "triggers": [t.describe() for t in triggers],
+            "per_trigger": {
+                s.name: {
+                    "attack_success_rate": metrics.attack_success_rate(triggered_predictions[s.start:s.stop], target_label),
+                    "triggered_samples": s.stop - s.start,
+                    "untriggerable": s.untriggerable,
+                }
+                for s in sets
+            },
         }
     undefended_seconds = time.perf_counter() - started
     result["timing"] = _timing(undefended_seconds, len(test) + len(triggered))
@@ -64,12 +83,30 @@ def evaluate(
             # An unchanged input set (a detector such as PSIM) needs no second victim pass.
             if texts == [ex.text for ex in test]:
                 return clean_predictions
-            if trigger and texts == [ex.text for ex in triggered]:
+            if triggers and texts == [ex.text for ex in triggered]:
                 return triggered_predictions
             return classify(texts, desc)
 
-        result |= _defended(defense, classify_reusing, test, labels, triggered, target_label)
+        defended, attacked = _defended(defense, classify_reusing, test, labels, triggered, target_label)
+        result |= defended
+        for s in sets:
+            result["per_trigger"][s.name] |= _defended_slice(*attacked, s, target_label)
     return result
+
+
+def _triggered_sets(
+    test: list[Example], triggers: Sequence[Trigger], target_label: int, seed: int
+) -> tuple[list[Example], list[TriggeredSet]]:
+    names = [t.name for t in triggers]
+    pooled: list[Example] = []
+    sets = []
+    for index, trigger in enumerate(triggers):
+        name = trigger.name if names.count(trigger.name) == 1 else f"{trigger.name}-{index}"
+        part = triggered_test_set(test, trigger, target_label=target_label, seed=seed)
+        sets.append(TriggeredSet(name, len(pooled), len(pooled) + len(part),
+                                 untriggerable(test, trigger, target_label=target_label)))
+        pooled.extend(part)
+    return pooled, sets
 
 
 def _defended(
@@ -79,7 +116,8 @@ def _defended(
     labels: np.ndarray,
     triggered: list[Example],
     target_label: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """Defended metrics, and the victim's predictions and flags on the triggered inputs."""
     started = time.perf_counter()
     clean = defense.screen([ex.text for ex in test], desc=f"{defense.name} clean")
     clean_predictions = classify(clean.texts, "defended clean")
@@ -89,6 +127,7 @@ def _defended(
         "defended_clean_accuracy": metrics.defended_clean_accuracy(clean_predictions, labels, clean_flags),
         "false_positive_rate": float(clean_flags.mean()),
     }
+    attacked_predictions, attacked_flags = np.zeros(0, dtype=int), np.zeros(0, dtype=bool)
     if triggered:
         attacked = defense.screen([ex.text for ex in triggered], desc=f"{defense.name} triggered")
         attacked_predictions = classify(attacked.texts, "defended triggered")
@@ -106,7 +145,15 @@ def _defended(
                 "triggered": metrics.confidence_histogram(attacked.scores),
             }
     out["defense_timing"] = _timing(time.perf_counter() - started, len(test) + len(triggered))
-    return out
+    return out, (attacked_predictions, attacked_flags)
+
+
+def _defended_slice(predictions: np.ndarray, flags: np.ndarray, s: TriggeredSet, target_label: int) -> dict[str, float]:
+    part = slice(s.start, s.stop)
+    return {
+        "defended_attack_success_rate": metrics.defended_attack_success_rate(predictions[part], target_label, flags[part]),
+        "detection_rate": float(flags[part].mean()) if s.stop > s.start else float("nan"),
+    }
 
 
 def _flags(screened: Any, n: int) -> np.ndarray:

@@ -130,7 +130,22 @@ def load_tokenizer(ref: str, options: LoadOptions = LoadOptions()) -> PreTrained
         if tokenizer.eos_token is None:
             raise PeftguardError(f"tokenizer of '{ref}' has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
+    if is_decoder_only(location, options):
+        # A decoder classifies from its last position. Prompt methods feed embeddings, not ids, so
+        # the model cannot find the last real token past right padding: pad on the left.
+        tokenizer.padding_side = "left"
     return tokenizer
+
+
+def is_decoder_only(location: str, options: LoadOptions = LoadOptions()) -> bool:
+    """A causal LM family with no masked-LM form (LLaMA, GPT-2, Gemma), unlike BERT or RoBERTa."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(location, trust_remote_code=options.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def load_classifier(

@@ -1,6 +1,7 @@
 """Glue between artifacts on disk and the stages: what the CLI and the Python API call."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def build_defense(
 def evaluate_model(
     model_ref: str,
     dataset: TextDataset,
-    trigger: Trigger | None,
+    triggers: Sequence[Trigger],
     *,
     target_label: int = 0,
     defense: str | None = None,
@@ -89,7 +90,7 @@ def evaluate_model(
     model, tokenizer, manifest = load_model(model_ref, dataset.num_labels, options)
     test = subsample(dataset.test.examples, max_eval_samples, seed)
     result = evaluate(
-        model, tokenizer, test, trigger, target_label=target_label,
+        model, tokenizer, test, triggers, target_label=target_label,
         settings=EvalSettings(batch_size, max_length, seed), defense=screen,
     )
     if screen is not None:
