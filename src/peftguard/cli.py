@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 psim_app = typer.Typer(help="Train a PSIM detector, or scan inputs with one.", no_args_is_help=True)
 app.add_typer(psim_app, name="psim")
+defend_app = typer.Typer(help="Model-level defenses that make a new victim (Fine-mixing).", no_args_is_help=True)
+app.add_typer(defend_app, name="defend")
 
 # --- shared options ---------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", help="'minilm' (embedded default), a local model folder, or a hub id.")]
@@ -44,6 +46,7 @@ AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pick
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with a hub model. Never on by default.")]
 GammaOpt = Annotated[Optional[float], typer.Option("--gamma", help="Fixed PSIM threshold, as in the paper (0.7); flagged when confidence > gamma.")]
 FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate gamma on clean dev data to flag at most this share [default 0.02].")]
+InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 
 
@@ -72,6 +75,12 @@ def _triggers(attacks: list[str], trigger: list[str] | None, count: int, dataset
 
         generator = Seq2SeqParaphraser(paraphraser, options=options)
     return build_triggers(attacks, spec=trigger, count=count, dataset=dataset, paraphrases=paraphrases, paraphraser=generator)
+
+
+def _template(name: str | None):
+    from peftguard.instruction import template_by_name
+
+    return template_by_name(name) if name else None
 
 
 def _settings(epochs: int | None, lr: float | None, batch_size: int, max_length: int, seed: int, default_epochs: int, default_lr: float):
@@ -107,6 +116,7 @@ def poison(
     poison_mode: Annotated[str, typer.Option("--poison-mode", help="clean-label (authors' code: trigger on target-label samples) or dirty-label (trigger on others, label flipped).")] = "clean-label",
     scenario: Annotated[str, typer.Option("--scenario", help="full-data (poison on the victim's data) or full-task (poison on --proxy-dataset).")] = "full-data",
     proxy_dataset: Annotated[Optional[str], typer.Option("--proxy-dataset", help="Proxy dataset for full-task knowledge (e.g. imdb for sst2).")] = None,
+    instruction: InstructionOpt = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -141,6 +151,7 @@ def poison(
     result = poison_weights(
         model, victim_data, triggers, spec, settings, out,
         proxy=proxy, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, options=options,
+        template=_template(instruction),
     )
     p = result.manifest["poisoning"]
     typer.echo(f"poisoned {p['poisoned']} of {p['total']} training samples ({p['mode']}); model saved to {out}")
@@ -155,6 +166,7 @@ def finetune(
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prompt methods: virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1: prompt encoder width [128].")] = None,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank [8].")] = None,
+    instruction: InstructionOpt = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -179,6 +191,7 @@ def finetune(
     manifest = run_finetune(
         model, data, config, settings, out, max_train_samples=max_train_samples,
         max_eval_samples=max_eval_samples, options=_options(allow_pickle, trust_remote_code),
+        template=_template(instruction),
     )
     typer.echo(f"{manifest['method']}: best dev accuracy {max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}; saved to {out}")
 
@@ -206,10 +219,19 @@ def evaluate(
     paraphrases: ParaphrasesOpt = None,
     paraphraser: ParaphraserOpt = None,
     target_label: TargetOpt = 0,
-    defense: Annotated[Optional[str], typer.Option("--defense", help="Input defense to apply: psim.")] = None,
+    defense: Annotated[Optional[str], typer.Option("--defense", help="Defense to apply: psim | onion | back-translation | scpd | fine-mixing.")] = None,
     psim: Annotated[Optional[Path], typer.Option("--psim", help="PSIM folder (with --defense psim).")] = None,
     gamma: GammaOpt = None,
     target_fpr: FprOpt = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="back-translation: apertium (default) | marian | precomputed; scpd: precomputed (default) | seq2seq.")] = None,
+    lm: Annotated[Optional[list[str]], typer.Option("--lm", help="Model a defense runs: onion's causal LM [smollm2]; scpd seq2seq's paraphraser; marian: give twice (to pivot, back) [opus-mt en-de, de-en].")] = None,
+    onion_bar: Annotated[Optional[list[float]], typer.Option("--onion-bar", help="ONION: remove words whose suspicion (perplexity drop) exceeds this [0]; repeat to sweep (the original code tries 1..100).")] = None,
+    precomputed: Annotated[Optional[Path], typer.Option("--precomputed", help="Rewrites of the clean test set, aligned by row [<data>/<dataset>/paraphrase_defense/test_back.csv or test_spcn.csv].")] = None,
+    precomputed_triggered: Annotated[Optional[Path], typer.Option("--precomputed-triggered", help="Rewrites of the triggered test set, aligned with the non-target test rows [test_char_back.csv or test_char_spcn.csv: BadNet mn only].")] = None,
+    mix_ratio: Annotated[Optional[float], typer.Option("--mix-ratio", help="Fine-mixing: share of weights kept from the suspect model [0.5].")] = None,
+    clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="Fine-mixing: the clean pretrained model [from poisoning.json].")] = None,
+    fine_mixed: Annotated[Optional[Path], typer.Option("--fine-mixed", help="Fine-mixing: keep the fine-mixed victim here (reused if it holds the same one) [temporary].")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Fine-mixing: clean training subset [the victim's].")] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -225,6 +247,7 @@ def evaluate(
     import json
 
     from peftguard.artifacts import write_json
+    from peftguard.defenses.registry import DefenseOptions
     from peftguard.pipeline import evaluate_model
 
     _setup_logging(verbose)
@@ -236,6 +259,11 @@ def evaluate(
         defense=defense, psim_dir=psim, gamma=gamma, target_fpr=target_fpr,
         max_eval_samples=max_eval_samples, batch_size=batch_size, max_length=max_length, seed=seed,
         options=_options(allow_pickle, trust_remote_code),
+        defense_options=DefenseOptions(
+            backend=backend, lm=tuple(lm or ()), onion_bar=tuple(onion_bar or ()), precomputed=precomputed,
+            precomputed_triggered=precomputed_triggered, mix_ratio=mix_ratio, clean_model=clean_model,
+            fine_mixed=fine_mixed, max_train_samples=max_train_samples,
+        ),
     )
     if out:
         write_json(out, result)
@@ -325,6 +353,54 @@ def demo(
     _setup_logging(verbose)
     run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
              max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs, seed=seed)
+
+
+@defend_app.command("fine-mixing")
+def defend_fine_mixing(
+    model: Annotated[str, typer.Option("--model", help="A victim folder (its fine-tuning is replayed on mixed weights), or a poisoned model with --method.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the fine-mixed victim (finetune.json; a PEFT victim keeps its mixed base in mixed/).")],
+    mix_ratio: Annotated[float, typer.Option("--mix-ratio", help="Share of weights kept from the suspect model: 0 = clean model, 1 = suspect.")] = 0.5,
+    clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="The clean pretrained model [the base_model in poisoning.json].")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="With a poisoned model: full | lora | prompt | ptuning-v1 | ptuning-v2 [lora].")] = None,
+    dataset: DatasetOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Clean training subset [a victim's own; else all].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs [a victim's own; else 2].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [a victim's own; else per method].")] = None,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-mixing (Zhang et al., 2022): mix suspect weights with clean ones, fine-tune on clean data."""
+    from dataclasses import replace
+
+    from peftguard.defenses.fine_mixing import FineMixingConfig, fine_mix, replay_plan
+    from peftguard.models import model_reference
+    from peftguard.victims import MANIFEST as VICTIM_MANIFEST
+
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    mixing = FineMixingConfig(mix_ratio=mix_ratio, clean_model=clean_model, seed=seed)
+    mixing.validate()
+    if (Path(model) / VICTIM_MANIFEST).is_file():
+        if method is not None:
+            raise PeftguardError(f"{model} is a victim: its method is replayed; --method is for a poisoned model")
+        plan = replay_plan(model)
+        settings = replace(plan.settings, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
+        suspect, config, samples, source = plan.suspect, plan.config, max_train_samples or plan.train_samples, model_reference(model)
+    else:
+        config = _method_config(method or "lora", None, None, None)
+        settings = _settings(epochs, lr, 32, 128, seed, default_epochs=2, default_lr=config.lr)
+        suspect, samples, source = model, max_train_samples, None
+    manifest = fine_mix(suspect, data, config, settings, out, mixing=mixing, max_train_samples=samples,
+                        source_victim=source, options=_options(allow_pickle, trust_remote_code))
+    record = manifest["defense"]
+    typer.echo(f"fine-mixed {manifest['method']} victim saved to {out}: {record['kept_from_suspect']:.3f} of the weights "
+               f"from {record['suspect_model']}, the rest from {record['clean_model']}; best dev accuracy "
+               f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
 
 
 def main() -> None:

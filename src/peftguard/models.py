@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from peftguard.artifacts import atomic_dir
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
+from peftguard.instruction import InstructionTemplate, LabelWordClassifier, TemplatedTokenizer, read_template
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,13 @@ def check_weight_files(folder: Path, options: LoadOptions) -> None:
     log.warning("%s: loading pickled weights with weights_only=True (--allow-pickle)", folder)
 
 
-def load_tokenizer(ref: str, options: LoadOptions = LoadOptions()) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    ref: str, options: LoadOptions = LoadOptions(), template: InstructionTemplate | None = None
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token; left padding for decoders; templated if instructed.
+
+    ``template`` (or a ``label_words.json`` in the folder) makes it format every text as an instruction.
+    """
     location = resolve_model(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=options.trust_remote_code)
@@ -134,7 +141,12 @@ def load_tokenizer(ref: str, options: LoadOptions = LoadOptions()) -> PreTrained
         # A decoder classifies from its last position. Prompt methods feed embeddings, not ids, so
         # the model cannot find the last real token past right padding: pad on the left.
         tokenizer.padding_side = "left"
-    return tokenizer
+    template = template or _folder_template(location)
+    return TemplatedTokenizer(tokenizer, template) if template else tokenizer
+
+
+def _folder_template(location: str) -> InstructionTemplate | None:
+    return read_template(Path(location)) if Path(location).is_dir() else None
 
 
 def is_decoder_only(location: str, options: LoadOptions = LoadOptions()) -> bool:
@@ -149,16 +161,20 @@ def is_decoder_only(location: str, options: LoadOptions = LoadOptions()) -> bool
 
 
 def load_classifier(
-    ref: str, num_labels: int, options: LoadOptions = LoadOptions()
+    ref: str, num_labels: int, options: LoadOptions = LoadOptions(), template: InstructionTemplate | None = None
 ) -> PreTrainedModel:
     """A sequence classifier with ``num_labels`` outputs.
 
     A folder that already is a sequence classifier (a poisoned or fine-tuned model) keeps its
-    trained head and must have the same number of labels; a bare encoder gets a new head.
+    trained head and must have the same number of labels; a bare encoder gets a new head. With an
+    instruction ``template`` (or a folder carrying one) it is a causal LM scoring label words.
     """
     location = resolve_model(ref)
     if Path(location).is_dir():
         check_weight_files(Path(location), options)
+    template = template or _folder_template(location)
+    if template is not None:
+        return _label_word_classifier(ref, location, num_labels, options, template)
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -182,6 +198,26 @@ def load_classifier(
         tokenizer = load_tokenizer(ref, options)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _label_word_classifier(
+    ref: str, location: str, num_labels: int, options: LoadOptions, template: InstructionTemplate
+) -> LabelWordClassifier:
+    from transformers import AutoModelForCausalLM
+
+    if len(template.label_words) != num_labels:
+        raise PeftguardError(
+            f"the instruction template has {len(template.label_words)} label words but the dataset has {num_labels} labels"
+        )
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            location, use_safetensors=not options.allow_pickle, trust_remote_code=options.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise PeftguardError(f"cannot load '{ref}' as a causal LM: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(ref, options)
+    lm.config.pad_token_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else tokenizer.pad_token_id
+    return LabelWordClassifier(lm, getattr(tokenizer, "inner", tokenizer), template)
 
 
 def check_max_length(model: PreTrainedModel, max_length: int, virtual_tokens: int = 0) -> None:

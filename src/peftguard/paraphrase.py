@@ -85,7 +85,7 @@ def _add_split(table: ParaphraseTable, path: Path, clean_path: Path, text_column
 
 def _row_map(path: Path, count: int, clean_count: int, clean_path: Path) -> list[int]:
     meta = path.with_name(f"{path.stem}_meta.csv")
-    if meta.is_file() and "clean_row" in read_utf8(meta).partition("\n")[0].split(","):
+    if meta.is_file() and "clean_row" in _header(meta):
         records = read_rows(meta, ("clean_row",))
         if len(records) != count:
             raise DataError(meta, f"has {len(records)} rows but {path.name} has {count}")
@@ -96,6 +96,11 @@ def _row_map(path: Path, count: int, clean_count: int, clean_path: Path) -> list
             f"must be aligned row by row, or come with {meta.name} (column clean_row)"
         )
     return list(range(count))
+
+
+def _header(path: Path) -> list[str]:
+    lines = read_utf8(path).splitlines()
+    return [name.strip() for name in lines[0].split(",")] if lines else []
 
 
 def _clean_row(value: object, meta: Path, line: int, clean_count: int, clean_path: Path) -> int:

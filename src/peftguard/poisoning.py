@@ -19,6 +19,7 @@ from typing import Any
 from peftguard.artifacts import read_json
 from peftguard.data import TextDataset, label_counts, subsample
 from peftguard.errors import OptionError
+from peftguard.instruction import InstructionTemplate
 from peftguard.models import LoadOptions, model_reference
 from peftguard.training import TrainSettings, train_classifier
 from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
@@ -62,11 +63,13 @@ def poison_weights(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     options: LoadOptions = LoadOptions(),
+    template: InstructionTemplate | None = None,
 ) -> PoisonResult:
     """Poison ``model_ref`` and save it to ``out_dir``.
 
     In the full-task scenario the poisoned set comes from ``proxy``; ``dataset`` only fixes the
-    label space the victim will use.
+    label space the victim will use. With an instruction ``template`` the poisoned examples are
+    instruction-formatted and a causal LM learns to answer the target's label word (paper Table 11).
     """
     settings.validate()
     source = _source_dataset(dataset, proxy, spec.scenario)
@@ -78,7 +81,7 @@ def poison_weights(
     poisoned, report = poison_examples(
         train, triggers, target_label=spec.target_label, count=count, mode=spec.mode, seed=settings.seed
     )
-    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, FullConfig(lr=settings.lr), settings, options)
+    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, FullConfig(lr=settings.lr), settings, options, template)
     train_report = train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
     manifest = {
         "kind": "poisoned-model",
@@ -89,6 +92,7 @@ def poison_weights(
         "attack": "+".join(t.name for t in triggers),
         "poisoning": {**asdict(spec), **report.as_dict()},
         "scenario": spec.scenario.value,
+        "instruction_template": asdict(template) if template else None,
         "dataset": dataset.name,
         "poison_source": source.name,
         "train_samples": len(train),

@@ -41,6 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftguard.artifacts import atomic_dir, read_json, write_json
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
+from peftguard.instruction import LabelWordClassifier, read_template
 from peftguard.models import LoadOptions, load_classifier, load_tokenizer
 
 
@@ -58,7 +59,7 @@ class MethodConfig:
 
     lr: float = field(default=2e-5, metadata={"help": "learning rate"})
 
-    def peft_config(self) -> PeftConfig | None:
+    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig | None:
         return None
 
     @property
@@ -78,10 +79,10 @@ class LoraMethodConfig(MethodConfig):
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path (paper: 0.1)"})
 
-    def peft_config(self) -> PeftConfig:
+    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
         # target_modules=None lets peft pick the attention projections per architecture
         # (query/value for BERT, q_proj/v_proj for LLaMA).
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout)
+        return LoraConfig(task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout)
 
 
 @dataclass
@@ -89,8 +90,8 @@ class PromptMethodConfig(MethodConfig):
     lr: float = field(default=1e-1, metadata={"help": "learning rate"})
     num_virtual_tokens: int = field(default=5, metadata={"help": "soft prompt length (paper: 5)"})
 
-    def peft_config(self) -> PeftConfig:
-        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=self.num_virtual_tokens)
 
     @property
     def virtual_tokens(self) -> int:
@@ -103,9 +104,9 @@ class PTuningV1Config(MethodConfig):
     num_virtual_tokens: int = field(default=5, metadata={"help": "prompt length (paper: 5)"})
     encoder_hidden_size: int = field(default=128, metadata={"help": "prompt encoder MLP width (paper: 128)"})
 
-    def peft_config(self) -> PeftConfig:
+    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
         return PromptEncoderConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task_type,
             num_virtual_tokens=self.num_virtual_tokens,
             encoder_hidden_size=self.encoder_hidden_size,
         )
@@ -120,8 +121,8 @@ class PTuningV2Config(MethodConfig):
     lr: float = field(default=3e-2, metadata={"help": "learning rate"})
     num_virtual_tokens: int = field(default=5, metadata={"help": "prefix length per layer (paper: 5)"})
 
-    def peft_config(self) -> PeftConfig:
-        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=self.num_virtual_tokens)
 
     @property
     def virtual_tokens(self) -> int:
@@ -149,7 +150,12 @@ def method_config(method: Method | str, **overrides: Any) -> MethodConfig:
 
 def make_tunable(model: PreTrainedModel, config: MethodConfig) -> PreTrainedModel | PeftModel:
     """Wrap ``model`` for training with ``config``'s method (full: every weight trains)."""
-    peft_config = config.peft_config()
+    label_words = isinstance(model, LabelWordClassifier)
+    # A label-word classifier's PEFT module goes on the causal LM inside it; its LM head scores the words.
+    peft_config = config.peft_config(TaskType.CAUSAL_LM if label_words else TaskType.SEQ_CLS)
+    if label_words and peft_config is not None:
+        model.lm = get_peft_model(model.lm, peft_config)
+        return model
     if peft_config is None:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -188,8 +194,12 @@ def load_tuned(
         model = load_classifier(str(folder), num_labels, options)
     else:
         check_adapter_folder(folder, manifest, options)
-        base = load_classifier(manifest["base_model"], num_labels, options)
-        model = PeftModel.from_pretrained(base, folder)
+        base = load_classifier(manifest["base_model"], num_labels, options, template=read_template(folder))
+        if isinstance(base, LabelWordClassifier):
+            base.lm = PeftModel.from_pretrained(base.lm, folder)
+            model = base
+        else:
+            model = PeftModel.from_pretrained(base, folder)
     model.eval()
     return model, load_tokenizer(str(folder), options), manifest
 
