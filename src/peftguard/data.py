@@ -7,12 +7,15 @@ column; empty texts are skipped and counted, never silently.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
 import os
 import random
+import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 SHORT_NAMES = ("sst2", "cr", "cola", "mr", "imdb", "agnews")
 SPLITS = ("train", "dev", "test")
 SUFFIXES = (".csv", ".tsv", ".jsonl")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what the csv module and plain-text reading count as a new line
+_LABEL = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits; int() would also take '1_0', '٣' and 5000 digits
+# csv refuses fields over 128 KiB by default; a long review is still a text (truncated later, counted).
+csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
 _SPLIT_ALIASES = {"dev": ("dev", "validation", "valid")}
 
 
@@ -152,9 +159,10 @@ def read_split_file(path: Path, columns: Columns = Columns(), split: str = "trai
 def read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
     """Rows of a CSV/TSV (with header) or JSONL file as (line number, record)."""
     content = read_utf8(path)
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return _jsonl_rows(path, content, required)
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    delimiter = "\t" if suffix == ".tsv" else ","
     return _delimited_rows(path, content, delimiter, required)
 
 
@@ -166,22 +174,44 @@ def read_utf8(path: Path) -> str:
         raise DataError(path, "missing file") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror}") from None
+    return decode_utf8(raw, path)
+
+
+def decode_utf8(raw: bytes, source: str | Path) -> str:
+    """``raw`` as text, without a leading BOM; a bad byte is reported with its line."""
+    body = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:  # exc.start counts from after the BOM
         raise DataError(
-            path, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8", line=line
+            source, f"not valid UTF-8 (byte 0x{body[exc.start]:02x}); re-save it as UTF-8", line=line_at(body, exc.start)
         ) from None
+
+
+def line_at(content: str | bytes, index: int) -> int:
+    """The line holding position ``index``, counting \\n, \\r\\n and \\r as line breaks."""
+    prefix = content[:index]
+    text = prefix.decode("latin-1") if isinstance(prefix, bytes) else prefix
+    return len(_LINE_BREAK.findall(text)) + 1
+
+
+def split_lines(content: str) -> list[str]:
+    """Lines split at \\n, \\r\\n or \\r only (str.splitlines also splits at \\x0b, \\x85, U+2028, ...)."""
+    return _LINE_BREAK.split(content)
+
+
+def check_nul(content: str, path: str | Path) -> None:
+    if "\x00" in content:
+        raise DataError(path, "contains a NUL byte", line=line_at(content, content.index("\x00")))
 
 
 def _delimited_rows(
     path: Path, content: str, delimiter: str, required: tuple[str, ...]
 ) -> list[tuple[int, dict[str, object]]]:
-    if "\x00" in content:
-        line = content.count("\n", 0, content.index("\x00")) + 1
-        raise DataError(path, "contains a NUL byte", line=line)
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    check_nul(content, path)
+    # strict: a stray quote is an error, not a silently altered text or rows merged into one field
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
+    start = 1  # the line where the record being read starts (a quoted field can span lines)
     try:
         header = next(reader, None)
         if header is None:
@@ -197,10 +227,11 @@ def _delimited_rows(
             )
         positions = {name: header.index(name) for name in required}
         rows = []
+        start = reader.line_num + 1
         for cells in reader:
+            line, start = start, reader.line_num + 1
             if not cells:
                 continue
-            line = reader.line_num
             record: dict[str, object] = {}
             for name, position in positions.items():
                 if position >= len(cells):
@@ -208,26 +239,46 @@ def _delimited_rows(
                 record[name] = cells[position]
             rows.append((line, record))
     except csv.Error as exc:
-        raise DataError(path, f"malformed {('TSV' if delimiter == chr(9) else 'CSV')}: {exc}", line=reader.line_num) from None
+        raise DataError(path, f"malformed {('TSV' if delimiter == chr(9) else 'CSV')}: {exc}", line=start) from None
     return rows
 
 
 def _jsonl_rows(path: Path, content: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
     rows = []
-    for line, raw in enumerate(content.splitlines(), start=1):
+    # JSON Lines ends records at \n only: U+2028 and friends are legal inside JSON strings
+    for line, raw in enumerate(content.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"invalid JSON: {exc.msg}", line=line) from None
-        if not isinstance(record, dict):
-            raise DataError(path, "each line must be a JSON object", line=line)
+        record = _json_line(path, raw, line)
         for name in required:
             if name not in record:
                 raise DataError(path, "missing key", line=line, column=name)
+            check_encodable(record[name], path, line, name)
         rows.append((line, record))
     return rows
+
+
+def _json_line(path: Path, raw: str, line: int) -> dict[str, object]:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg} (character {exc.colno})", line=line) from None
+    except (ValueError, RecursionError) as exc:  # integers over 4300 digits, nesting too deep
+        raise DataError(path, f"invalid JSON: {str(exc).partition(':')[0]}", line=line) from None
+    if not isinstance(record, dict):
+        raise DataError(path, "each line must be a JSON object", line=line)
+    return record
+
+
+def check_encodable(value: object, path: str | Path, line: int, column: str) -> None:
+    """Refuse a string with an unpaired surrogate (a JSON escape such as \\ud800): no file or model can hold it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(
+                path, f"unpaired surrogate {value[exc.start]!r} at character {exc.start + 1}", line=line, column=column
+            ) from None
 
 
 def parse_label(value: object, path: Path, line: int, column: str) -> int:
@@ -237,10 +288,9 @@ def parse_label(value: object, path: Path, line: int, column: str) -> int:
         label = value
     else:
         text = str(value).strip()
-        try:
-            label = int(text)
-        except ValueError:
-            raise DataError(path, f"label {text[:40]!r} is not an integer", line=line, column=column) from None
+        if not _LABEL.fullmatch(text):
+            raise DataError(path, f"label {text[:40]!r} is not an integer class index", line=line, column=column)
+        label = int(text)
     if label < 0:
         raise DataError(path, f"label {label} is negative", line=line, column=column)
     return label
@@ -248,6 +298,8 @@ def parse_label(value: object, path: Path, line: int, column: str) -> int:
 
 def _assemble(name: str, splits: dict[str, Split], num_labels: int | None) -> TextDataset:
     inferred = max(example.label for example in splits["train"].examples) + 1
+    if num_labels is None:
+        _check_label_space(splits["train"], inferred)
     num_labels = num_labels or inferred
     if num_labels < 2:
         raise DataError(splits["train"].source, f"only one label ({inferred - 1}) in the training split")
@@ -255,6 +307,21 @@ def _assemble(name: str, splits: dict[str, Split], num_labels: int | None) -> Te
         _check_label_range(split, num_labels)
     notes = [f"{s.name}: skipped {s.skipped_empty} empty text(s)" for s in splits.values() if s.skipped_empty]
     return TextDataset(name, splits["train"], splits["dev"], splits["test"], num_labels, notes)
+
+
+def _check_label_space(train: Split, inferred: int) -> None:
+    """Inferred labels must be 0..K-1, each present in training (1-based or sparse labels are errors)."""
+    present = set(label_counts(train.examples))
+    if len(present) == inferred:
+        return
+    missing = [label for label in range(len(present) + 5) if label not in present][:5]
+    more = inferred - len(present) - len(missing)
+    listing = ", ".join(map(str, missing)) + (f" and {more} more" if more > 0 else "")
+    raise DataError(
+        train.source,
+        f"the training split has no label {listing}; labels must be 0..{inferred - 1} with each one present "
+        f"(found {', '.join(map(str, sorted(present)[:10]))}{', ...' if len(present) > 10 else ''})",
+    )
 
 
 def _check_label_range(split: Split, num_labels: int) -> None:

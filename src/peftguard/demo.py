@@ -21,6 +21,7 @@ import typer
 from peftguard.artifacts import read_json, write_json, write_text
 from peftguard.data import TextDataset, load_dataset, subsample
 from peftguard.defenses.psim import DEFAULT_PSIM_LR, PAPER_GAMMA, PSIM, PSIMDefense, train_psim
+from peftguard.errors import OptionError
 from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.pipeline import load_model
 from peftguard.poisoning import MANIFEST as POISON_MANIFEST
@@ -50,10 +51,13 @@ class DemoConfig:
     psim_lr: float = DEFAULT_PSIM_LR
     target_label: int = 0
     seed: int = 0
+    methods: tuple[str, ...] = tuple(METHODS)
+    max_length: int = 128
 
 
 def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> dict[str, Any]:
     config = DemoConfig(**overrides)
+    _check_methods(config.methods)
     out = Path(out)
     _start_or_resume(out, config)
     data = load_dataset(config.dataset, data_dir=data_dir)
@@ -62,22 +66,23 @@ def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> di
         typer.echo(f"demo: training on {config.max_train_samples} of {len(data.train)} {config.dataset} training samples "
                    "(subsampled to finish within 45 minutes on 2 CPU cores)")
     trigger = build_triggers([config.attack], dataset=data)[0]
-    eval_settings = EvalSettings(seed=config.seed)
+    eval_settings = EvalSettings(max_length=config.max_length, seed=config.seed)
     test = subsample(data.test.examples, config.max_eval_samples, config.seed)
 
-    normal = {m: _victim(out / "normal" / m, config.model, data, m, config) for m in METHODS}
+    normal = {m: _victim(out / "normal" / m, config.model, data, m, config) for m in config.methods}
     poisoned_dir = out / "poisoned"
     if not (poisoned_dir / POISON_MANIFEST).is_file():
         typer.echo("demo: poisoning the model")
         spec = PoisonSpec(target_label=config.target_label, poison_count=None, poison_rate=config.poison_rate)
-        settings = TrainSettings(epochs=config.poison_epochs, lr=config.poison_lr, seed=config.seed)
+        settings = TrainSettings(epochs=config.poison_epochs, lr=config.poison_lr, max_length=config.max_length, seed=config.seed)
         poison_weights(config.model, data, [trigger], spec, settings, poisoned_dir,
                        max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
-    attacked = {m: _victim(out / "attack" / m, str(poisoned_dir), data, m, config) for m in METHODS}
+    attacked = {m: _victim(out / "attack" / m, str(poisoned_dir), data, m, config) for m in config.methods}
     psim_dir = out / "psim"
     if not (psim_dir / "psim.json").is_file():
         typer.echo("demo: training the PSIM on the poisoned weights")
-        train_psim(str(poisoned_dir), data, TrainSettings(epochs=config.psim_epochs, lr=config.psim_lr, seed=config.seed),
+        psim_settings = TrainSettings(epochs=config.psim_epochs, lr=config.psim_lr, max_length=config.max_length, seed=config.seed)
+        train_psim(str(poisoned_dir), data, psim_settings,
                    psim_dir, max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
     psim = PSIM(psim_dir)
     calibrated = PSIMDefense(psim, psim.gamma_for(None, None, None))
@@ -85,7 +90,7 @@ def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> di
 
     metrics: dict[str, Any] = {"normal": {}, "attack": {}, "defense": {}, "defense_paper_gamma": {}}
     metrics["poisoned_model"] = _evaluate(out / "poisoned", poisoned_dir, data, test, trigger, config, eval_settings, None)
-    for m in METHODS:
+    for m in config.methods:
         metrics["normal"][m] = _evaluate(out / "normal" / m, normal[m], data, test, trigger, config, eval_settings, None)
         metrics["attack"][m] = _evaluate(out / "attack" / m, attacked[m], data, test, trigger, config, eval_settings, None)
         metrics["defense"][m] = _evaluate(out / "defense" / m, attacked[m], data, test, trigger, config, eval_settings, calibrated)
@@ -110,18 +115,29 @@ def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> di
     return results
 
 
+def _check_methods(methods: tuple[str, ...]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise OptionError(f"--method {', '.join(unknown) or '(none)'}: choose one or more of {', '.join(METHODS)}")
+
+
 def _start_or_resume(out: Path, config: DemoConfig) -> None:
     marker = out / "demo_config.json"
-    if marker.is_file() and read_json(marker) != json.loads(json.dumps(asdict(config))):
+    # settings added since an older demo wrote its marker count as their defaults
+    if marker.is_file() and {**_as_json(DemoConfig()), **read_json(marker)} != _as_json(config):
         raise typer.BadParameter(f"{out} holds a demo with other settings; choose another --out or remove it")
     write_json(marker, asdict(config))
+
+
+def _as_json(config: DemoConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config)))
 
 
 def _victim(folder: Path, base: str, data: TextDataset, method: str, config: DemoConfig) -> str:
     if not (folder / VICTIM_MANIFEST).is_file():
         typer.echo(f"demo: fine-tuning {folder.parent.name}/{method}")
         method_cfg = method_config(method)
-        settings = TrainSettings(epochs=config.epochs, lr=method_cfg.lr, seed=config.seed)
+        settings = TrainSettings(epochs=config.epochs, lr=method_cfg.lr, max_length=config.max_length, seed=config.seed)
         finetune(base, data, method_cfg, settings, folder,
                  max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
     return str(folder)
@@ -144,14 +160,15 @@ def render_table(results: dict[str, Any]) -> str:
     """The paper's Table 1 layout: rows Normal / Attack / Defense, CA and ASR per method."""
     m = results["metrics"]
     gamma = results["gamma"]["gamma"]
-    header = "| Row | " + " | ".join(f"{x} CA | {x} ASR" for x in METHODS) + " |"
-    lines = [header, "|" + "---|" * (1 + 2 * len(METHODS))]
+    methods = results["config"].get("methods", METHODS)
+    header = "| Row | " + " | ".join(f"{x} CA | {x} ASR" for x in methods) + " |"
+    lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
 
     def pct(value: Any) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
     def row(name: str, key: str, ca: str, asr: str | None) -> str:
-        cells = [f"{pct(m[key][x].get(ca))} | {pct(m[key][x].get(asr)) if asr else '-'}" for x in METHODS]
+        cells = [f"{pct(m[key][x].get(ca))} | {pct(m[key][x].get(asr)) if asr else '-'}" for x in methods]
         return f"| {name} | " + " | ".join(cells) + " |"
 
     lines.append(row("Normal", "normal", "clean_accuracy", None))
@@ -159,8 +176,8 @@ def render_table(results: dict[str, Any]) -> str:
     lines.append(row(f"Defense (PSIM, gamma {gamma:.3f} calibrated)", "defense", "defended_clean_accuracy", "defended_attack_success_rate"))
     lines.append(row(f"Defense (PSIM, gamma {PAPER_GAMMA} paper)", "defense_paper_gamma", "defended_clean_accuracy", "defended_attack_success_rate"))
     poisoned = m["poisoned_model"]
-    defense = m["defense"][METHODS[0]]
-    paper = m["defense_paper_gamma"][METHODS[0]]
+    defense = m["defense"][methods[0]]
+    paper = m["defense_paper_gamma"][methods[0]]
     c = results["config"]
     notes = [
         "",

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from peftguard import metrics
 from peftguard.data import Example
 from peftguard.defenses.base import InputDefense
-from peftguard.training import predict_proba
+from peftguard.training import count_truncated, predict_proba
 from peftguard.triggers import Trigger, triggered_test_set, untriggerable
 
 
@@ -21,6 +21,7 @@ class EvalSettings:
     batch_size: int = 64
     max_length: int = 128
     seed: int = 0
+    keep_scores: bool = False  # add each sample's detector score to the result (for ROC curves)
 
 
 @dataclass
@@ -76,6 +77,10 @@ def evaluate(
                 for s in sets
             },
         }
+    result["truncated_texts"] = {  # cut to --max-length tokens (cached counts, no second tokenization)
+        "clean": count_truncated(tokenizer, [ex.text for ex in test], settings.max_length),
+        "triggered": count_truncated(tokenizer, [ex.text for ex in triggered], settings.max_length),
+    }
     undefended_seconds = time.perf_counter() - started
     result["timing"] = _timing(undefended_seconds, len(test) + len(triggered))
     if defense is not None:
@@ -87,7 +92,7 @@ def evaluate(
                 return triggered_predictions
             return classify(texts, desc)
 
-        defended, attacked = _defended(defense, classify_reusing, test, labels, triggered, target_label)
+        defended, attacked = _defended(defense, classify_reusing, test, labels, triggered, target_label, settings.keep_scores)
         result |= defended
         for s in sets:
             result["per_trigger"][s.name] |= _defended_slice(*attacked, s, target_label)
@@ -116,6 +121,7 @@ def _defended(
     labels: np.ndarray,
     triggered: list[Example],
     target_label: int,
+    keep_scores: bool = False,
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """Defended metrics, and the victim's predictions and flags on the triggered inputs."""
     started = time.perf_counter()
@@ -144,6 +150,8 @@ def _defended(
                 "clean": metrics.confidence_histogram(clean.scores),
                 "triggered": metrics.confidence_histogram(attacked.scores),
             }
+            if keep_scores:
+                out["scores"] = {"clean": np.round(clean.scores, 6).tolist(), "triggered": np.round(attacked.scores, 6).tolist()}
     out["defense_timing"] = _timing(time.perf_counter() - started, len(test) + len(triggered))
     return out, (attacked_predictions, attacked_flags)
 

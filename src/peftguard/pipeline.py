@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from peftguard.data import TextDataset, subsample
-from peftguard.defenses.base import InputDefense
+from peftguard.defenses.base import DefenseContext, InputDefense, ModelDefense
+from peftguard.defenses.registry import DefenseOptions
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
@@ -41,25 +42,18 @@ def build_defense(
     max_eval_samples: int | None,
     seed: int,
     options: LoadOptions,
-) -> InputDefense | None:
-    if defense is None:
-        if psim_dir is not None or gamma is not None or target_fpr is not None:
-            raise OptionError("--psim/--gamma/--target-fpr need --defense psim")
-        return None
-    from peftguard.defenses.psim import check_gamma_options
+    defense_options: DefenseOptions = DefenseOptions(),
+    triggers: Sequence[Trigger] = (),
+    target_label: int = 0,
+) -> InputDefense | ModelDefense | None:
+    """The defense named ``defense`` from the registry in ``defenses/registry.py`` (None: no defense)."""
+    from dataclasses import replace
 
-    check_gamma_options(gamma, target_fpr)
-    if defense != "psim":
-        raise OptionError(f"unknown defense '{defense}'; available: psim")
-    if psim_dir is None:
-        raise OptionError("--defense psim needs --psim PSIM_DIR (train one with `peftguard psim train`)")
-    from peftguard.defenses.psim import PSIM, PSIMDefense
+    from peftguard.defenses.registry import build_defense as build
 
-    psim = PSIM(psim_dir, options=options)
-    if psim.num_labels != dataset.num_labels:
-        raise PeftguardError(f"PSIM {psim_dir} has {psim.num_labels} labels; the dataset has {dataset.num_labels}")
-    dev = subsample(dataset.dev.examples, max_eval_samples, seed)
-    return PSIMDefense(psim, psim.gamma_for(dev, gamma, target_fpr))
+    given = replace(defense_options, psim_dir=psim_dir, gamma=gamma, target_fpr=target_fpr)
+    context = DefenseContext(dataset, tuple(triggers), target_label, seed, max_eval_samples, options)
+    return build(defense, given, context)
 
 
 def evaluate_model(
@@ -77,6 +71,8 @@ def evaluate_model(
     max_length: int = 128,
     seed: int = 0,
     options: LoadOptions = LoadOptions(),
+    defense_options: DefenseOptions = DefenseOptions(),
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Load a model and measure CA/ASR (and defended figures), as written to ``metrics.json``."""
     if not 0 <= target_label < dataset.num_labels:
@@ -86,15 +82,26 @@ def evaluate_model(
     screen = build_defense(
         defense, dataset, psim_dir=psim_dir, gamma=gamma, target_fpr=target_fpr,
         max_eval_samples=max_eval_samples, seed=seed, options=options,
+        defense_options=defense_options, triggers=triggers, target_label=target_label,
     )
+    model_defense = screen if isinstance(screen, ModelDefense) else None
+    screen = None if model_defense else screen
     model, tokenizer, manifest = load_model(model_ref, dataset.num_labels, options)
     test = subsample(dataset.test.examples, max_eval_samples, seed)
-    result = evaluate(
-        model, tokenizer, test, triggers, target_label=target_label,
-        settings=EvalSettings(batch_size, max_length, seed), defense=screen,
-    )
-    if screen is not None:
+    settings = EvalSettings(batch_size, max_length, seed, keep_scores=keep_scores)
+    defended = None  # a model-level defense first: a wrong victim fails before anything is measured
+    if model_defense is not None:
+        defended = _defended_model(model_defense, model_ref, dataset, test, triggers, target_label, settings, options)
+    result = evaluate(model, tokenizer, test, triggers, target_label=target_label, settings=settings, defense=screen)
+    if screen is not None and "gamma" in screen.describe():
         result["gamma"] = screen.describe()["gamma"]
+    if screen is not None and screen.sweep():  # further settings of the same defense (ONION's bars)
+        result["sweep"] = []
+        for label, variant in screen.sweep():
+            swept = evaluate(model, tokenizer, test, triggers, target_label=target_label, settings=settings, defense=variant)
+            result["sweep"].append({"setting": label, **{k: v for k, v in swept.items() if k.startswith("defended_")}})
+    if defended is not None:
+        result |= defended
     return {
         "model": model_reference(model_ref),
         "model_kind": manifest.get("kind"),
@@ -102,3 +109,34 @@ def evaluate_model(
         "dataset": dataset.name,
         **result,
     }
+
+
+def _defended_model(
+    defense: ModelDefense, model_ref: str, dataset: TextDataset, test: list, triggers: Sequence[Trigger],
+    target_label: int, settings: EvalSettings, options: LoadOptions,
+) -> dict[str, Any]:
+    """A model-level defense: make the defended victim, then measure it on the same test sets."""
+    import time
+
+    started = time.perf_counter()
+    defended_ref = defense.defend(model_ref)
+    made = time.perf_counter() - started
+    model, tokenizer, _ = load_model(defended_ref, dataset.num_labels, options)
+    measured = evaluate(model, tokenizer, test, triggers, target_label=target_label, settings=settings)
+    out: dict[str, Any] = {
+        "defense": defense.describe(),
+        "defended_model": model_reference(defended_ref),
+        "defended_clean_accuracy": measured["clean_accuracy"],
+        "defense_timing": _cost(time.perf_counter() - started, len(test) + measured.get("triggered_samples", 0), made),
+    }
+    if "attack_success_rate" in measured:
+        out["defended_attack_success_rate"] = measured["attack_success_rate"]
+        out["defended_per_trigger"] = {name: {"defended_attack_success_rate": v["attack_success_rate"]}
+                                       for name, v in measured.get("per_trigger", {}).items()}
+    return out
+
+
+def _cost(seconds: float, samples: int, defend_seconds: float) -> dict[str, float]:
+    """Wall seconds of a model-level defense (making the victim and evaluating it) and samples per second."""
+    return {"seconds": round(seconds, 3), "samples_per_second": round(samples / seconds, 2) if seconds > 0 else 0.0,
+            "defend_seconds": round(defend_seconds, 3)}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from peftguard import metrics
 from peftguard.artifacts import write_text
-from peftguard.data import read_rows, read_utf8
+from peftguard.data import check_nul, decode_utf8, read_rows, read_utf8, split_lines
 from peftguard.defenses.psim import PSIM
 from peftguard.errors import DataError
 from peftguard.models import LoadOptions
@@ -18,16 +18,10 @@ from peftguard.models import LoadOptions
 def read_inputs(source: str, text_column: str = "text") -> list[str]:
     """Texts from a CSV/TSV/JSONL file (``text_column``), a plain-text file (one per line), or '-' (stdin)."""
     if source == "-":
-        raw = sys.stdin.buffer.read()
-        try:
-            content = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            raise DataError("<stdin>", "not valid UTF-8", line=line) from None
-        texts = _plain_lines(content, "<stdin>")
+        texts = _plain_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"), "<stdin>")
     else:
         path = Path(source)
-        if path.suffix in (".csv", ".tsv", ".jsonl"):
+        if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
             texts = []
             for line, record in read_rows(path, (text_column,)):
                 value = record[text_column]
@@ -37,14 +31,14 @@ def read_inputs(source: str, text_column: str = "text") -> list[str]:
         else:
             texts = _plain_lines(read_utf8(path), str(path))
     if not texts:
-        raise DataError(source, "no inputs to scan (empty file)")
+        raise DataError("<stdin>" if source == "-" else source, "no inputs to scan (empty file)")
     return texts
 
 
 def _plain_lines(content: str, name: str) -> list[str]:
-    if "\x00" in content:
-        raise DataError(name, "contains a NUL byte", line=content.count("\n", 0, content.index("\x00")) + 1)
-    return [line for line in content.splitlines() if line.strip()]
+    """Non-blank lines; only \\n, \\r\\n and \\r end a line (U+2028 or \\x85 stay inside the text)."""
+    check_nul(content, name)
+    return [line for line in split_lines(content) if line.strip()]
 
 
 def scan_command(

@@ -92,9 +92,14 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length:
         truncated = sum(len(ids) > max_length for ids in full)
         ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         _ENCODING_CACHE[key] = (ids, truncated)
-        if truncated:
-            log.info("%d of %d texts truncated to %d tokens", truncated, len(texts), max_length)
+        if truncated:  # a note on stderr, once per text set; the count also goes into manifests and metrics
+            log.warning("note: %d of %d texts are longer than %d tokens and were truncated", truncated, len(texts), max_length)
     return _ENCODING_CACHE[key]
+
+
+def count_truncated(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> int:
+    """How many of ``texts`` are cut to ``max_length`` tokens (cached with the encoding)."""
+    return encode(tokenizer, texts, max_length)[1] if texts else 0
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ P-tuning v1 1e-2: 0.69; P-tuning v2 3e-2: 0.68, against 1e-3/3e-2/3e-3/1e-2 at 0
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -176,8 +177,30 @@ def save_tuned(
     """Save a fully tuned model folder or a peft adapter folder, with its manifest written last."""
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        _forget_last_call(tokenizer)
         tokenizer.save_pretrained(tmp)
+        _sort_adapter_module_sets(tmp / "adapter_config.json")
         write_json(tmp / manifest_name, manifest)
+
+
+def _forget_last_call(tokenizer: Any) -> None:
+    """A fast tokenizer saves the truncation and padding of its last call into tokenizer.json; with
+    cached encodings that depends on what ran before in the process. Save it without either."""
+    backend = getattr(getattr(tokenizer, "inner", tokenizer), "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+
+
+def _sort_adapter_module_sets(path: Path) -> None:
+    """peft writes ``target_modules`` from a set, in hash order: sort it so equal runs give equal bytes."""
+    if not path.is_file():
+        return
+    config = read_json(path)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+            config[key] = sorted(config[key])
+    write_json(path, config)
 
 
 def load_tuned(
@@ -196,10 +219,10 @@ def load_tuned(
         check_adapter_folder(folder, manifest, options)
         base = load_classifier(manifest["base_model"], num_labels, options, template=read_template(folder))
         if isinstance(base, LabelWordClassifier):
-            base.lm = PeftModel.from_pretrained(base.lm, folder)
+            base.lm = attach_adapter(folder, base.lm, manifest)
             model = base
         else:
-            model = PeftModel.from_pretrained(base, folder)
+            model = attach_adapter(folder, base, manifest)
     model.eval()
     return model, load_tokenizer(str(folder), options), manifest
 
@@ -220,6 +243,74 @@ def check_adapter_folder(folder: Path, manifest: dict[str, Any], options: LoadOp
         raise PeftguardError(
             f"{folder}: adapter type {config.get('peft_type')} does not match method {manifest['method']}"
         )
+
+
+def attach_adapter(folder: Path, base: PreTrainedModel, manifest: dict[str, Any]) -> PeftModel:
+    """``base`` with the adapter in ``folder``, after checking that every adapter tensor fits it."""
+    check_adapter_fits(folder, base, manifest)
+    try:
+        return PeftModel.from_pretrained(base, folder)
+    except (RuntimeError, ValueError, KeyError) as exc:  # what the shape check cannot foresee
+        raise PeftguardError(f"{folder}: cannot attach the adapter to {manifest['base_model']}: {_first_line(exc)}") from None
+
+
+def check_adapter_fits(folder: Path, base: PreTrainedModel, manifest: dict[str, Any]) -> None:
+    """Compare the adapter file's tensor names and shapes with those the base model would give it.
+
+    An adapter trained on another architecture, hidden size or label count is refused here with
+    the first tensor that differs, instead of a size-mismatch error from deep inside torch.
+    """
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a pickled adapter (--allow-pickle) is checked by peft itself
+    described = f"base model {manifest['base_model']} ({type(base).__name__}, hidden size " \
+        f"{getattr(base.config, 'hidden_size', '?')}, {manifest['num_labels']} labels)"
+    expected = _expected_adapter_shapes(folder, base, described)
+    found = _adapter_file_shapes(weights)
+    unexpected, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    if unexpected or missing:
+        raise PeftguardError(
+            f"{folder}: the adapter does not fit {described}: it has tensors {unexpected[:3]} the base model has "
+            f"no place for and lacks {missing[:3]}; it was trained for another architecture"
+        )
+    for name, shape in found.items():
+        if shape != expected[name]:
+            raise PeftguardError(
+                f"{folder}: adapter tensor {name} has shape {list(shape)} but {described} needs {list(expected[name])}; "
+                "the adapter was trained for another architecture, hidden size or label count"
+            )
+
+
+def _adapter_file_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, "pt") as handle:  # reads the header only
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise PeftguardError(f"{weights}: not a readable safetensors file: {_first_line(exc)}") from None
+
+
+def _expected_adapter_shapes(folder: Path, base: PreTrainedModel, described: str) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors a fresh adapter of this folder's config would have on ``base`` (built on the meta device)."""
+    import warnings
+
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the twin is internal: peft's notes about it would mislead
+            twin = get_peft_model(type(base)._from_config(copy.deepcopy(base.config)), config)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise PeftguardError(f"{folder}: the adapter does not fit {described}: {_first_line(exc)}") from None
+    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(twin).items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def method_name(config: MethodConfig) -> str:

@@ -26,6 +26,7 @@ from peftguard import metrics
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.errors import OptionError
+from peftguard.instruction import InstructionTemplate
 from peftguard.models import LoadOptions, model_reference
 from peftguard.training import TrainSettings, predict_proba, train_classifier
 from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, save_tuned
@@ -96,8 +97,13 @@ def train_psim(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     options: LoadOptions = LoadOptions(),
+    template: InstructionTemplate | None = None,
 ) -> dict[str, Any]:
-    """Train a PSIM on ``model_ref`` (the weights to guard) and calibrate its gamma; save it."""
+    """Train a PSIM on ``model_ref`` (the weights to guard) and calibrate its gamma; save it.
+
+    ``template`` is for a clean causal LM read through an instruction; a folder poisoned with one
+    carries it already.
+    """
     config = config or PTuningV1Config()
     settings.validate()
     check_gamma_options(gamma, target_fpr)
@@ -106,7 +112,7 @@ def train_psim(
         subsample(dataset.train.examples, max_train_samples, settings.seed), dataset.num_labels, reset_rate, settings.seed
     )
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
-    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options)
+    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options, template)
     # Dev accuracy means nothing against random labels: keep the last epoch.
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
     report = train_classifier(model, tokenizer, train, None, settings, desc="psim")

@@ -1,0 +1,168 @@
+"""Experiment configs: one YAML file describes a grid; validated into typed objects.
+
+A grid crosses models × datasets × attacks × scenarios × victim methods × defenses × seeds, and
+``sweep`` crosses any PSIM or evaluation setting with a list of values (the paper's ablations).
+Unknown keys, wrong types and impossible combinations are rejected with the key's path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftguard.errors import DataError, OptionError
+
+MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
+AttackName = Literal["badnet", "insent", "synattack"]
+DefenseName = Literal["none", "psim", "onion", "back-translation", "scpd"]
+ScenarioName = Literal["full-data", "full-task"]
+# Proxy datasets of the full-task scenario (paper Section 5.1).
+DEFAULT_PROXIES = {"sst2": "imdb/psim", "cr": "mr", "cola": "sst2"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    max_train_samples: Optional[int] = Field(2000, ge=1, description="training subset per stage")
+    max_eval_samples: Optional[int] = Field(None, ge=1, description="dev/test subset")
+    data_dir: Optional[str] = Field(None, description="folder of the short-named datasets")
+
+
+class PoisonConfig(Strict):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    poison_rate: Optional[float] = Field(0.2, gt=0, le=1)
+    poison_count: Optional[int] = Field(None, ge=1)
+    poison_mode: Literal["clean-label", "dirty-label"] = "clean-label"
+    target_label: int = Field(0, ge=0)
+    instruction: Optional[Literal["sentiment", "acceptability", "topic"]] = None
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class VictimConfig(Strict):
+    epochs: int = Field(2, ge=1)
+    lr: Optional[float] = Field(None, gt=0, description="default: the method's own default")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    normal: bool = Field(True, description="also fine-tune the clean model (the paper's Normal row)")
+
+
+class PSIMConfig(Strict):
+    method: MethodName = "ptuning-v1"
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    reset_rate: float = Field(1.0, ge=0, le=1)
+    num_virtual_tokens: int = Field(5, ge=1)
+    encoder_hidden_size: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class EvalConfig(Strict):
+    target_fpr: Optional[float] = Field(0.02, ge=0, lt=1)
+    gamma: Optional[float] = Field(None, gt=0, lt=1, description="fixed threshold instead of target_fpr")
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class GridConfig(Strict):
+    models: list[str] = Field(["minilm"], min_length=1)
+    datasets: list[str] = Field(["sst2"], min_length=1)
+    attacks: list[Union[AttackName, list[AttackName]]] = Field(["badnet"], min_length=1,
+                                                               description="a list entry poisons with several triggers at once")
+    scenarios: list[ScenarioName] = Field(["full-data"], min_length=1)
+    methods: list[MethodName] = Field(["lora"], min_length=1)
+    defenses: list[DefenseName] = Field(["none", "psim"], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+
+
+SWEEPABLE = {f"psim.{name}" for name in PSIMConfig.model_fields} | {f"evaluate.{name}" for name in EvalConfig.model_fields}
+
+
+class ExperimentConfig(Strict):
+    name: str
+    description: str = ""
+    table: Optional[str] = Field(None, description="report layout: which paper table this reproduces")
+    grid: GridConfig = GridConfig()
+    data: DataConfig = DataConfig()
+    poison: PoisonConfig = PoisonConfig()
+    victim: VictimConfig = VictimConfig()
+    psim: PSIMConfig = PSIMConfig()
+    evaluate: EvalConfig = EvalConfig()
+    sweep: dict[str, list[Union[float, int, str]]] = Field(default_factory=dict,
+                                                            description="dotted key → values, e.g. psim.reset_rate")
+    proxies: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROXIES))
+    clean_model: bool = Field(False, description="also run every defense on the never-poisoned model (Table 9)")
+
+    @field_validator("sweep")
+    @classmethod
+    def _known_sweep_keys(cls, sweep: dict[str, list]) -> dict[str, list]:
+        for key, values in sweep.items():
+            if key not in SWEEPABLE:
+                raise ValueError(f"cannot sweep '{key}'; sweepable keys: {', '.join(sorted(SWEEPABLE))}")
+            if not values:
+                raise ValueError(f"sweep '{key}' has no values")
+        return sweep
+
+    @model_validator(mode="after")
+    def _possible(self) -> ExperimentConfig:
+        if "full-task" in self.grid.scenarios:
+            missing = [d for d in self.grid.datasets if d not in self.proxies]
+            if missing:
+                raise ValueError(f"grid.scenarios has full-task but proxies has no entry for {missing}")
+        decoders = [m for m in self.grid.models if m in DECODER_MODELS]
+        if decoders and "ptuning-v2" in self.grid.methods:
+            raise ValueError(f"grid.methods: ptuning-v2 is not run on decoders {decoders} (the paper has no "
+                             "P-tuning v2 for LLaMA); list the decoder in a separate config without it")
+        if self.poison.instruction and any(m not in DECODER_MODELS for m in self.grid.models):
+            raise ValueError("poison.instruction needs causal-LM models (grid.models: smollm2)")
+        return self
+
+
+DECODER_MODELS = {"smollm2"}
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config; errors name the file and the key path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "missing file") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "not valid UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DataError(path, f"invalid YAML: {getattr(exc, 'problem', exc)}",
+                        line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise DataError(path, "a config must be a mapping of keys (name, grid, poison, ...)")
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key; valid keys here: {', '.join(_valid_keys(error['loc']))}"
+        raise OptionError(f"{source}: {where}: {message}") from None
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)

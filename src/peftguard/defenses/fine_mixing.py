@@ -1,0 +1,230 @@
+"""Fine-mixing (Zhang et al., Findings of EMNLP 2022, "Fine-mixing: Mitigating Backdoors in Fine-tuned
+Language Models"), the model-level baseline of the PSIM paper's Table 10.
+
+The suspect weights are mixed with the clean pretrained weights they were made from: each weight
+keeps its suspect value with probability rho (the mixing ratio) and takes its clean pretrained
+value otherwise; the mixed model is then fine-tuned on clean data and used as the victim.
+rho = 0 gives the clean model exactly, rho = 1 the suspect model exactly.
+
+Departures from the paper:
+
+* What is mixed: in the PSIM threat model the backdoor sits in the downloaded foundation, so the
+  poisoned foundation (the victim's ``base_model``) is mixed and the victim's own fine-tuning is
+  replayed on it (same method, settings, seed and training subset); the paper mixes a fully
+  fine-tuned backdoored model and then fine-tunes all of its weights.
+* Random mixing only: neither Embedding Purification (E-PUR) nor the weight selection of
+  "Fine-mixing (Sel)".
+* The classification head has no pretrained counterpart: its clean side is a freshly initialised
+  head (seeded), what the clean model gets when loaded as a classifier.
+* rho is an option (default 0.5); there is no search for it on held-out data.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftguard.artifacts import atomic_dir, read_json, write_json
+from peftguard.data import TextDataset, subsample
+from peftguard.defenses.base import ModelDefense
+from peftguard.errors import OptionError, PeftguardError
+from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
+from peftguard.poisoning import read_poisoning_manifest
+from peftguard.training import TrainSettings, seed_everything, train_classifier
+from peftguard.tuning import Method, MethodConfig, make_tunable, method_config, method_name
+from peftguard.victims import MANIFEST as VICTIM_MANIFEST
+from peftguard.victims import check_length_budget, training_record
+
+MIXED_FOLDER = "mixed"  # inside a fine-mixed PEFT victim: the mixed base its adapter sits on
+MIXED_MANIFEST = "fine_mixing.json"
+
+
+@dataclass(frozen=True)
+class FineMixingConfig:
+    mix_ratio: float = field(default=0.5, metadata={"help": "share of weights kept from the suspect (0: clean, 1: suspect)"})
+    clean_model: str | None = field(default=None, metadata={"help": "clean pretrained model [poisoning.json's base_model]"})
+    seed: int = field(default=0, metadata={"help": "seed of the mixing mask"})
+
+    def validate(self) -> None:
+        if not 0 <= self.mix_ratio <= 1:
+            raise OptionError(f"--mix-ratio must be in [0, 1], got {self.mix_ratio}")
+
+
+def mix_state_dicts(
+    clean: dict[str, torch.Tensor], suspect: dict[str, torch.Tensor], ratio: float, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Each float weight from ``suspect`` with probability ``ratio``, else from ``clean`` (seeded mask)."""
+    FineMixingConfig(mix_ratio=ratio).validate()
+    if clean.keys() != suspect.keys():
+        differ = sorted(set(clean) ^ set(suspect))
+        raise PeftguardError(f"the clean and suspect models differ in architecture: {', '.join(differ[:4])}")
+    generator = torch.Generator().manual_seed(seed)
+    mixed: dict[str, torch.Tensor] = {}
+    kept = total = 0
+    for name in sorted(suspect):
+        s, c = suspect[name], clean[name]
+        if s.shape != c.shape:
+            raise PeftguardError(f"the clean and suspect models differ at {name}: {tuple(c.shape)} vs {tuple(s.shape)}")
+        if not s.is_floating_point():
+            mixed[name] = s.clone()  # integer buffers (position ids) are not weights
+            continue
+        mask = torch.rand(s.shape, generator=generator) < ratio  # rand is in [0, 1): ratio 1 keeps all
+        mixed[name] = torch.where(mask, s, c.to(s.dtype))
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+    return mixed, {"kept_from_suspect": kept / total if total else float("nan"), "weights": total}
+
+
+def find_clean_model(suspect_ref: str, clean_model: str | None) -> str:
+    """``clean_model``, or the model a poisoned folder started from (its poisoning.json)."""
+    if clean_model is not None:
+        return clean_model
+    manifest = read_poisoning_manifest(suspect_ref) if Path(suspect_ref).is_dir() else None
+    if manifest is None or not manifest.get("base_model"):
+        raise OptionError(f"cannot tell which clean model '{suspect_ref}' started from (no poisoning.json); "
+                          "give --clean-model")
+    return str(manifest["base_model"])
+
+
+def mixed_classifier(suspect_ref: str, clean_ref: str, num_labels: int, ratio: float, seed: int,
+                     options: LoadOptions = LoadOptions()) -> tuple[Any, dict[str, Any]]:
+    """The suspect classifier with its weights mixed with the clean model's (seeded head init)."""
+    seed_everything(seed)
+    suspect = load_classifier(suspect_ref, num_labels, options)
+    clean = load_classifier(clean_ref, num_labels, options)
+    state, stats = mix_state_dicts(clean.state_dict(), suspect.state_dict(), ratio, seed)
+    suspect.load_state_dict(state)
+    return suspect, stats
+
+
+@dataclass
+class ReplayPlan:
+    """How a victim was made: the weights it started from, its method, settings and data size."""
+
+    suspect: str
+    config: MethodConfig
+    settings: TrainSettings
+    train_samples: int | None
+
+
+def replay_plan(victim: str | Path) -> ReplayPlan:
+    path = Path(victim) / VICTIM_MANIFEST
+    if not path.is_file():
+        raise OptionError(f"{victim} is not a victim folder (no {VICTIM_MANIFEST}); Fine-mixing replays a victim's "
+                          "fine-tuning on mixed weights (for a poisoned model: `peftguard defend fine-mixing "
+                          "--model POISONED --method M`)")
+    manifest = read_json(path)
+    config = method_config(manifest["method"], **manifest.get("method_config", {}))
+    settings = TrainSettings(**manifest["settings"])
+    return ReplayPlan(str(manifest["base_model"]), config, settings, manifest.get("train_samples"))
+
+
+def fine_mix(
+    suspect_ref: str,
+    dataset: TextDataset,
+    config: MethodConfig,
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    mixing: FineMixingConfig = FineMixingConfig(),
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    source_victim: str | None = None,
+    request: dict[str, Any] | None = None,
+    options: LoadOptions = LoadOptions(),
+) -> dict[str, Any]:
+    """Mix ``suspect_ref`` with its clean model, fine-tune with ``config``'s method, save a victim folder.
+
+    A PEFT victim keeps its mixed base in ``<out_dir>/mixed``; a full victim holds all weights itself.
+    """
+    mixing.validate()
+    settings.validate()
+    check_length_budget(config, settings)
+    clean_ref = find_clean_model(suspect_ref, mixing.clean_model)
+    started = time.perf_counter()
+    train = subsample(dataset.train.examples, max_train_samples, settings.seed)
+    dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)  # picks the best epoch, as in finetune
+    model, stats = mixed_classifier(suspect_ref, clean_ref, dataset.num_labels, mixing.mix_ratio, mixing.seed, options)
+    check_max_length(model, settings.max_length, config.virtual_tokens)
+    tokenizer = load_tokenizer(suspect_ref, options)
+    out_dir = Path(out_dir).resolve()
+    full = method_name(config) == Method.FULL.value
+    record = {
+        "name": "fine-mixing", "mix_ratio": mixing.mix_ratio, "mask_seed": mixing.seed,
+        "clean_model": model_reference(clean_ref), "suspect_model": model_reference(suspect_ref),
+        "source_victim": source_victim, "request": request, **stats,
+    }
+    with atomic_dir(out_dir) as tmp:
+        if not full:
+            model.save_pretrained(tmp / MIXED_FOLDER, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / MIXED_FOLDER)
+            write_json(tmp / MIXED_FOLDER / MIXED_MANIFEST, {"kind": "fine-mixed-model", **record})
+        seed_everything(settings.seed)
+        model = make_tunable(model, config)
+        report = train_classifier(model, tokenizer, train, dev, settings,
+                                  desc=f"fine-mixing {method_name(config)}")
+        manifest = {
+            "kind": "victim",
+            "method": method_name(config),
+            "method_config": asdict(config),
+            "base_model": str(out_dir / MIXED_FOLDER) if not full else model_reference(suspect_ref),
+            "num_labels": dataset.num_labels,
+            "dataset": dataset.name,
+            "train_samples": len(train),
+            "defense": {**record, "seconds": round(time.perf_counter() - started, 2)},
+            **training_record(model, settings, report),
+        }
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / VICTIM_MANIFEST, manifest)
+    return manifest
+
+
+class FineMixingDefense(ModelDefense):
+    """Fine-mixing as a model-level defense: a victim folder in, a fine-mixed victim folder out.
+
+    ``out_dir`` is reused when it already holds a fine-mixed victim of the same victim and settings.
+    """
+
+    name = "fine-mixing"
+
+    def __init__(self, config: FineMixingConfig, dataset: TextDataset, *, out_dir: Path | None = None,
+                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                 options: LoadOptions = LoadOptions()) -> None:
+        config.validate()
+        self.config, self.dataset, self.options = config, dataset, options
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self._tmp = None if out_dir else tempfile.TemporaryDirectory(prefix="peftguard-fine-mixing-")
+        self.out_dir = Path(out_dir) if out_dir else Path(self._tmp.name) / "victim"
+        self.manifest: dict[str, Any] | None = None
+
+    def defend(self, victim: str) -> str:
+        plan = replay_plan(victim)
+        samples = self.max_train_samples if self.max_train_samples is not None else plan.train_samples
+        request = {"victim": model_reference(victim), "dataset": self.dataset.name, "max_train_samples": samples,
+                   "max_eval_samples": self.max_eval_samples, **asdict(self.config)}
+        existing = self.out_dir / VICTIM_MANIFEST
+        if existing.is_file():
+            manifest = read_json(existing)
+            if manifest.get("defense", {}).get("request") != request:
+                raise OptionError(f"{self.out_dir} holds another fine-mixed victim; choose another --fine-mixed "
+                                  "folder or remove it")
+            self.manifest = manifest  # made earlier with the same settings: reuse it
+            return str(self.out_dir)
+        self.manifest = fine_mix(plan.suspect, self.dataset, plan.config, plan.settings, self.out_dir,
+                                 mixing=self.config, max_train_samples=samples, max_eval_samples=self.max_eval_samples,
+                                 source_victim=model_reference(victim),
+                                 request=request, options=self.options)
+        return str(self.out_dir)
+
+    def describe(self) -> dict[str, Any]:
+        out = {"name": self.name, "mix_ratio": self.config.mix_ratio, "clean_model": self.config.clean_model,
+               "fine_mixed": None if self._tmp else str(self.out_dir)}
+        if self.manifest is not None:
+            made = self.manifest
+            out |= {**made["defense"], "method": made["method"], "train_samples": made["train_samples"],
+                    "training_seconds": made["training"]["seconds"]}
+        return out

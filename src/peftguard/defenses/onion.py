@@ -1,0 +1,219 @@
+"""ONION (Qi et al., EMNLP 2021, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks").
+
+For a text of words w_1..w_n, a causal language model gives the perplexity p_0 of the text and p_i
+of the text without w_i. The suspicion of w_i is f_i = p_0 - p_i (how much perplexity drops when it
+goes); every word with f_i > bar is removed and the victim classifies what is left.
+
+Departures from the paper and its code:
+
+* The language model is any causal LM (``--lm``), by default the packaged SmolLM2-135M-Instruct
+  (dequantized from a 4-bit GGUF), not GPT-2 large; perplexities, and so useful bars, differ in
+  scale between models.
+* The original code drops the last word of every text unscored (``split(' ')[:-1]``, meant for a
+  trailing space); here every word is scored and kept or removed on its own merits. A start token
+  is put before each text so that its first word is scored too.
+* All deletions of a batch of texts go through the LM together (one forward per batch of candidate
+  texts) instead of one forward per candidate.
+* The bar defaults to 0 (remove any word whose removal lowers perplexity). The original code
+  evaluates every bar of ``range(-100, 0)`` in its own sign convention (it removes a word when
+  p_i - p_0 <= bar, i.e. our f_i >= -bar: our bars 1..100); ``--onion-bar`` repeated evaluates
+  each value given, so that sweep (or a coarser one) is available.
+* Perplexities can be cached in a file (``--onion-cache``), since they depend on the texts only,
+  not on the victim: evaluating several victims on one test set scores it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftguard.artifacts import read_json, write_json
+from peftguard.defenses.base import InputDefense, Screened
+from peftguard.errors import OptionError, PeftguardError
+from peftguard.models import LoadOptions, check_weight_files, load_tokenizer, model_reference, resolve_model
+
+DEFAULT_LM = "smollm2"
+
+
+@dataclass(frozen=True)
+class OnionConfig:
+    lm: str = field(default=DEFAULT_LM, metadata={"help": "causal LM: 'smollm2' (packaged), a folder or a hub id"})
+    bar: float = field(default=0.0, metadata={"help": "remove words whose suspicion (perplexity drop) exceeds this"})
+    batch_size: int = field(default=32, metadata={"help": "candidate texts per LM forward"})
+    max_length: int = field(default=128, metadata={"help": "LM tokens per candidate (longer ones are truncated)"})
+    cache: Path | None = field(default=None, metadata={"help": "JSON file of perplexities per text, reused across runs"})
+
+
+class CausalLMScorer:
+    """Perplexity of texts under a causal LM, batched, in input order (optionally cached in a file)."""
+
+    def __init__(self, ref: str, *, options: LoadOptions = LoadOptions(), batch_size: int = 32, max_length: int = 128,
+                 cache: Path | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        location = resolve_model(ref)
+        if Path(location).is_dir():
+            check_weight_files(Path(location), options)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                location, use_safetensors=not options.allow_pickle, trust_remote_code=options.trust_remote_code
+            ).eval()
+        except (OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise PeftguardError(f"cannot load the language model '{ref}': {reason}") from None
+        self.tokenizer = load_tokenizer(ref, options)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.ref, self.batch_size, self.max_length = ref, batch_size, max_length
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        self.start = start  # put before every text so that its first word is predicted too
+        key = {"lm": model_reference(ref), "start": start, "max_length": max_length}
+        self.cache = PerplexityCache(cache, key) if cache else None
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ([self.start] if self.start is not None else []) + ids[: self.max_length - 1]
+
+    def perplexities(self, texts: Sequence[str], *, desc: str | None = None) -> np.ndarray:
+        """exp(mean negative log-likelihood of each token after the start); NaN for an empty text."""
+        if self.cache is None:
+            return self._perplexities(texts, desc)
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        step = 64 * self.batch_size  # saved as it goes: an interrupted run keeps what it scored
+        for start in range(0, len(missing), step):
+            part = missing[start:start + step]
+            label = desc and f"{desc} {start // step + 1}/{-(-len(missing) // step)}"
+            self.cache.update(part, self._perplexities(part, label))
+        return np.array([self.cache[t] for t in texts], dtype=float)
+
+    def _perplexities(self, texts: Sequence[str], desc: str | None = None) -> np.ndarray:
+        import torch
+        from tqdm.auto import tqdm
+
+        ids = [self.encode(t) for t in texts]
+        out = np.full(len(ids), np.nan)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        pad = self.tokenizer.pad_token_id or 0
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=desc, leave=False, unit="batch", disable=desc is None):
+            chunk = [i for i in order[start:start + self.batch_size] if len(ids[i]) > 1]
+            if not chunk:
+                continue
+            width = max(len(ids[i]) for i in chunk)
+            batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                batch[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            batch, mask = batch.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=batch, attention_mask=mask).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+                target_mask = mask[:, 1:].float()
+                mean = (nll * target_mask).sum(1) / target_mask.sum(1)
+            out[chunk] = torch.exp(mean).cpu().numpy()
+        return out
+
+
+class PerplexityCache:
+    """Perplexities per text in a JSON file, valid for one LM and scoring setup (``key``)."""
+
+    def __init__(self, path: Path, key: dict[str, Any]) -> None:
+        self.path, self.key = Path(path), key
+        self.values: dict[str, float] = {}
+        if self.path.is_file():
+            stored = read_json(self.path)
+            if stored.get("key") != key:
+                raise OptionError(f"ONION cache {self.path} was made with {stored.get('key')}, not {key}; "
+                                  "use another file")
+            self.values = {k: float("nan") if v is None else v for k, v in stored["perplexity"].items()}
+
+    def __contains__(self, text: str) -> bool:
+        return _digest(text) in self.values
+
+    def __getitem__(self, text: str) -> float:
+        return self.values[_digest(text)]
+
+    def update(self, texts: Sequence[str], values: np.ndarray) -> None:
+        self.values.update({_digest(t): float(v) for t, v in zip(texts, values)})
+        stored = {k: None if math.isnan(v) else v for k, v in self.values.items()}
+        write_json(self.path, {"key": self.key, "perplexity": stored})
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def deletions(text: str) -> tuple[list[str], list[str]]:
+    """The words of ``text`` and the texts with each word removed in turn (every word, the last too)."""
+    words = text.split()
+    return words, [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))]
+
+
+class OnionDefense(InputDefense):
+    """Removes the words whose deletion lowers the LM perplexity by more than the bar."""
+
+    name = "onion"
+
+    def __init__(self, config: OnionConfig, *, options: LoadOptions = LoadOptions(), sweep_bars: Sequence[float] = (),
+                 scorer: CausalLMScorer | None = None, memo: dict[str, np.ndarray] | None = None) -> None:
+        if config.batch_size < 1:
+            raise OptionError(f"ONION batch size must be at least 1, got {config.batch_size}")
+        self.config, self.sweep_bars = config, tuple(sweep_bars)
+        self.scorer = scorer or CausalLMScorer(config.lm, options=options, batch_size=config.batch_size,
+                                               max_length=config.max_length, cache=config.cache)
+        self._memo = memo if memo is not None else {}  # text → suspicion per word, shared across bars
+
+    def suspicion(self, texts: Sequence[str], *, desc: str | None = None) -> list[np.ndarray]:
+        """f_i = p_0 - p_i per word of each text (NaN where undefined: a one-word text)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            candidates, spans = [], []
+            for text in missing:
+                _, removed = deletions(text)
+                spans.append((len(candidates), len(removed)))
+                candidates.extend([" ".join(text.split()), *removed])
+            ppl = self.scorer.perplexities(candidates, desc=desc)
+            for text, (first, n) in zip(missing, spans):
+                self._memo[text] = ppl[first] - ppl[first + 1: first + 1 + n]
+        return [self._memo[t] for t in texts]
+
+    def clean(self, text: str, scores: np.ndarray) -> str:
+        words = text.split()
+        with np.errstate(invalid="ignore"):
+            keep = ~(scores > self.config.bar)  # NaN compares False: kept
+        return " ".join(w for w, k in zip(words, keep) if k)
+
+    def screen(self, texts: Sequence[str], *, desc: str | None = None) -> Screened:
+        scores = self.suspicion(texts, desc=desc)
+        return Screened([self.clean(t, s) for t, s in zip(texts, scores)])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "lm": model_reference(self.config.lm), "bar": self.config.bar,
+                "batch_size": self.config.batch_size, "max_length": self.config.max_length,
+                "cache": str(self.config.cache) if self.config.cache else None}
+
+    def at_bar(self, bar: float) -> OnionDefense:
+        """The same defense (same LM and cached scores) with another bar."""
+        return OnionDefense(replace(self.config, bar=bar), scorer=self.scorer, memo=self._memo)
+
+    def sweep(self) -> list[tuple[str, InputDefense]]:
+        return [(f"bar={bar:g}", self.at_bar(bar)) for bar in self.sweep_bars]
+
+
+def build_onion(
+    config: OnionConfig, *, bars: Sequence[float] = (), options: LoadOptions = LoadOptions()
+) -> OnionDefense:
+    """ONION at the first of ``bars`` (default ``config.bar``); with several bars, each is also evaluated (a sweep)."""
+    bars = list(bars)
+    if any(math.isnan(b) for b in bars):
+        raise OptionError("--onion-bar must be a number")
+    if bars:
+        config = replace(config, bar=bars[0])
+    return OnionDefense(config, options=options, sweep_bars=bars if len(bars) > 1 else ())

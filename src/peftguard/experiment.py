@@ -1,0 +1,259 @@
+"""Grids of runs: a config expands into stages with dependencies, each run once and reused.
+
+Stages: ``poison`` (once per model × dataset × attack × scenario × seed) → ``victim`` (per method,
+on the poisoned weights, and on the clean model for the Normal row) and ``psim`` (per PSIM setting)
+→ ``evaluate`` (per victim × defense × evaluation setting). A stage's key is a hash of its full
+settings and of its upstream keys, so a changed setting is recomputed and an unchanged one is
+reused; a stage is finished when its ``stage.json`` exists (written last, atomically), so a
+killed run resumes where it stopped.
+
+``cells.json`` lists every result the grid asks for with its axis values; reports read it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from peftguard.artifacts import read_json, write_json
+from peftguard.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+STAGE_FILE = "stage.json"
+CELLS_FILE = "cells.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # poison | victim | psim | evaluate
+    settings: dict[str, Any]
+    deps: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({"kind": self.kind, "settings": self.settings, "deps": self.deps}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.key}"
+
+
+@dataclass
+class Plan:
+    stages: dict[str, Stage] = field(default_factory=dict)  # insertion order is a valid run order
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, stage: Stage) -> str:
+        self.stages.setdefault(stage.name, stage)
+        return stage.name
+
+
+# --- planning --------------------------------------------------------------------------------
+
+_STAGE_NAME = re.compile(r"^(poison|victim|psim|evaluate)-[0-9a-f]{12}$")
+
+
+def is_stage_name(reference: str) -> bool:
+    """True for a stage's name (as opposed to a model reference such as 'minilm')."""
+    return bool(_STAGE_NAME.match(reference))
+
+
+def plan_grid(config: ExperimentConfig) -> Plan:
+    """Expand a config into stages and result cells."""
+    plan = Plan()
+    psim_variants = _variants(config, "psim")
+    eval_variants = _variants(config, "evaluate")
+    g = config.grid
+    for model, dataset, attack, scenario, seed in itertools.product(g.models, g.datasets, g.attacks, g.scenarios, g.seeds):
+        attacks = [attack] if isinstance(attack, str) else list(attack)
+        axes = {"model": model, "dataset": dataset, "attack": "+".join(attacks), "scenario": scenario, "seed": seed}
+        poison = plan.add(_poison_stage(config, model, dataset, attacks, scenario, seed))
+        psims = {tuple(v.items()): plan.add(_psim_stage(config, poison, dataset, seed, v)) for v in psim_variants}
+        for method in g.methods:
+            victim = plan.add(_victim_stage(config, poison, dataset, method, seed))
+            if config.victim.normal:
+                normal = plan.add(_victim_stage(config, model, dataset, method, seed))
+                _add_eval(plan, config, normal, None, "none", attacks, {}, {**axes, "method": method, "row": "normal"})
+            for defense in g.defenses:
+                for psim_v, psim_name in (psims.items() if defense == "psim" else [((), None)]):
+                    for eval_v in (eval_variants if defense != "none" else [{}]):
+                        row = "attack" if defense == "none" else "defense"
+                        cell = {**axes, "method": method, "row": row, "defense": defense,
+                                **{f"psim.{k}": v for k, v in psim_v}, **{f"evaluate.{k}": v for k, v in eval_v.items()}}
+                        _add_eval(plan, config, victim, psim_name, defense, attacks, eval_v, cell)
+            if config.clean_model and config.victim.normal:
+                clean_psim = plan.add(_psim_stage(config, model, dataset, seed, psim_variants[0]))
+                normal = _victim_stage(config, model, dataset, method, seed).name
+                _add_eval(plan, config, normal, clean_psim, "psim", attacks, eval_variants[0],
+                          {**axes, "method": method, "row": "defense_clean", "defense": "psim"})
+    return plan
+
+
+def _variants(config: ExperimentConfig, section: str) -> list[dict[str, Any]]:
+    keys = [k for k in config.sweep if k.startswith(section + ".")]
+    combos = itertools.product(*(config.sweep[k] for k in keys))
+    return [{k.split(".", 1)[1]: v for k, v in zip(keys, combo)} for combo in combos] or [{}]
+
+
+def _poison_stage(config: ExperimentConfig, model: str, dataset: str, attacks: list[str], scenario: str, seed: int) -> Stage:
+    proxy = config.proxies.get(dataset) if scenario == "full-task" else None
+    return Stage("poison", {"model": model, "dataset": dataset, "attacks": attacks, "scenario": scenario, "proxy": proxy,
+                            "seed": seed, "data": config.data.model_dump(), "poison": config.poison.model_dump()})
+
+
+def _victim_stage(config: ExperimentConfig, base: str, dataset: str, method: str, seed: int) -> Stage:
+    deps = (base,) if is_stage_name(base) else ()
+    return Stage("victim", {"base": base, "dataset": dataset, "method": method, "seed": seed,
+                            "data": config.data.model_dump(), "victim": config.victim.model_dump(exclude={"normal"}),
+                            "instruction": config.poison.instruction}, deps)
+
+
+def _psim_stage(config: ExperimentConfig, base: str, dataset: str, seed: int, overrides: dict[str, Any]) -> Stage:
+    deps = (base,) if is_stage_name(base) else ()
+    settings = {**config.psim.model_dump(), **overrides}
+    return Stage("psim", {"base": base, "dataset": dataset, "seed": seed, "data": config.data.model_dump(),
+                          "psim": settings, "evaluate": config.evaluate.model_dump(),
+                          "instruction": config.poison.instruction}, deps)
+
+
+def _add_eval(plan: Plan, config: ExperimentConfig, victim: str, psim: str | None, defense: str,
+              attacks: list[str], overrides: dict[str, Any], cell: dict[str, Any]) -> None:
+    settings = {**config.evaluate.model_dump(), **overrides}
+    victim_stage = plan.stages[victim]
+    stage = Stage("evaluate", {"victim": victim, "psim": psim, "defense": defense, "attacks": attacks,
+                               "dataset": victim_stage.settings["dataset"], "seed": victim_stage.settings["seed"],
+                               "data": config.data.model_dump(), "evaluate": settings,
+                               "target_label": config.poison.target_label},
+                  tuple(d for d in (victim, psim) if d))
+    cell["stage"] = plan.add(stage)
+    plan.cells.append(cell)
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / name
+
+
+def is_done(run_dir: Path, stage: Stage) -> bool:
+    path = stage_dir(run_dir, stage.name) / STAGE_FILE
+    return path.is_file() and read_json(path).get("settings") == stage.settings
+
+
+def run_stage(run_dir: Path, stage: Stage, threads: int | None = None, *_upstream: Any) -> dict[str, Any]:
+    """Run one stage (its dependencies must be done) and mark it finished.
+
+    ``_upstream`` are the records of the stages it depends on; the Ray executor passes them so
+    that a task starts only after its dependencies.
+    """
+    from peftguard import stages
+
+    folder = stage_dir(run_dir, stage.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    with _stage_log(folder / "stage.log"):
+        log.info("stage %s: %s", stage.name, json.dumps(stage.settings, sort_keys=True))
+        stages.RUNNERS[stage.kind](run_dir, stage, folder)
+    record = {"name": stage.name, "kind": stage.kind, "settings": stage.settings, "deps": list(stage.deps),
+              "seconds": round(time.perf_counter() - started, 2)}
+    write_json(folder / STAGE_FILE, record)
+    return record
+
+
+@contextmanager
+def _stage_log(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(min(previous, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+def write_plan(run_dir: Path, config: ExperimentConfig, plan: Plan) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.model_dump())
+    write_json(run_dir / CELLS_FILE, {"name": config.name, "table": config.table, "cells": plan.cells,
+                                      "stages": {name: {"kind": s.kind, "deps": list(s.deps)} for name, s in plan.stages.items()}})
+
+
+def run_local(run_dir: Path, plan: Plan, *, threads: int | None = None, echo: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every unfinished stage in order, in this process, with overall progress."""
+    counts = {"reused": 0, "ran": 0}
+    started = time.perf_counter()
+    bar = tqdm(plan.stages.values(), desc="grid", unit="stage")
+    with (run_dir / "run.log").open("a", encoding="utf-8") as run_log:
+        for stage in bar:
+            bar.set_postfix_str(stage.name)
+            if is_done(run_dir, stage):
+                counts["reused"] += 1
+                _note(run_log, echo, f"reused {stage.name}")
+                continue
+            record = run_stage(run_dir, stage, threads)
+            counts["ran"] += 1
+            _note(run_log, echo, f"ran {stage.name} in {record['seconds']:.1f} s "
+                                 f"({counts['ran'] + counts['reused']}/{len(plan.stages)}, "
+                                 f"{time.perf_counter() - started:.0f} s elapsed)")
+    return counts
+
+
+def _note(run_log: Any, echo: Callable[[str], None], message: str) -> None:
+    run_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+    run_log.flush()
+    echo(message)
+
+
+def run_ray(run_dir: Path, plan: Plan, *, address: str | None = None, cpus_per_stage: int = 1,
+            echo: Callable[[str], None] = print) -> dict[str, int]:
+    """Run unfinished stages as Ray tasks, each after its dependencies, with its resource needs.
+
+    ``run_dir`` must be on a path every Ray worker sees (a shared filesystem on a cluster).
+    """
+    import ray
+    import torch
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    task = ray.remote(run_stage)
+    gpus = 1 if torch.cuda.is_available() else 0
+    refs: dict[str, Any] = {}
+    counts = {"reused": 0, "ran": 0}
+    for stage in plan.stages.values():
+        if is_done(run_dir, stage):
+            counts["reused"] += 1
+            continue
+        deps = [refs[d] for d in stage.deps if d in refs]
+        needs = {"num_cpus": cpus_per_stage, "num_gpus": gpus if stage.kind != "evaluate" else 0}
+        refs[stage.name] = task.options(**needs).remote(run_dir, stage, cpus_per_stage, *deps)
+    pending = list(refs.values())
+    with (run_dir / "run.log").open("a", encoding="utf-8") as run_log, tqdm(total=len(pending), desc="grid (ray)", unit="stage") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            record = ray.get(done[0])
+            counts["ran"] += 1
+            bar.update()
+            _note(run_log, echo, f"ran {record['name']} in {record['seconds']:.1f} s (ray)")
+    return counts

@@ -1,0 +1,161 @@
+"""Reports of a grid run: the paper's table layout (Markdown, CSV, LaTeX) and plots (PNG).
+
+Every number comes from the run's ``metrics.json`` files, through ``cells.json``. Rows follow the
+paper: Normal (clean model fine-tuned), Attack (poisoned then fine-tuned), Defense (behind a
+defense), Defense_clean (clean model behind PSIM); columns are CA and ASR per fine-tuning method.
+Over several seeds a cell shows mean ± standard deviation.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftguard.artifacts import read_json, write_text
+from peftguard.experiment import CELLS_FILE, stage_dir
+
+ROW_ORDER = {"normal": 0, "attack": 1, "defense": 2, "defense_clean": 3}
+GROUP_KEYS = ("model", "dataset", "attack", "scenario")
+
+
+def load_cells(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's plan and its finished cells, each with its metrics."""
+    plan = read_json(run_dir / CELLS_FILE)
+    cells = []
+    for cell in plan["cells"]:
+        folder = stage_dir(run_dir, cell["stage"])
+        if (folder / "metrics.json").is_file():
+            scores = folder / "scores.json"
+            cells.append({**cell, "metrics": read_json(folder / "metrics.json"),
+                          "scores": read_json(scores) if scores.is_file() else None})
+    return plan, cells
+
+
+def cell_values(cell: dict[str, Any]) -> tuple[float, float | None]:
+    """(CA, ASR) as the paper's row reports them, in percent."""
+    m = cell["metrics"]
+    if cell["row"] in ("defense", "defense_clean"):
+        ca, asr = m.get("defended_clean_accuracy"), m.get("defended_attack_success_rate")
+    else:
+        ca, asr = m["clean_accuracy"], m.get("attack_success_rate")
+    return 100 * ca, None if cell["row"] == "normal" or asr is None else 100 * asr
+
+
+def row_label(cell: dict[str, Any]) -> str:
+    label = {"normal": "Normal", "attack": "Attack", "defense": "Defense", "defense_clean": "Defense_clean"}[cell["row"]]
+    if cell["row"] == "defense" and cell.get("defense") not in (None, "psim"):
+        label += f" ({cell['defense']})"
+    extras = [f"{k.split('.', 1)[1]}={v}" for k, v in cell.items() if k.startswith(("psim.", "evaluate."))]
+    return label + (f" [{', '.join(extras)}]" if extras else "")
+
+
+def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: group keys, row label, then CA and ASR per method (mean ± sd over seeds)."""
+    methods = sorted({c["method"] for c in cells}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
+    values: dict[tuple, dict[str, list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
+    order: dict[tuple, tuple] = {}
+    for cell in cells:
+        key = (*(cell[k] for k in GROUP_KEYS), row_label(cell))
+        values[key][cell["method"]].append(cell_values(cell))
+        order.setdefault(key, (*(str(cell[k]) for k in GROUP_KEYS), ROW_ORDER[cell["row"]], row_label(cell)))
+    header = [*GROUP_KEYS, "row"] + [f"{m} {what}" for m in methods for what in ("CA", "ASR")]
+    rows = []
+    for key in sorted(values, key=lambda k: order[k]):
+        row = [str(part) for part in key]
+        for method in methods:
+            pairs = values[key].get(method, [])
+            row += [_stat([p[0] for p in pairs]), _stat([p[1] for p in pairs if p[1] is not None])]
+        rows.append(row)
+    return header, rows
+
+
+def _stat(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.2f}" if len(xs) == 1 else f"{np.mean(xs):.2f} ± {np.std(xs, ddof=1):.2f}"
+
+
+def long_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per cell with every axis and metric, for analysis (CSV)."""
+    axes = sorted({k for c in cells for k in c if k not in ("metrics", "scores", "stage")})
+    metrics = ["clean_accuracy", "attack_success_rate", "defended_clean_accuracy", "defended_attack_success_rate",
+               "false_positive_rate", "detection_rate", "auroc", "gamma"]
+    rows = [[c.get(a, "") for a in axes] + [c["metrics"].get(m, "") for m in metrics] + [c["stage"]] for c in cells]
+    return axes + metrics + ["stage"], rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]) + "\n"
+
+
+def latex(header: list[str], rows: list[list[str]]) -> str:
+    def esc(text: Any) -> str:
+        return str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("±", r"$\pm$")
+
+    lines = [r"\begin{tabular}{" + "l" * len(GROUP_KEYS) + "l" + "r" * (len(header) - len(GROUP_KEYS) - 1) + "}", r"\toprule",
+             " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(x) for x in row) + r" \\" for row in rows]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def context_lines(run_dir: Path, plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    """Model, data sizes, seeds and versions, stated with every report."""
+    config = read_json(run_dir / "config.json")
+    versions = next((c["metrics"].get("versions") for c in cells if c["metrics"].get("versions")), None)
+    stage_versions = _any_stage_versions(run_dir)
+    return [
+        f"Experiment `{plan['name']}`" + (f" (paper {plan['table']})" if plan.get("table") else ""),
+        f"Models {config['grid']['models']}; datasets {config['grid']['datasets']}; seeds {config['grid']['seeds']}.",
+        f"Training samples per stage {config['data']['max_train_samples']}; evaluation samples "
+        f"{config['data']['max_eval_samples'] or 'all'}; poisoning {config['poison']}; victim {config['victim']}; "
+        f"PSIM {config['psim']}; evaluation {config['evaluate']}; sweep {config['sweep'] or 'none'}.",
+        f"Versions {versions or stage_versions}.",
+        f"{len(cells)} of {len(plan['cells'])} cells finished. CA/ASR in percent; Defense rows are the paper's "
+        "defended figures (a flagged clean sample counts as wrong, a flagged triggered sample as a failed attack).",
+    ]
+
+
+def _any_stage_versions(run_dir: Path) -> Any:
+    for manifest in sorted((run_dir / "stages").glob("*/artifact/*.json")):
+        data = read_json(manifest)
+        if isinstance(data, dict) and "versions" in data:
+            return data["versions"]
+    return "unknown"
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write results.{md,csv,tex} (+ cells.csv) and the plots; return the files written."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir / "report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan, cells = load_cells(run_dir)
+    if not cells:
+        from peftguard.errors import PeftguardError
+
+        raise PeftguardError(f"{run_dir}: no finished cells yet (run `peftguard run` first)")
+    header, rows = paper_table(cells)
+    intro = "\n".join(f"- {line}" for line in context_lines(run_dir, plan, cells))
+    written = []
+    for name, text in (("results.md", f"# {plan['name']}\n\n{intro}\n\n{markdown(header, rows)}"),
+                       ("results.csv", csv_text(header, rows)),
+                       ("results.tex", latex(header, rows)),
+                       ("cells.csv", csv_text(*long_rows(cells)))):
+        write_text(out_dir / name, text)
+        written.append(out_dir / name)
+    from peftguard import plots
+
+    written += plots.write_plots(cells, out_dir)
+    return written

@@ -1,0 +1,122 @@
+"""What each kind of grid stage does, in terms of the library's stage functions.
+
+A stage reads its settings and its upstream stages' artifacts and writes into its own folder:
+``artifact/`` (a model, adapter or PSIM) or ``metrics.json`` (+ ``scores.json`` for detectors).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from peftguard.artifacts import write_json
+from peftguard.data import TextDataset, load_dataset
+from peftguard.instruction import template_by_name
+from peftguard.training import TrainSettings
+from peftguard.triggers import Trigger, build_triggers
+from peftguard.tuning import method_config
+
+ARTIFACT = "artifact"
+
+
+@lru_cache(maxsize=8)
+def _dataset(name: str, data_dir: str | None) -> TextDataset:
+    return load_dataset(name, data_dir=data_dir)  # loaded once per process, shared by stages
+
+
+def _ref(run_dir: Path, base: str) -> str:
+    """An upstream stage's artifact folder, or a model reference as given."""
+    from peftguard.experiment import is_stage_name, stage_dir
+
+    return str(stage_dir(run_dir, base) / ARTIFACT) if is_stage_name(base) else base
+
+
+def _triggers(attacks: list[str], dataset: TextDataset) -> list[Trigger]:
+    return build_triggers(attacks, dataset=dataset)
+
+
+def run_poison(run_dir: Path, stage: Any, folder: Path) -> None:
+    from peftguard.poisoning import PoisonSpec, Scenario, poison_weights
+    from peftguard.triggers import PoisonMode
+
+    s, p, data = stage.settings, stage.settings["poison"], stage.settings["data"]
+    dataset = _dataset(s["dataset"], data["data_dir"])
+    proxy = _dataset(s["proxy"], data["data_dir"]) if s["proxy"] else None
+    spec = PoisonSpec(target_label=p["target_label"], poison_count=p["poison_count"], poison_rate=p["poison_rate"],
+                      mode=PoisonMode(p["poison_mode"]), scenario=Scenario(s["scenario"]))
+    settings = TrainSettings(epochs=p["epochs"], lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"], seed=s["seed"])
+    poison_weights(s["model"], dataset, _triggers(s["attacks"], proxy or dataset), spec, settings, folder / ARTIFACT,
+                   proxy=proxy, max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+                   template=template_by_name(p["instruction"]) if p["instruction"] else None)
+
+
+def run_victim(run_dir: Path, stage: Any, folder: Path) -> None:
+    from peftguard.victims import finetune
+
+    s, v, data = stage.settings, stage.settings["victim"], stage.settings["data"]
+    config = method_config(s["method"])
+    settings = TrainSettings(epochs=v["epochs"], lr=v["lr"] or config.lr, batch_size=v["batch_size"],
+                             max_length=v["max_length"], seed=s["seed"])
+    finetune(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), config, settings, folder / ARTIFACT,
+             max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+             template=_clean_model_template(s))
+
+
+def _clean_model_template(settings: dict[str, Any]) -> Any:
+    """The instruction template for a stage on a clean model (a poisoned folder carries its own)."""
+    from peftguard.experiment import is_stage_name
+
+    clean = not is_stage_name(settings["base"])
+    return template_by_name(settings["instruction"]) if settings["instruction"] and clean else None
+
+
+def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
+    from peftguard.defenses.psim import train_psim
+
+    s, p, e, data = stage.settings, stage.settings["psim"], stage.settings["evaluate"], stage.settings["data"]
+    overrides = {"num_virtual_tokens": p["num_virtual_tokens"], "encoder_hidden_size": p["encoder_hidden_size"]}
+    config = method_config(p["method"], **_known(p["method"], overrides))
+    settings = TrainSettings(epochs=p["epochs"], lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"], seed=s["seed"])
+    gamma = e["gamma"]
+    train_psim(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), settings, folder / ARTIFACT,
+               config=config, reset_rate=p["reset_rate"], gamma=gamma, target_fpr=None if gamma else e["target_fpr"],
+               max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+               template=_clean_model_template(s))
+
+
+def _known(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import fields
+
+    from peftguard.tuning import METHOD_CONFIGS, Method
+
+    names = {f.name for f in fields(METHOD_CONFIGS[Method(method)])}
+    return {k: v for k, v in overrides.items() if k in names}
+
+
+def run_evaluate(run_dir: Path, stage: Any, folder: Path) -> None:
+    from peftguard.pipeline import evaluate_model
+
+    s, e, data = stage.settings, stage.settings["evaluate"], stage.settings["data"]
+    dataset = _dataset(s["dataset"], data["data_dir"])
+    gamma = e["gamma"]
+    result = evaluate_model(
+        _ref(run_dir, s["victim"]), dataset, _triggers(s["attacks"], dataset), target_label=s["target_label"],
+        defense=None if s["defense"] == "none" else s["defense"],
+        psim_dir=Path(_ref(run_dir, s["psim"])) if s["psim"] else None,
+        gamma=gamma, target_fpr=None if gamma else e["target_fpr"] if s["defense"] == "psim" else None,
+        max_eval_samples=data["max_eval_samples"], batch_size=e["batch_size"], max_length=e["max_length"],
+        seed=s["seed"], keep_scores=True,
+    )
+    scores = result.pop("scores", None)
+    if scores is not None:
+        write_json(folder / "scores.json", scores)
+    write_json(folder / "metrics.json", result)
+
+
+RUNNERS: dict[str, Callable[[Path, Any, Path], None]] = {
+    "poison": run_poison,
+    "victim": run_victim,
+    "psim": run_psim,
+    "evaluate": run_evaluate,
+}

@@ -1,0 +1,113 @@
+"""Experiment configs, grid planning, stage reuse, the local and Ray executors, and reports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftguard.config import load_config, parse_config
+from peftguard.errors import DataError, OptionError
+from peftguard.experiment import plan_grid, run_local, run_ray, stage_dir, write_plan
+from peftguard.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"name": "x", "grid": {"methodz": ["lora"]}}, "grid.methodz: unknown key; valid keys here: attacks, datasets, defenses, methods"),
+    ({"name": "x", "grid": {"methods": ["adapter"]}}, "grid.methods.0: Input should be 'full', 'lora', 'prompt', 'ptuning-v1' or 'ptuning-v2'"),
+    ({"name": "x", "psim": {"epochs": "many"}}, "psim.epochs: Input should be a valid integer"),
+    ({"name": "x", "sweep": {"victim.lr": [1e-3]}}, "cannot sweep 'victim.lr'"),
+    ({"name": "x", "grid": {"models": ["smollm2"], "methods": ["ptuning-v2"]}}, "ptuning-v2 is not run on decoders"),
+    ({"name": "x", "grid": {"scenarios": ["full-task"], "datasets": ["agnews"]}}, "proxies has no entry for ['agnews']"),
+    ({"grid": {}}, "name: Field required"),
+])
+def test_bad_configs_name_the_key(raw, message):
+    with pytest.raises(OptionError) as error:
+        parse_config(raw, "c.yaml")
+    assert message in str(error.value) and str(error.value).startswith("c.yaml: ")
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ngrid: [unclosed\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.yaml, line \d+"):
+        load_config(path)
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs, "configs/ has no YAML files"
+    for path in configs:
+        plan = plan_grid(load_config(path))
+        assert plan.cells, path
+
+
+def test_stage_keys_change_only_with_their_settings():
+    base = {"name": "x", "grid": {"methods": ["lora", "full"]}}
+    plan = plan_grid(parse_config(base))
+    changed_victim = plan_grid(parse_config({**base, "victim": {"epochs": 5}}))
+    kinds = lambda p, kind: {n for n in p.stages if n.startswith(kind)}  # noqa: E731
+    assert kinds(plan, "poison") == kinds(changed_victim, "poison")
+    assert kinds(plan, "psim") == kinds(changed_victim, "psim")
+    assert kinds(plan, "victim").isdisjoint(kinds(changed_victim, "victim"))
+    # Shared stages appear once: one poisoned model and one PSIM serve both methods.
+    assert len(kinds(plan, "poison")) == 1 and len(kinds(plan, "psim")) == 1
+
+
+def test_sweeps_and_multi_trigger_expand_cells():
+    config = parse_config({"name": "x", "grid": {"attacks": [["badnet", "insent"]], "defenses": ["psim"]},
+                           "sweep": {"psim.reset_rate": [0.5, 1.0], "evaluate.gamma": [0.6, 0.7, 0.8]},
+                           "victim": {"normal": False}})
+    plan = plan_grid(config)
+    assert len([n for n in plan.stages if n.startswith("psim")]) == 2
+    assert len(plan.cells) == 6 and {c["attack"] for c in plan.cells} == {"badnet+insent"}
+
+
+def tiny_grid(tiny_minilm: str, data_dir: Path) -> dict:
+    return {
+        "name": "tiny", "table": "Table 2 (layout)",
+        "grid": {"models": [tiny_minilm], "methods": ["lora"], "defenses": ["none", "psim"]},
+        "data": {"max_train_samples": 80, "max_eval_samples": 40, "data_dir": str(data_dir)},
+        "poison": {"epochs": 1, "lr": 5e-4, "poison_mode": "dirty-label", "poison_rate": 0.2, "max_length": 48},
+        "victim": {"epochs": 1, "max_length": 48, "normal": True},
+        "psim": {"max_length": 48}, "evaluate": {"max_length": 48},
+    }
+
+
+def metrics_of(run_dir: Path, plan) -> dict[str, dict]:
+    out = {}
+    for cell in plan.cells:
+        metrics = json.loads((stage_dir(run_dir, cell["stage"]) / "metrics.json").read_text())
+        out[cell["stage"]] = {k: v for k, v in metrics.items() if "timing" not in k and k not in ("model", "defense")}
+    return out
+
+
+@pytest.mark.slow
+def test_local_run_reuses_finished_stages_and_ray_gives_the_same_metrics(tmp_path, tiny_minilm, data_dir):
+    ray = pytest.importorskip("ray")
+    config = parse_config(tiny_grid(tiny_minilm, data_dir))
+    plan = plan_grid(config)
+    local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
+    write_plan(local_dir, config, plan)
+    first = run_local(local_dir, plan, threads=1, echo=lambda m: None)
+    assert first == {"ran": len(plan.stages), "reused": 0}
+    marks = {n: (stage_dir(local_dir, n) / "stage.json").stat().st_mtime_ns for n in plan.stages}
+    again = run_local(local_dir, plan, threads=1, echo=lambda m: None)
+    assert again == {"ran": 0, "reused": len(plan.stages)}
+    assert marks == {n: (stage_dir(local_dir, n) / "stage.json").stat().st_mtime_ns for n in plan.stages}
+
+    write_plan(ray_dir, config, plan)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        counts = run_ray(ray_dir, plan, cpus_per_stage=1, echo=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert counts["ran"] == len(plan.stages)
+    assert metrics_of(ray_dir, plan) == metrics_of(local_dir, plan)
+
+    written = {p.name for p in write_report(local_dir)}
+    assert {"results.md", "results.csv", "results.tex", "cells.csv", "confidence_histograms.png", "roc_curves.png"} <= written
+    table = (local_dir / "report" / "results.md").read_text()
+    assert "| Normal |" in table and "| Attack |" in table and "| Defense |" in table
