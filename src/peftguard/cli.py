@@ -408,6 +408,61 @@ def defend_fine_mixing(
                f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (YAML): a grid of models, datasets, attacks, methods, defenses, seeds.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: stages/, cells.json, run.log; rerun to resume.")],
+    executor: Annotated[str, typer.Option("--executor", help="local (in this process) or ray (stages as Ray tasks).")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray).")] = None,
+    cpus_per_stage: Annotated[Optional[int], typer.Option("--cpus-per-stage", help="Threads (and Ray CPUs) per stage [local: all cores; ray: 1].")] = None,
+    stage_cache: Annotated[Optional[Path], typer.Option("--stage-cache", help="Keep stages in this shared folder, so runs of other configs reuse the stages they have in common.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the stages and cells, run nothing.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report when the grid finishes.")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run an experiment grid: poison once, then victims and PSIMs, then evaluations; finished stages are reused."""
+    from peftguard.config import load_config
+    from peftguard.errors import OptionError
+    from peftguard.experiment import is_done, link_stage_cache, plan_grid, run_local, run_ray, write_plan
+
+    _setup_logging(verbose)
+    experiment = load_config(config)
+    plan = plan_grid(experiment)
+    if stage_cache is not None:
+        link_stage_cache(out, stage_cache)
+    if dry_run:
+        for stage in plan.stages.values():
+            typer.echo(f"{stage.name}{' (done)' if is_done(out, stage) else ''} <- {', '.join(stage.deps) or '-'}")
+        typer.echo(f"{len(plan.stages)} stages, {len(plan.cells)} cells")
+        return
+    write_plan(out, experiment, plan)
+    echo = lambda message: typer.echo(message, err=True)  # noqa: E731
+    if executor == "local":
+        counts = run_local(out, plan, threads=cpus_per_stage, echo=echo)
+    elif executor == "ray":
+        counts = run_ray(out, plan, address=address, cpus_per_stage=cpus_per_stage or 1, echo=echo)
+    else:
+        raise OptionError(f"unknown --executor '{executor}'; choose local or ray")
+    typer.echo(f"{experiment.name}: {counts['ran']} stages run, {counts['reused']} reused; results in {out}")
+    if report:
+        from peftguard.report import write_report
+
+        for path in write_report(out):
+            typer.echo(f"wrote {path}")
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peftguard run`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder [RUN_DIR/report].")] = None,
+) -> None:
+    """Write a run's results in the paper's table layout (Markdown, CSV, LaTeX) and its plots (PNG)."""
+    from peftguard.report import write_report
+
+    for path in write_report(run_dir, out):
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -143,6 +143,21 @@ def _add_eval(plan: Plan, config: ExperimentConfig, victim: str, psim: str | Non
 
 # --- running -----------------------------------------------------------------------------------
 
+def link_stage_cache(run_dir: Path, cache: Path) -> None:
+    """Make ``run_dir/stages`` point at a shared stage folder (stages are keyed by their settings)."""
+    from peftguard.errors import OptionError
+
+    cache = Path(cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    link = Path(run_dir) / "stages"
+    if link.is_symlink() and link.resolve() == cache:
+        return
+    if link.exists() or link.is_symlink():
+        raise OptionError(f"{link} already exists and is not a link to {cache}; use a new --out")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(cache, target_is_directory=True)
+
+
 def stage_dir(run_dir: Path, name: str) -> Path:
     return run_dir / "stages" / name
 
