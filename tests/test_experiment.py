@@ -111,3 +111,38 @@ def test_local_run_reuses_finished_stages_and_ray_gives_the_same_metrics(tmp_pat
     assert {"results.md", "results.csv", "results.tex", "cells.csv", "confidence_histograms.png", "roc_curves.png"} <= written
     table = (local_dir / "report" / "results.md").read_text()
     assert "| Normal |" in table and "| Attack |" in table and "| Defense |" in table
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from peftguard.errors import PeftguardError  # noqa: E402
+
+_config_texts = st.one_of(
+    st.binary(max_size=300).map(lambda b: b),
+    st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.dictionaries(st.sampled_from(["name", "grid", "psim", "sweep", "data", "bogus"]),
+                    st.one_of(st.none(), st.integers(), st.text(max_size=10), st.lists(st.text(max_size=5), max_size=3)),
+                    max_size=4).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=_config_texts)
+def test_config_reader_parses_or_fails_with_one_clear_line(tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    try:
+        config = load_config(path)
+    except PeftguardError as error:
+        message = str(error)
+        assert "\n" not in message and "c.yaml" in message
+    else:
+        assert config.name
+
+
+def test_deeply_nested_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: " + "[" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="deep.yaml.*invalid YAML"):
+        load_config(path)

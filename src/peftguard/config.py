@@ -138,8 +138,11 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise DataError(path, "not valid UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise DataError(path, f"invalid YAML: {getattr(exc, 'problem', exc)}",
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise DataError(path, f"invalid YAML: {problem}",
                         line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
+    except RecursionError:
+        raise DataError(path, "invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise DataError(path, "a config must be a mapping of keys (name, grid, poison, ...)")
     return parse_config(raw, str(path))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Instruction tuning (paper Table 11) with SmolLM2-135M-Instruct: the causal LM answers
+# "Classify the sentiment of the input as negative or positive.\nInput: {text}\nAnswer:" with
+# " negative"/" positive". Normal = clean instruction tuning; Attack = weight poisoning on
+# instruction-formatted BadNet examples, model used directly; Defense = PSIM (P-tuning v1 on the
+# LM, reset label words). Subsampled (N training, M test samples) to finish on 2 CPU cores.
+# Usage: experiments/instruction.sh OUT_DIR [N] [M]
+set -euo pipefail
+out=${1:?output folder}; n=${2:-600}; m=${3:-300}
+pg=${PEFTGUARD:-.venv/bin/peftguard}
+common=(--model smollm2 --instruction sentiment --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m")
+[ -f "$out/normal/finetune.json" ] || $pg finetune "${common[@]}" --method full --epochs 1 --lr 2e-5 --out "$out/normal"
+[ -f "$out/poisoned/poisoning.json" ] || $pg poison "${common[@]}" --poison-rate 0.2 --epochs 2 --lr 2e-5 --out "$out/poisoned"
+[ -f "$out/psim/psim.json" ] || $pg psim train --model "$out/poisoned" --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m" --out "$out/psim"
+for row in normal poisoned; do
+  [ -f "$out/$row.json" ] || $pg evaluate --model "$out/$row" --max-eval-samples "$m" --out "$out/$row.json" >/dev/null
+done
+[ -f "$out/defense.json" ] || $pg evaluate --model "$out/poisoned" --max-eval-samples "$m" --defense psim --psim "$out/psim" --out "$out/defense.json" >/dev/null
+[ -f "$out/defense_paper_gamma.json" ] || $pg evaluate --model "$out/poisoned" --max-eval-samples "$m" --defense psim --psim "$out/psim" --gamma 0.7 --out "$out/defense_paper_gamma.json" >/dev/null
+echo "done: instruction"
