@@ -21,16 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO / "runs" / "bench"
 
 
-def setup() -> int:
-    """Quiet logs, no tokenizer thread pool, torch threads from the machine; the thread count."""
+def setup(wait_policy: str | None = "PASSIVE") -> int:
+    """Quiet logs, no tokenizer thread pool, torch threads and OpenMP wait policy as the CLI sets
+    them (``peftguard.runtime``); returns the thread count. Call before anything imports torch."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported
+    from peftguard.runtime import configure_threads
+
+    threads = configure_threads(wait_policy)  # before torch loads OpenMP: the wait policy is read then
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from peftguard.runtime import configure_threads
-
-    return configure_threads()
+    return threads
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

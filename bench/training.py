@@ -27,7 +27,7 @@ import common  # noqa: E402
 
 METHODS = ("full", "lora", "prompt", "ptuning-v1", "ptuning-v2", "psim")
 SIZES = {  # model: (samples, batch size, max length); SmolLM2 kept small (about 3 s per LoRA step)
-    "minilm": (256, 32, 128),
+    "minilm": (128, 32, 128),
     "smollm2": (32, 16, 32),
 }
 MATMUL_SIZE = 2048

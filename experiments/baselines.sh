@@ -6,7 +6,8 @@
 # Every evaluation uses the same 300-sample test subset (seed 0); ONION's LM perplexities are
 # cached in runs/baselines/onion_ppl.json, so the test texts are scored once for all victims.
 # Writes runs/baselines/{badnet,insent}/<method>/<defense>.json and runs/baselines/results.md.
-# Wall time on 2 CPU cores: about 1.5-2 hours (ONION's first pass and Fine-mixing's training dominate).
+# Wall time on 2 shared CPU cores: several hours, mostly ONION's LM pass (about 13k candidate texts)
+# and Fine-mixing's seven fine-tunings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +44,6 @@ defenses() {  # ATTACK METHOD VICTIM PSIM
     local a=$1 m=$2 v=$3 p=$4
     run $a $m $v none
     run $a $m $v psim --defense psim --psim $p
-    run $a $m $v onion --defense onion --onion-cache $OUT/onion_ppl.json
     run $a $m $v back-translation-apertium --defense back-translation --backend apertium
     run $a $m $v back-translation-precomputed --defense back-translation --backend precomputed
     run $a $m $v scpd-precomputed --defense scpd
@@ -54,6 +54,14 @@ for m in $METHODS; do
     defenses badnet $m $DEMO/attack/$m $DEMO/psim
 done
 defenses insent lora $I/attack/lora $I/psim
+
+# ONION last: its LM pass over the test texts is the slowest step (SmolLM2 on CPU); the cache makes
+# every victim after the first of an attack cost only the victim's own inference.
+run badnet lora $DEMO/attack/lora onion --defense onion --onion-cache $OUT/onion_ppl.json
+run insent lora $I/attack/lora onion --defense onion --onion-cache $OUT/onion_ppl.json
+for m in $METHODS; do
+    run badnet $m $DEMO/attack/$m onion --defense onion --onion-cache $OUT/onion_ppl.json
+done
 
 # ONION's bar, swept on the BadNet LoRA victim (the original code tries bars 1..100 on its scale).
 run badnet lora $DEMO/attack/lora onion-sweep --defense onion --onion-cache $OUT/onion_ppl.json \

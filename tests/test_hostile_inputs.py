@@ -60,7 +60,7 @@ class UserFileReader:
 
 
 def hostile_text(*, exclude: str = "") -> st.SearchStrategy[str]:
-    """Texts mixing arbitrary characters with quotes, separators, newlines, BOMs, NULs and, rarely, 200k chars."""
+    """Any characters mixed with quotes, separators, line breaks, BOMs and NULs; now and then 131k+ chars."""
     pieces = st.one_of(
         st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
         st.sampled_from(SPECIAL_PIECES),

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftguard.errors import PeftguardError
+from peftguard.runtime import configure_threads
 
 app = typer.Typer(
     help="Weight-poisoning backdoors in parameter-efficient fine-tuning, and the PSIM defense.\n\n"
@@ -467,6 +468,7 @@ def main() -> None:
     """Entry point: user errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        configure_threads()  # torch threads from $PEFTGUARD_THREADS or the cores (peftguard.runtime)
         app()  # usage errors and Ctrl-C ("Aborted!") are handled by typer's standalone mode
     except PeftguardError as exc:
         typer.echo(f"error: {exc}", err=True)

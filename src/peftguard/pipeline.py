@@ -53,7 +53,38 @@ def build_defense(
 
     given = replace(defense_options, psim_dir=psim_dir, gamma=gamma, target_fpr=target_fpr)
     context = DefenseContext(dataset, tuple(triggers), target_label, seed, max_eval_samples, options)
-    return build(defense, given, context)
+    key = _defense_key(defense, given, context)
+    if key in _DEFENSES:
+        return _DEFENSES[key]
+    built = build(defense, given, context)
+    if isinstance(built, InputDefense):  # loaded once per process; its memos then serve every victim
+        _DEFENSES[key] = built
+        while len(_DEFENSES) > _KEEP_DEFENSES:
+            _DEFENSES.pop(next(iter(_DEFENSES)))
+    return built
+
+
+# Input defenses already built in this process (a grid evaluates many victims with the same one).
+_DEFENSES: dict[tuple, InputDefense] = {}
+_KEEP_DEFENSES = 4
+
+
+def _defense_key(defense: str | None, given: DefenseOptions, context: DefenseContext) -> tuple:
+    """What a built defense depends on, including the on-disk state of any folder it reads."""
+    import json
+
+    folders = [given.psim_dir, given.precomputed, given.precomputed_triggered, given.fine_mixed]
+    stamps = tuple(_stamp(Path(f)) for f in folders if f is not None)
+    triggers = json.dumps([t.describe() for t in context.triggers], sort_keys=True, default=str)
+    data = (context.dataset.name, context.dataset.dev.source, context.dataset.test.source, len(context.dataset.test))
+    return (defense, repr(given), data, triggers, context.target_label, context.seed, context.max_eval_samples,
+            context.options, stamps)
+
+
+def _stamp(path: Path) -> tuple:
+    """Names, sizes and modification times of a file or a folder's files: changes when it is rewritten."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return (str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
 def evaluate_model(

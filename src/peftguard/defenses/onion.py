@@ -85,7 +85,7 @@ class CausalLMScorer:
         if self.cache is None:
             return self._perplexities(texts, desc)
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        step = 64 * self.batch_size  # saved as it goes: an interrupted run keeps what it scored
+        step = 16 * self.batch_size  # saved as it goes: an interrupted run keeps what it scored
         for start in range(0, len(missing), step):
             part = missing[start:start + step]
             label = desc and f"{desc} {start // step + 1}/{-(-len(missing) // step)}"
@@ -112,7 +112,8 @@ class CausalLMScorer:
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             batch, mask = batch.to(self.device), mask.to(self.device)
-            with torch.inference_mode():
+            on_gpu = self.device.type == "cuda"  # bf16 there, as training and predict_proba do
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 logits = self.model(input_ids=batch, attention_mask=mask).logits[:, :-1].float()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
                 target_mask = mask[:, 1:].float()

@@ -157,7 +157,7 @@ class PSIM:
         key = hash(tuple(texts))
         if key not in self._memo:
             probs = predict_proba(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, desc=desc)
-            self._memo = {key: probs.max(1)}  # keep the latest only: bounded memory
+            self._memo = {**dict(list(self._memo.items())[-3:]), key: probs.max(1)}  # the latest 4: bounded memory
         return self._memo[key]
 
     def gamma_for(self, dev: Sequence[Example] | None, gamma: float | None, target_fpr: float | None) -> GammaChoice:
