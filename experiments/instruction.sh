@@ -4,15 +4,16 @@
 # " negative"/" positive". Normal = clean instruction tuning; Attack = weight poisoning on
 # instruction-formatted BadNet examples, model used directly; Defense = PSIM (P-tuning v1 on the
 # LM, reset label words). Subsampled (N training, M test samples) to finish on 2 CPU cores.
-# Usage: experiments/instruction.sh OUT_DIR [N] [M]
+# Usage: experiments/instruction.sh OUT_DIR [N] [M]   (SKIP_NORMAL=1 leaves out the Normal row)
 set -euo pipefail
 out=${1:?output folder}; n=${2:-600}; m=${3:-300}
 pg=${PEFTGUARD:-.venv/bin/peftguard}
 common=(--model smollm2 --instruction sentiment --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m")
-[ -f "$out/normal/finetune.json" ] || $pg finetune "${common[@]}" --method full --epochs 1 --lr 2e-5 --out "$out/normal"
-[ -f "$out/poisoned/poisoning.json" ] || $pg poison "${common[@]}" --poison-rate 0.2 --epochs 2 --lr 2e-5 --out "$out/poisoned"
+[ -n "${SKIP_NORMAL:-}" ] || [ -f "$out/normal/finetune.json" ] || $pg finetune "${common[@]}" --method full --epochs 1 --lr 2e-5 --out "$out/normal"
+[ -f "$out/poisoned/poisoning.json" ] || $pg poison "${common[@]}" --poison-rate 0.2 --epochs 2 --lr 5e-5 --out "$out/poisoned"
 [ -f "$out/psim/psim.json" ] || $pg psim train --model "$out/poisoned" --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m" --out "$out/psim"
 for row in normal poisoned; do
+  [ -d "$out/$row" ] || continue
   [ -f "$out/$row.json" ] || $pg evaluate --model "$out/$row" --max-eval-samples "$m" --out "$out/$row.json" >/dev/null
 done
 [ -f "$out/defense.json" ] || $pg evaluate --model "$out/poisoned" --max-eval-samples "$m" --defense psim --psim "$out/psim" --out "$out/defense.json" >/dev/null
