@@ -76,7 +76,8 @@ def _defense_key(defense: str | None, given: DefenseOptions, context: DefenseCon
     folders = [given.psim_dir, given.precomputed, given.precomputed_triggered, given.fine_mixed]
     stamps = tuple(_stamp(Path(f)) for f in folders if f is not None)
     triggers = json.dumps([t.describe() for t in context.triggers], sort_keys=True, default=str)
-    data = (context.dataset.name, context.dataset.dev.source, context.dataset.test.source, len(context.dataset.test))
+    data = (context.dataset.name, context.dataset.dev.source, context.dataset.test.source,
+            len(context.dataset.dev), len(context.dataset.test))
     return (defense, repr(given), data, triggers, context.target_label, context.seed, context.max_eval_samples,
             context.options, stamps)
 

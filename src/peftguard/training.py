@@ -106,6 +106,17 @@ def collate(tokenizer: PreTrainedTokenizerBase, ids: Sequence[list[int]]) -> dic
     return tokenizer.pad({"input_ids": list(ids)}, padding="longest", return_tensors="pt")
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats (below 1.2e-38) as zero on CPU.
+
+    Arithmetic on subnormals is about 100x slower on x86. Prompt methods trained at their high
+    learning rates push softmax/activation values into that range: measured, SmolLM2 prompt
+    tuning (lr 0.1) went from 8.5 to 54 CPU seconds per epoch after its first epoch, and back to
+    7-10 with flushing (bench/denormals.py). GPUs' fast paths flush too; results change only below 1e-38.
+    """
+    torch.set_flush_denormal(True)
+
+
 def make_accelerator() -> Accelerator:
     mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(mixed_precision=mixed)
@@ -122,6 +133,7 @@ def train_classifier(
 ) -> TrainReport:
     """Train ``model`` (its parameters that require grad) on ``train``; keep the best dev epoch."""
     settings.validate()
+    flush_denormals()
     seed_everything(settings.seed)
     accelerator = make_accelerator()
     ids, truncated = encode(tokenizer, [ex.text for ex in train], settings.max_length)
@@ -181,6 +193,7 @@ def predict_proba(
     """Softmax probabilities, shape (len(texts), num_labels), in input order."""
     if not texts:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
+    flush_denormals()
     model.eval()
     device = next(model.parameters()).device
     ids, _ = encode(tokenizer, texts, max_length)
