@@ -61,7 +61,8 @@ def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     for cell in cells:
         key = (*(cell[k] for k in GROUP_KEYS), row_label(cell))
         values[key][cell["method"]].append(cell_values(cell))
-        order.setdefault(key, (*(str(cell[k]) for k in GROUP_KEYS), ROW_ORDER[cell["row"]], row_label(cell)))
+        swept = tuple(cell[k] for k in sorted(cell) if k.startswith(("psim.", "evaluate.")))
+        order.setdefault(key, (*(str(cell[k]) for k in GROUP_KEYS), ROW_ORDER[cell["row"]], cell.get("defense") or "", swept))
     header = [*GROUP_KEYS, "row"] + [f"{m} {what}" for m in methods for what in ("CA", "ASR")]
     rows = []
     for key in sorted(values, key=lambda k: order[k]):
