@@ -111,8 +111,8 @@ def flush_denormals() -> None:
 
     Arithmetic on subnormals is about 100x slower on x86. Prompt methods trained at their high
     learning rates push softmax/activation values into that range: measured, SmolLM2 prompt
-    tuning (lr 0.1) went from 8.5 to 54 CPU seconds per epoch after its first epoch, and back to
-    7-10 with flushing (bench/denormals.py). GPUs' fast paths flush too; results change only below 1e-38.
+    tuning (lr 0.1) went from about 8 to 50-62 CPU seconds per epoch after its first epoch, and
+    stayed at about 8.5 with flushing (bench/denormals.py). Results change only below 1e-38.
     """
     torch.set_flush_denormal(True)
 
