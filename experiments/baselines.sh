@@ -48,6 +48,7 @@ defenses() {  # ATTACK METHOD VICTIM PSIM
     run $a $m $v back-translation-precomputed --defense back-translation --backend precomputed
     run $a $m $v scpd-precomputed --defense scpd
     run $a $m $v fine-mixing --defense fine-mixing --mix-ratio 0.5 --fine-mixed $OUT/$a/$m/fine-mixed-victim
+    run $a $m $v fine-mixing-0.2 --defense fine-mixing --mix-ratio 0.2 --fine-mixed $OUT/$a/$m/fine-mixed-victim-0.2
 }
 
 for m in $METHODS; do
@@ -63,11 +64,13 @@ for m in $METHODS; do
     run badnet $m $DEMO/attack/$m onion --defense onion --onion-cache $OUT/onion_ppl.json
 done
 
+# ONION's own cost, without the cache, on a 40-sample subset (the runs above reuse cached perplexities).
+N=40 run badnet lora onion-cost --defense onion
 # ONION's bar, swept on the BadNet LoRA victim (the original code tries bars 1..100 on its scale).
 run badnet lora $DEMO/attack/lora onion-sweep --defense onion --onion-cache $OUT/onion_ppl.json \
     $(for b in 0 10 20 50 100 200 500; do echo --onion-bar $b; done)
-# Fine-mixing's ratio, swept on the BadNet LoRA victim.
-for r in 0.2 0.8; do
+# Fine-mixing's ratio, swept on the BadNet LoRA victim (0 = the clean model fine-tuned: the floor).
+for r in 0 0.8; do
     run badnet lora $DEMO/attack/lora fine-mixing-$r --defense fine-mixing --mix-ratio $r --fine-mixed $OUT/badnet/lora/fine-mixed-victim-$r
 done
 

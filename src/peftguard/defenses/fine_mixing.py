@@ -17,6 +17,7 @@ Departures from the paper:
 * The classification head has no pretrained counterpart: its clean side is a freshly initialised
   head (seeded), what the clean model gets when loaded as a classifier.
 * rho is an option (default 0.5); there is no search for it on held-out data.
+* Classifier victims only: an instruction-tuned causal LM (label words) is refused.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from peftguard.artifacts import atomic_dir, read_json, write_json
 from peftguard.data import TextDataset, subsample
 from peftguard.defenses.base import ModelDefense
 from peftguard.errors import OptionError, PeftguardError
+from peftguard.instruction import read_template
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import read_poisoning_manifest
 from peftguard.training import TrainSettings, seed_everything, train_classifier
@@ -116,6 +118,8 @@ def replay_plan(victim: str | Path) -> ReplayPlan:
         raise OptionError(f"{victim} is not a victim folder (no {VICTIM_MANIFEST}); Fine-mixing replays a victim's "
                           "fine-tuning on mixed weights (for a poisoned model: `peftguard defend fine-mixing "
                           "--model POISONED --method M`)")
+    if read_template(Path(victim)) is not None:
+        raise OptionError(f"{victim} is an instruction-tuned LM; Fine-mixing here handles classifiers only")
     manifest = read_json(path)
     config = method_config(manifest["method"], **manifest.get("method_config", {}))
     settings = TrainSettings(**manifest["settings"])
@@ -143,6 +147,8 @@ def fine_mix(
     mixing.validate()
     settings.validate()
     check_length_budget(config, settings)
+    if Path(suspect_ref).is_dir() and read_template(Path(suspect_ref)) is not None:
+        raise OptionError(f"{suspect_ref} is an instruction-tuned LM; Fine-mixing here handles classifiers only")
     clean_ref = find_clean_model(suspect_ref, mixing.clean_model)
     started = time.perf_counter()
     train = subsample(dataset.train.examples, max_train_samples, settings.seed)

@@ -73,7 +73,8 @@ class CausalLMScorer:
         self.ref, self.batch_size, self.max_length = ref, batch_size, max_length
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         self.start = start  # put before every text so that its first word is predicted too
-        key = {"lm": model_reference(ref), "start": start, "max_length": max_length}
+        dtype = "bfloat16" if self.device.type == "cuda" else "float32"  # perplexities differ by dtype
+        key = {"lm": model_reference(ref), "start": start, "max_length": max_length, "dtype": dtype}
         self.cache = PerplexityCache(cache, key) if cache else None
 
     def encode(self, text: str) -> list[int]:
