@@ -34,7 +34,7 @@ ARTIFACTS = common.DEFAULT_OUT_DIR / "artifacts"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=100, help="test sentences (half get a BadNet trigger)")
+    parser.add_argument("--samples", type=int, default=1000, help="test sentences (half get a BadNet trigger)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast cases (medians)")
     parser.add_argument("--onion-repeats", type=int, default=1, help="repeats of ONION (slow)")
     parser.add_argument("--psim", type=Path, default=common.REPO / "runs/demo/psim", help="a trained PSIM folder")

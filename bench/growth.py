@@ -29,7 +29,7 @@ BATCH = 32
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--train-sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--scan-sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--length-train-samples", type=int, default=128)

@@ -65,7 +65,7 @@ for m in $METHODS; do
 done
 
 # ONION's own cost, without the cache, on a 40-sample subset (the runs above reuse cached perplexities).
-N=40 run badnet lora onion-cost --defense onion
+N=40 run badnet lora $DEMO/attack/lora onion-cost --defense onion
 # ONION's bar, swept on the BadNet LoRA victim (the original code tries bars 1..100 on its scale).
 run badnet lora $DEMO/attack/lora onion-sweep --defense onion --onion-cache $OUT/onion_ppl.json \
     $(for b in 0 10 20 50 100 200 500; do echo --onion-bar $b; done)

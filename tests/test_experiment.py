@@ -146,3 +146,24 @@ def test_deeply_nested_yaml_is_a_clear_error(tmp_path):
     path.write_text("name: " + "[" * 5000 + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="deep.yaml.*invalid YAML"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_grid_baseline_rows_measure_fine_mixing_and_show_a_refused_defense_as_na(tmp_path, tiny_minilm, data_dir):
+    raw = tiny_grid(tiny_minilm, data_dir)
+    raw["grid"] |= {"attacks": ["insent"], "defenses": ["none", "scpd", "fine-mixing"]}
+    raw["victim"]["normal"] = False
+    config = parse_config(raw)
+    plan = plan_grid(config)
+    run_dir = tmp_path / "run"
+    write_plan(run_dir, config, plan)
+    run_local(run_dir, plan, threads=1, echo=lambda m: None)
+    by_defense = {c["defense"]: json.loads((stage_dir(run_dir, c["stage"]) / "metrics.json").read_text()) for c in plan.cells}
+    assert "insent" in by_defense["scpd"]["refused"]  # the shipped SCPN files carry BadNet's word only
+    mixed = by_defense["fine-mixing"]
+    assert mixed["defense"]["name"] == "fine-mixing" and mixed["defense"]["mix_ratio"] == 0.5
+    assert 0 <= mixed["defended_clean_accuracy"] <= 1 and 0 <= mixed["defended_attack_success_rate"] <= 1
+    write_report(run_dir)
+    table = (run_dir / "report" / "results.md").read_text()
+    assert "| Defense (scpd) | n/a | n/a |" in table
+    assert f"| Defense (fine-mixing) | {100 * mixed['defended_clean_accuracy']:.2f} |" in table

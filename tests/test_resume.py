@@ -146,3 +146,25 @@ def test_killed_run_resumes_with_the_same_results(uninterrupted: Path, tiny_mini
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert expected[name] == resumed[name], name
+
+
+def test_demo_adds_a_defense_row_per_baseline_without_redoing_its_stages(tmp_path, tiny_minilm, data_dir):
+    out = tmp_path / "demo"
+    run_in_process(demo_args(out, tiny_minilm, data_dir))
+    victim_weights = out / "attack" / "lora" / "adapter_model.safetensors"
+    before = victim_weights.stat().st_mtime_ns
+    output = run_in_process(demo_args(out, tiny_minilm, data_dir) + ["--defense", "scpd", "--defense", "fine-mixing"])
+    assert victim_weights.stat().st_mtime_ns == before
+    results = json.loads((out / "results.json").read_text())
+    assert results["baselines"] == ["scpd", "fine-mixing"]
+    for name in ("scpd", "fine-mixing"):
+        measured = results["metrics"][f"defense-{name}"]["lora"]
+        assert 0 <= measured["defended_clean_accuracy"] <= 1 and 0 <= measured["defended_attack_success_rate"] <= 1
+        ca, asr = (f"{100 * measured[k]:.2f}" for k in ("defended_clean_accuracy", "defended_attack_success_rate"))
+        assert f"| Defense ({name}) | {ca} | {asr} |" in output
+
+
+def test_demo_refuses_an_unknown_baseline_before_writing(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--defense", "magic"])
+    assert "--defense magic: choose from onion, back-translation, scpd, fine-mixing, or all" in str(result.exception)
+    assert not (tmp_path / "demo").exists()

@@ -349,6 +349,11 @@ def demo(
     poison_epochs: Annotated[int, typer.Option("--poison-epochs", help="Weight-poisoning epochs.")] = 3,
     psim_epochs: Annotated[int, typer.Option("--psim-epochs", help="PSIM training epochs (paper: 1).")] = 1,
     methods: Annotated[Optional[list[str]], typer.Option("--method", help="Fine-tuning method to include (repeat; default all five).")] = None,
+    defenses: Annotated[Optional[list[str]], typer.Option(
+        "--defense", "--defenses",
+        help="Baseline defense to add as a Defense row beside PSIM (repeat): onion, back-translation, scpd, fine-mixing, "
+             "or all. Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
+             "takes hours on 2 cores (use --max-eval-samples).")] = None,
     max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
@@ -360,7 +365,7 @@ def demo(
     run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
              max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs,
              poison_epochs=poison_epochs, psim_epochs=psim_epochs, methods=tuple(methods or METHODS),
-             max_length=max_length, seed=seed)
+             max_length=max_length, seed=seed, baselines=tuple(defenses or ()))
 
 
 @defend_app.command("fine-mixing")

@@ -16,7 +16,7 @@ from peftguard.errors import DataError, OptionError
 
 MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
 AttackName = Literal["badnet", "insent", "synattack"]
-DefenseName = Literal["none", "psim", "onion", "back-translation", "scpd"]
+DefenseName = Literal["none", "psim", "onion", "back-translation", "scpd", "fine-mixing"]
 ScenarioName = Literal["full-data", "full-task"]
 # Proxy datasets of the full-task scenario (paper Section 5.1).
 DEFAULT_PROXIES = {"sst2": "imdb/psim", "cr": "mr", "cola": "sst2"}

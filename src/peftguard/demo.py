@@ -3,7 +3,8 @@
 MiniLM, SST-2, BadNet, full data knowledge: fine-tune the clean model with the five methods
 (Normal row), poison it once, fine-tune the poisoned model with the five methods (Attack row),
 train one PSIM on the poisoned weights and put it in front of every victim (Defense rows, with
-the calibrated gamma and with the paper's fixed 0.7).
+the calibrated gamma and with the paper's fixed 0.7). ``defenses`` adds one Defense row per baseline
+(ONION, back-translation, SCPD, Fine-mixing) measured on the same victims and test subset.
 
 Finished stages are reused when the demo is rerun into the same folder with the same settings.
 """
@@ -23,7 +24,9 @@ from peftguard.data import TextDataset, load_dataset, subsample
 from peftguard.defenses.psim import DEFAULT_PSIM_LR, PAPER_GAMMA, PSIM, PSIMDefense, train_psim
 from peftguard.errors import OptionError
 from peftguard.evaluation import EvalSettings, evaluate
-from peftguard.pipeline import load_model
+from peftguard.defenses.registry import DEFENSES, DefenseOptions
+from peftguard.errors import PeftguardError
+from peftguard.pipeline import evaluate_model, load_model
 from peftguard.poisoning import MANIFEST as POISON_MANIFEST
 from peftguard.poisoning import PoisonSpec, poison_weights
 from peftguard.provenance import versions
@@ -34,6 +37,7 @@ from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 from peftguard.victims import finetune
 
 METHODS = [m.value for m in Method]
+BASELINES = [name for name in DEFENSES if name != "psim"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,14 @@ class DemoConfig:
     max_length: int = 128
 
 
-def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> dict[str, Any]:
+def run_demo(out: Path, *, data_dir: Path | None = None, baselines: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
+    """Run (or resume) the demo into ``out``; ``baselines`` are extra defenses, each one more Defense row.
+
+    The baselines are not part of the demo's identity: adding one to a finished demo only adds its rows.
+    """
     config = DemoConfig(**overrides)
     _check_methods(config.methods)
+    baselines = expand_baselines(baselines)
     out = Path(out)
     _start_or_resume(out, config)
     data = load_dataset(config.dataset, data_dir=data_dir)
@@ -95,12 +104,15 @@ def run_demo(out: Path, *, data_dir: Path | None = None, **overrides: Any) -> di
         metrics["attack"][m] = _evaluate(out / "attack" / m, attacked[m], data, test, trigger, config, eval_settings, None)
         metrics["defense"][m] = _evaluate(out / "defense" / m, attacked[m], data, test, trigger, config, eval_settings, calibrated)
         metrics["defense_paper_gamma"][m] = _evaluate(out / "defense_paper_gamma" / m, attacked[m], data, test, trigger, config, eval_settings, paper)
+    for name in baselines:
+        metrics[f"defense-{name}"] = {m: _evaluate_baseline(out, name, attacked[m], data, [trigger], config) for m in config.methods}
     clean_scores = psim.confidences([ex.text for ex in test])
     triggered = triggered_test_set(test, trigger, target_label=config.target_label, seed=config.seed)
     triggered_scores = psim.confidences([ex.text for ex in triggered])
     _plot_histogram(out / "psim_confidence.png", clean_scores, triggered_scores, calibrated.choice.gamma)
     results = {
         "config": asdict(config),
+        "baselines": list(baselines),
         "train_samples": min(config.max_train_samples, len(data.train)),
         "test_samples": len(test),
         "gamma": calibrated.choice.as_dict(),
@@ -119,6 +131,37 @@ def _check_methods(methods: tuple[str, ...]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise OptionError(f"--method {', '.join(unknown) or '(none)'}: choose one or more of {', '.join(METHODS)}")
+
+
+def expand_baselines(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``all`` → every baseline; ``psim`` is always in the table; unknown names are an error."""
+    chosen = BASELINES if "all" in names else [n for n in names if n != "psim"]
+    unknown = [n for n in chosen if n not in BASELINES]
+    if unknown:
+        raise OptionError(f"--defense {', '.join(unknown)}: choose from {', '.join(BASELINES)}, or all")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _evaluate_baseline(out: Path, name: str, victim: str, data: TextDataset, triggers: list, config: DemoConfig) -> dict[str, Any]:
+    """One baseline in front of one victim, with its defaults; a refusal (e.g. no SCPD paraphrases
+    for this attack) is kept as the row's reason instead of stopping the demo."""
+    path = out / f"defense-{name}" / Path(victim).name / "metrics.json"
+    if path.is_file():
+        return read_json(path)
+    options = {
+        "onion": DefenseOptions(onion_cache=out / "onion_perplexities.json"),  # the LM pass is shared by all victims
+        "fine-mixing": DefenseOptions(fine_mixed=path.parent / "fine-mixed", max_train_samples=config.max_train_samples),
+    }.get(name, DefenseOptions())
+    typer.echo(f"demo: {name} in front of attack/{Path(victim).name}")
+    try:
+        result = evaluate_model(victim, data, triggers, target_label=config.target_label, defense=name,
+                                max_eval_samples=config.max_eval_samples, max_length=config.max_length,
+                                seed=config.seed, defense_options=options)
+    except PeftguardError as error:
+        typer.echo(f"demo: {name} not measured: {error}", err=True)
+        return {"error": str(error)}
+    write_json(path, result)
+    return result
 
 
 def _start_or_resume(out: Path, config: DemoConfig) -> None:
@@ -168,13 +211,16 @@ def render_table(results: dict[str, Any]) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
     def row(name: str, key: str, ca: str, asr: str | None) -> str:
-        cells = [f"{pct(m[key][x].get(ca))} | {pct(m[key][x].get(asr)) if asr else '-'}" for x in methods]
+        cells = [f"{pct(m[key][x].get(ca))} | {pct(m[key][x].get(asr)) if asr else '-'}"
+                 if "error" not in m[key][x] else "n/a | n/a" for x in methods]
         return f"| {name} | " + " | ".join(cells) + " |"
 
     lines.append(row("Normal", "normal", "clean_accuracy", None))
     lines.append(row("Attack", "attack", "clean_accuracy", "attack_success_rate"))
     lines.append(row(f"Defense (PSIM, gamma {gamma:.3f} calibrated)", "defense", "defended_clean_accuracy", "defended_attack_success_rate"))
     lines.append(row(f"Defense (PSIM, gamma {PAPER_GAMMA} paper)", "defense_paper_gamma", "defended_clean_accuracy", "defended_attack_success_rate"))
+    for name in results.get("baselines", []):
+        lines.append(row(f"Defense ({name})", f"defense-{name}", "defended_clean_accuracy", "defended_attack_success_rate"))
     poisoned = m["poisoned_model"]
     defense = m["defense"][methods[0]]
     paper = m["defense_paper_gamma"][methods[0]]
@@ -187,9 +233,24 @@ def render_table(results: dict[str, Any]) -> str:
         f"PSIM detection (calibrated gamma {gamma:.4f}, target FPR {results['gamma'].get('target_fpr')} on clean dev): "
         f"FPR {pct(defense['false_positive_rate'])}, detection rate {pct(defense['detection_rate'])}, AUROC {defense['auroc']:.4f}.",
         f"PSIM detection (paper gamma {PAPER_GAMMA}): FPR {pct(paper['false_positive_rate'])}, detection rate {pct(paper['detection_rate'])}.",
+        *_baseline_notes(results),
         f"Wall time {results['wall_seconds']} s; versions {results['versions']}.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _baseline_notes(results: dict[str, Any]) -> list[str]:
+    """Each baseline's settings and cost (from its first victim), or why it was not measured."""
+    notes = []
+    for name in results.get("baselines", []):
+        first = next(iter(results["metrics"][f"defense-{name}"].values()))
+        if "error" in first:
+            notes.append(f"{name}: not measured ({first['error']}).")
+            continue
+        timing = first.get("defense_timing", {})
+        notes.append(f"{name}: {json.dumps(first.get('defense', {}), sort_keys=True)}; "
+                     f"{timing.get('seconds', '?')} s, {timing.get('samples_per_second', '?')} samples/s on the first victim.")
+    return notes
 
 
 def _plot_histogram(path: Path, clean: np.ndarray, triggered: np.ndarray, gamma: float) -> None:

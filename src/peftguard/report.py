@@ -35,9 +35,11 @@ def load_cells(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return plan, cells
 
 
-def cell_values(cell: dict[str, Any]) -> tuple[float, float | None]:
-    """(CA, ASR) as the paper's row reports them, in percent."""
+def cell_values(cell: dict[str, Any]) -> tuple[float, float | None] | None:
+    """(CA, ASR) as the paper's row reports them, in percent; None for a defense that refused the cell."""
     m = cell["metrics"]
+    if "refused" in m:
+        return None
     if cell["row"] in ("defense", "defense_clean"):
         ca, asr = m.get("defended_clean_accuracy"), m.get("defended_attack_success_rate")
     else:
@@ -56,7 +58,7 @@ def row_label(cell: dict[str, Any]) -> str:
 def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: group keys, row label, then CA and ASR per method (mean ± sd over seeds)."""
     methods = sorted({c["method"] for c in cells}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
-    values: dict[tuple, dict[str, list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
+    values: dict[tuple, dict[str, list[tuple[float, float | None] | None]]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, tuple] = {}
     for cell in cells:
         key = (*(cell[k] for k in GROUP_KEYS), row_label(cell))
@@ -68,7 +70,11 @@ def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     for key in sorted(values, key=lambda k: order[k]):
         row = [str(part) for part in key]
         for method in methods:
-            pairs = values[key].get(method, [])
+            measured = values[key].get(method, [])
+            pairs = [p for p in measured if p is not None]
+            if measured and not pairs:
+                row += ["n/a", "n/a"]
+                continue
             row += [_stat([p[0] for p in pairs]), _stat([p[1] for p in pairs if p[1] is not None])]
         rows.append(row)
     return header, rows
@@ -124,6 +130,7 @@ def context_lines(run_dir: Path, plan: dict[str, Any], cells: list[dict[str, Any
         f"{config['data']['max_eval_samples'] or 'all'}; poisoning {config['poison']}; victim {config['victim']}; "
         f"PSIM {config['psim']}; evaluation {config['evaluate']}; sweep {config['sweep'] or 'none'}.",
         f"Versions {versions or stage_versions}.",
+        *(f"n/a: {c['defense']} refused {c['attack']}: {c['metrics']['refused']}" for c in cells if "refused" in c["metrics"]),
         f"{len(cells)} of {len(plan['cells'])} cells finished. CA/ASR in percent; Defense rows are the paper's "
         "defended figures (a flagged clean sample counts as wrong, a flagged triggered sample as a failed attack).",
     ]
@@ -158,5 +165,5 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         written.append(out_dir / name)
     from peftguard import plots
 
-    written += plots.write_plots(cells, out_dir)
+    written += plots.write_plots([c for c in cells if "refused" not in c["metrics"]], out_dir)
     return written

@@ -12,6 +12,7 @@ from typing import Any
 
 from peftguard.artifacts import write_json
 from peftguard.data import TextDataset, load_dataset
+from peftguard.errors import OptionError
 from peftguard.instruction import template_by_name
 from peftguard.training import TrainSettings
 from peftguard.triggers import Trigger, build_triggers
@@ -95,23 +96,40 @@ def _known(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_evaluate(run_dir: Path, stage: Any, folder: Path) -> None:
-    from peftguard.pipeline import evaluate_model
-
     s, e, data = stage.settings, stage.settings["evaluate"], stage.settings["data"]
     dataset = _dataset(s["dataset"], data["data_dir"])
+    try:
+        result = _evaluate_stage(run_dir, folder, s, e, data, dataset)
+    except OptionError as refusal:
+        if s["defense"] in ("none", "psim"):
+            raise
+        # an input defense that cannot run on this cell (e.g. SCPD without paraphrases for the
+        # attack's trigger) is a finding of the grid, not a failure of it: the report shows n/a
+        write_json(folder / "metrics.json", {"refused": str(refusal), "defense": s["defense"]})
+        return
+    scores = result.pop("scores", None)
+    if scores is not None:
+        write_json(folder / "scores.json", scores)
+    write_json(folder / "metrics.json", result)
+
+
+def _evaluate_stage(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str, Any], data: dict[str, Any],
+                    dataset: TextDataset) -> dict[str, Any]:
+    from peftguard.defenses.registry import DefenseOptions
+    from peftguard.pipeline import evaluate_model
+
     gamma = e["gamma"]
-    result = evaluate_model(
+    return evaluate_model(
         _ref(run_dir, s["victim"]), dataset, _triggers(s["attacks"], dataset), target_label=s["target_label"],
         defense=None if s["defense"] == "none" else s["defense"],
         psim_dir=Path(_ref(run_dir, s["psim"])) if s["psim"] else None,
         gamma=gamma, target_fpr=None if gamma else e["target_fpr"] if s["defense"] == "psim" else None,
         max_eval_samples=data["max_eval_samples"], batch_size=e["batch_size"], max_length=e["max_length"],
         seed=s["seed"], keep_scores=True,
+        # Fine-mixing makes a new victim (mixed weights fine-tuned on the stage's clean training subset) in the stage folder
+        defense_options=DefenseOptions(fine_mixed=folder / "fine-mixed", max_train_samples=data["max_train_samples"])
+        if s["defense"] == "fine-mixing" else DefenseOptions(),
     )
-    scores = result.pop("scores", None)
-    if scores is not None:
-        write_json(folder / "scores.json", scores)
-    write_json(folder / "metrics.json", result)
 
 
 RUNNERS: dict[str, Callable[[Path, Any, Path], None]] = {
