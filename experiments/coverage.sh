@@ -30,7 +30,7 @@ for s in "$@"; do
     multi) scenario multi sst2 minilm 2000 "--attack badnet --attack insent" "--attack badnet --attack insent" ;;
     fulltask) scenario fulltask sst2 minilm 2000 "--scenario full-task --proxy-dataset imdb/psim" "--attack badnet" ;;
     agnews) scenario agnews agnews minilm 2000 "--attack badnet" "--attack badnet --max-eval-samples 2000" ;;
-    smollm2) scenario smollm2 sst2 smollm2 1000 "--attack badnet" "--attack badnet --max-eval-samples 500" ;;
+    smollm2) scenario smollm2 sst2 smollm2 600 "--attack badnet" "--attack badnet --max-eval-samples 400" ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done

@@ -3,8 +3,8 @@
 Usage: python experiments/psim_lr_sweep.py --poisoned DIR [--lrs 2e-5 1e-4 ...] [--epochs 1 2] --out FILE.json
 
 For each (lr, epochs) a PSIM is trained on the poisoned weights (random labels, P-tuning v1,
-5 tokens, hidden 128) and scored on the clean SST-2 test set and its BadNet-triggered
-non-target part: histogram in the paper's bins, AUROC, and defended figures at gamma 0.7.
+5 tokens, hidden 128) and scored on the clean test set and its triggered non-target part
+(`--attack badnet|insent|synattack`): histogram in the paper's bins, AUROC, and defended figures at gamma 0.7.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from peftguard import metrics
 from peftguard.data import load_dataset
 from peftguard.defenses.psim import PSIM, train_psim
 from peftguard.training import TrainSettings
-from peftguard.triggers import build_trigger, triggered_test_set
+from peftguard.triggers import build_triggers, triggered_test_set
 
 
 def main() -> None:
@@ -34,7 +34,8 @@ def main() -> None:
 
     data = load_dataset(args.dataset)
     test = data.test.examples
-    triggered = triggered_test_set(test, build_trigger(args.attack), target_label=0, seed=args.seed)
+    trigger = build_triggers([args.attack], dataset=data)[0]  # synattack reads the dataset's paraphrases
+    triggered = triggered_test_set(test, trigger, target_label=0, seed=args.seed)
     rows = []
     for epochs in args.epochs:
         for lr in args.lrs:
