@@ -5,12 +5,15 @@
 # instruction-formatted BadNet examples, model used directly; Defense = PSIM (P-tuning v1 on the
 # LM, reset label words). Subsampled (N training, M test samples) to finish on 2 CPU cores.
 # Usage: experiments/instruction.sh OUT_DIR [N] [M]   (SKIP_NORMAL=1 leaves out the Normal row)
+# Poisoning recipe: POISON_MODE (clean-label), POISON_EPOCHS (2), POISON_LR (5e-5). Measured: the clean-label
+# default plants only a weak backdoor at N=300 (ASR 21%); dirty-label, 3 epochs at 1e-4 is the classic BadNet.
 set -euo pipefail
 out=${1:?output folder}; n=${2:-600}; m=${3:-300}
 pg=${PEFTGUARD:-.venv/bin/peftguard}
 common=(--model smollm2 --instruction sentiment --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m")
 [ -n "${SKIP_NORMAL:-}" ] || [ -f "$out/normal/finetune.json" ] || $pg finetune "${common[@]}" --method full --epochs 1 --lr 2e-5 --out "$out/normal"
-[ -f "$out/poisoned/poisoning.json" ] || $pg poison "${common[@]}" --poison-rate 0.2 --epochs 2 --lr 5e-5 --out "$out/poisoned"
+[ -f "$out/poisoned/poisoning.json" ] || $pg poison "${common[@]}" --poison-rate 0.2 \
+    --poison-mode "${POISON_MODE:-clean-label}" --epochs "${POISON_EPOCHS:-2}" --lr "${POISON_LR:-5e-5}" --out "$out/poisoned"
 [ -f "$out/psim/psim.json" ] || $pg psim train --model "$out/poisoned" --dataset sst2 --max-train-samples "$n" --max-eval-samples "$m" --out "$out/psim"
 for row in normal poisoned; do
   [ -d "$out/$row" ] || continue
