@@ -70,3 +70,15 @@ def test_scan_input_errors_are_clear(tmp_path, name, content, message):
         read_inputs(str(path))
     with pytest.raises(DataError, match=name):
         read_inputs(str(path))
+
+
+@pytest.mark.parametrize("mean, num_labels, expected", [
+    (0.56, 2, False),  # a working PSIM on SST-2 (demo: 0.564)
+    (0.76, 2, True),   # SmolLM2 after 19 random-label steps: clean confidence not flattened
+    (0.38, 4, False),
+    (0.70, 4, True),   # AG News after one epoch
+])
+def test_under_trained_flags_clean_confidence_far_above_chance(mean, num_labels, expected):
+    from peftguard.defenses.psim import under_trained
+
+    assert under_trained(mean, num_labels) is expected
