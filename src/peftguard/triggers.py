@@ -11,6 +11,7 @@ sentence whatever the subset, order or stage that asks for it.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,16 +33,18 @@ class PoisonMode(str, Enum):
     DIRTY_LABEL = "dirty-label"  # trigger added to non-target samples, label flipped to target
 
 
-class Trigger:
+class Trigger(ABC):
     """Something that turns a clean text into a triggered one."""
 
     name: str
 
+    @abstractmethod
     def apply(self, text: str, rng: random.Random) -> str:
-        raise NotImplementedError
+        """The triggered text, positions drawn from ``rng``."""
 
+    @abstractmethod
     def describe(self) -> dict[str, object]:
-        raise NotImplementedError
+        """The trigger's settings, as recorded in manifests."""
 
     def triggered(self, text: str, seed: int) -> str:
         """The triggered text, with positions drawn from ``seed`` and the text itself."""
