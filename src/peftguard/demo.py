@@ -22,10 +22,9 @@ import typer
 from peftguard.artifacts import read_json, write_json, write_text
 from peftguard.data import TextDataset, load_dataset, subsample
 from peftguard.defenses.psim import DEFAULT_PSIM_LR, PAPER_GAMMA, PSIM, PSIMDefense, train_psim
-from peftguard.errors import OptionError
-from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.defenses.registry import DEFENSES, DefenseOptions
-from peftguard.errors import PeftguardError
+from peftguard.errors import OptionError, PeftguardError
+from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.pipeline import evaluate_model, load_model
 from peftguard.poisoning import MANIFEST as POISON_MANIFEST
 from peftguard.poisoning import PoisonSpec, poison_weights
