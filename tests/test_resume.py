@@ -84,19 +84,6 @@ def leftovers(out: Path) -> list[str]:
     return [str(p.relative_to(out)) for p in out.rglob("*") if re.search(r"\.(tmp|old)-", p.name)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_count() -> Any:
-    """The same thread count in this process and in the CLI subprocesses, whatever earlier tests left behind
-    (float reductions, hence weights, depend on it)."""
-    saved = os.environ.get("PEFTGUARD_THREADS")
-    os.environ["PEFTGUARD_THREADS"] = "1"
-    yield
-    if saved is None:
-        os.environ.pop("PEFTGUARD_THREADS", None)
-    else:
-        os.environ["PEFTGUARD_THREADS"] = saved
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_minilm: str, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("resume") / "uninterrupted"
