@@ -189,8 +189,12 @@ def predict_proba(
     max_length: int = 128,
     *,
     desc: str | None = None,
+    bf16: bool | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities, shape (len(texts), num_labels), in input order."""
+    """Softmax probabilities, shape (len(texts), num_labels), in input order.
+
+    ``bf16``: run under bfloat16 autocast; ``None`` (default) does so on a GPU only.
+    """
     if not texts:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     flush_denormals()
@@ -203,7 +207,7 @@ def predict_proba(
     for start in tqdm(starts, desc=desc, leave=False, unit="batch", disable=desc is None):
         chunk = order[start : start + batch_size]
         batch = collate(tokenizer, [ids[i] for i in chunk]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
             logits = model(**batch).logits
         out[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return out

@@ -13,7 +13,11 @@ Departures from the paper and its code:
   trailing space); here every word is scored and kept or removed on its own merits. A start token
   is put before each text so that its first word is scored too.
 * All deletions of a batch of texts go through the LM together (one forward per batch of candidate
-  texts) instead of one forward per candidate.
+  texts) instead of one forward per candidate. By default each deletion also reuses the sentence's
+  own pass for the tokens before the removed word (``deletion_scoring``: same perplexities, about
+  half the LM work), and on a CPU with bfloat16 arithmetic the LM runs in bf16 with a float32
+  re-check of every word near the bar, so that decisions stay those of float32. ``share_prefix=False``
+  and ``precision="fp32"`` give the reference computation (one full pass per candidate text).
 * The bar defaults to 0 (remove any word whose removal lowers perplexity). The original code
   evaluates every bar of ``range(-100, 0)`` in its own sign convention (it removes a word when
   p_i - p_0 <= bar, i.e. our f_i >= -bar: our bars 1..100); ``--onion-bar`` repeated evaluates
@@ -47,15 +51,19 @@ class OnionConfig:
     batch_size: int = field(default=32, metadata={"help": "candidate texts per LM forward"})
     max_length: int = field(default=128, metadata={"help": "LM tokens per candidate (longer ones are truncated)"})
     cache: Path | None = field(default=None, metadata={"help": "JSON file of perplexities per text, reused across runs"})
+    share_prefix: bool = field(default=True, metadata={"help": "reuse each sentence's pass for the words before a deletion"})
+    precision: str = field(default="auto", metadata={"help": "LM arithmetic: fp32, bf16 (float32 re-check near the bar) or auto"})
 
 
 class CausalLMScorer:
     """Perplexity of texts under a causal LM, batched, in input order (optionally cached in a file)."""
 
     def __init__(self, ref: str, *, options: LoadOptions = LoadOptions(), batch_size: int = 32, max_length: int = 128,
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None, precision: str = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM
+
+        from peftguard.precision import resolve_precision
 
         location = resolve_model(ref)
         if Path(location).is_dir():
@@ -73,9 +81,19 @@ class CausalLMScorer:
         self.ref, self.batch_size, self.max_length = ref, batch_size, max_length
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         self.start = start  # put before every text so that its first word is predicted too
+        self.precision = resolve_precision(precision, self.device, allowed=("fp32", "bf16"))
         dtype = "bfloat16" if self.device.type == "cuda" else "float32"  # perplexities differ by dtype
+        if self.device.type != "cuda" and self.precision == "bf16":
+            dtype = "bfloat16, float32 near the bar"
         key = {"lm": model_reference(ref), "start": start, "max_length": max_length, "dtype": dtype}
         self.cache = PerplexityCache(cache, key) if cache else None
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text, tokenized in one call."""
+        if not texts:
+            return []
+        head = [self.start] if self.start is not None else []
+        return [head + ids[: self.max_length - 1] for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -121,6 +139,82 @@ class CausalLMScorer:
                 mean = (nll * target_mask).sum(1) / target_mask.sum(1)
             out[chunk] = torch.exp(mean).cpu().numpy()
         return out
+
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether this LM can score deletions on its cached sentence prefix (``deletion_scoring``)."""
+        from peftguard.defenses.deletion_scoring import supports_prefix_sharing
+
+        return supports_prefix_sharing(self.model)
+
+    def deletion_suspicion(self, texts: Sequence[str], bars: Sequence[float], *, desc: str | None = None) -> list[np.ndarray]:
+        """f_i = p_0 - p_i per word of each text, prefix-shared; in bf16, float32 wherever a bar is within reach."""
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a forward
+        out: list[np.ndarray] = [np.zeros(0)] * len(texts)
+        step = 4 * self.batch_size  # sentences per progress step (and per cache save)
+        for first in tqdm(range(0, len(order), step), desc=desc, leave=False, unit="chunk", disable=desc is None):
+            part = [texts[i] for i in order[first:first + step]]
+            for i, scores in zip(order[first:first + step], self._deletion_suspicion(part, bars)):
+                out[i] = scores
+        return out
+
+    def _deletion_suspicion(self, texts: list[str], bars: Sequence[float]) -> list[np.ndarray]:
+        from peftguard.defenses.deletion_scoring import CHECK_MARGIN_NATS, DeletionScorer, Sentence
+
+        cached = [self._cached_suspicion(t) for t in texts]
+        todo = [t for t, c in zip(texts, cached) if c is None]
+        sentences = [Sentence(*self._sentence_ids(t)) for t in todo]
+        scorer = DeletionScorer(self.model, self.tokenizer.pad_token_id or 0, rows=2 * self.batch_size)
+        losses = scorer.mean_losses(sentences, bf16=self.precision == "bf16")
+        if self.precision == "bf16":
+            losses = [self._recheck(scorer, s, full, each, bars, CHECK_MARGIN_NATS) for s, (full, each) in zip(sentences, losses)]
+        computed = dict(zip(todo, losses))
+        if self.cache is not None and todo:
+            self._store(todo, [computed[t] for t in todo])
+        return [c if c is not None else np.exp(computed[t][0]) - np.exp(computed[t][1]) for t, c in zip(texts, cached)]
+
+    def _sentence_ids(self, text: str) -> tuple[list[int], list[list[int]]]:
+        _, removed = deletions(text)
+        ids = self.encode_many([" ".join(text.split()), *removed])
+        return ids[0], ids[1:]
+
+    @staticmethod
+    def _recheck(scorer, sentence, full: float, each: np.ndarray, bars: Sequence[float], margin: float) -> tuple[float, np.ndarray]:
+        """Re-score in float32 the deletions whose decision at some bar lies within ``margin`` nats of flipping."""
+        from peftguard.defenses.deletion_scoring import Sentence
+
+        near = np.zeros(len(each), dtype=bool)
+        for bar in bars:
+            boundary = math.log(math.exp(full) - bar) if math.exp(full) > bar else -math.inf
+            with np.errstate(invalid="ignore"):
+                near |= np.abs(each - boundary) < margin
+        if not near.any():
+            return full, each
+        chosen = np.flatnonzero(near)
+        exact_full, exact = scorer.mean_losses([Sentence(sentence.full, [sentence.deletions[i] for i in chosen])], bf16=False)[0]
+        each = each.copy()
+        each[chosen] = exact
+        return exact_full, each
+
+    def _cached_suspicion(self, text: str) -> np.ndarray | None:
+        if self.cache is None:
+            return None
+        candidates = [" ".join(text.split()), *deletions(text)[1]]
+        if not all(c in self.cache for c in candidates):
+            return None
+        ppl = np.array([self.cache[c] for c in candidates], dtype=float)
+        return ppl[0] - ppl[1:]
+
+    def _store(self, texts: list[str], losses: list[tuple[float, np.ndarray]]) -> None:
+        candidates, values = [], []
+        for text, (full, each) in zip(texts, losses):
+            candidates.extend([" ".join(text.split()), *deletions(text)[1]])
+            values.extend([math.exp(full), *np.exp(each)])
+        self.cache.update(candidates, np.array(values, dtype=float))
 
 
 class PerplexityCache:
@@ -169,22 +263,28 @@ class OnionDefense(InputDefense):
             raise OptionError(f"ONION batch size must be at least 1, got {config.batch_size}")
         self.config, self.sweep_bars = config, tuple(sweep_bars)
         self.scorer = scorer or CausalLMScorer(config.lm, options=options, batch_size=config.batch_size,
-                                               max_length=config.max_length, cache=config.cache)
+                                               max_length=config.max_length, cache=config.cache, precision=config.precision)
         self._memo = memo if memo is not None else {}  # text → suspicion per word, shared across bars
 
     def suspicion(self, texts: Sequence[str], *, desc: str | None = None) -> list[np.ndarray]:
         """f_i = p_0 - p_i per word of each text (NaN where undefined: a one-word text)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        if missing:
-            candidates, spans = [], []
-            for text in missing:
-                _, removed = deletions(text)
-                spans.append((len(candidates), len(removed)))
-                candidates.extend([" ".join(text.split()), *removed])
-            ppl = self.scorer.perplexities(candidates, desc=desc)
-            for text, (first, n) in zip(missing, spans):
-                self._memo[text] = ppl[first] - ppl[first + 1: first + 1 + n]
+        if missing and self.config.share_prefix and self.scorer.shares_prefix:
+            bars = (self.config.bar, *self.sweep_bars)
+            self._memo.update(zip(missing, self.scorer.deletion_suspicion(missing, bars, desc=desc)))
+        elif missing:
+            self._memo.update(zip(missing, self.reference_suspicion(missing, desc=desc)))
         return [self._memo[t] for t in texts]
+
+    def reference_suspicion(self, texts: Sequence[str], *, desc: str | None = None) -> list[np.ndarray]:
+        """The reference computation: every candidate text (sentence and deletions) a full LM pass, batched."""
+        candidates, spans = [], []
+        for text in texts:
+            _, removed = deletions(text)
+            spans.append((len(candidates), len(removed)))
+            candidates.extend([" ".join(text.split()), *removed])
+        ppl = self.scorer.perplexities(candidates, desc=desc)
+        return [ppl[first] - ppl[first + 1: first + 1 + n] for first, n in spans]
 
     def clean(self, text: str, scores: np.ndarray) -> str:
         words = text.split()
@@ -199,6 +299,7 @@ class OnionDefense(InputDefense):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "lm": model_reference(self.config.lm), "bar": self.config.bar,
                 "batch_size": self.config.batch_size, "max_length": self.config.max_length,
+                "share_prefix": self.config.share_prefix and self.scorer.shares_prefix, "precision": self.scorer.precision,
                 "cache": str(self.config.cache) if self.config.cache else None}
 
     def at_bar(self, bar: float) -> OnionDefense:
