@@ -49,6 +49,7 @@ GammaOpt = Annotated[Optional[float], typer.Option("--gamma", help="Fixed PSIM t
 FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate gamma on clean dev data to flag at most this share [default 0.02].")]
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU. See BENCHMARKS.md.")]
 
 
 def _options(allow_pickle: bool, trust_remote_code: bool):
@@ -325,6 +326,7 @@ def psim_scan(
     text_column: TextColOpt = "text",
     gamma: GammaOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 64,
+    precision: PrecisionOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -333,7 +335,30 @@ def psim_scan(
 
     _setup_logging(verbose)
     scan_command(psim, input, out, text_column=text_column, gamma=gamma, batch_size=batch_size,
-                 options=_options(allow_pickle, False))
+                 options=_options(allow_pickle, False), precision=precision)
+
+
+@psim_app.command("serve")
+def psim_serve(
+    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder.")],
+    victim: Annotated[Optional[Path], typer.Option("--victim", help="A victim folder to answer with its label behind the PSIM [none: flags and confidences only].")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed).")] = 8321,
+    gamma: GammaOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most inputs scored in one forward (requests are batched together).")] = 64,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="How long a batch waits for more requests before it runs.")] = 5.0,
+    queue_limit: Annotated[int, typer.Option("--queue-limit", help="Most inputs waiting; beyond it requests get HTTP 503.")] = 1024,
+    precision: PrecisionOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve screening over HTTP: POST /screen {"texts": [...]} → label or "rejected as poisoned", with confidence."""
+    from peftguard.serve import ServeSettings, serve_command
+
+    _setup_logging(verbose)
+    settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_limit=queue_limit)
+    serve_command(psim, victim, host=host, port=port, gamma=gamma, settings=settings, precision=precision,
+                  options=_options(allow_pickle, False))
 
 
 @app.command()

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from peftguard.errors import OptionError
 
@@ -52,6 +51,8 @@ def defended_attack_success_rate(predictions: Sequence[int], target_label: int, 
 
 def auroc(clean_scores: Sequence[float], triggered_scores: Sequence[float]) -> float:
     """Area under the ROC curve of the score as a detector (triggered = positive class)."""
+    from sklearn.metrics import roc_auc_score  # here, not at the top: it takes a second to import
+
     if len(clean_scores) == 0 or len(triggered_scores) == 0:
         return float("nan")
     y = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(triggered_scores))])

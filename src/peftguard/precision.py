@@ -1,16 +1,16 @@
 """Inference precision: float32, bfloat16 autocast or int8 dynamic quantization, chosen in one place.
 
-``auto`` (the default of every inference path that takes a precision) means bfloat16 where the
-hardware does bf16 arithmetic natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX),
-else float32. On such a CPU bf16 autocast scored PSIM inputs about twice as fast as float32 with the
-same flags on every input of the benchmark set, while int8 dynamic quantization changed flags
-(BENCHMARKS.md, ``bench/detection.py``), so int8 is available but never chosen by ``auto``.
+``auto`` (the default of every inference path that takes a precision) is the fastest the device runs
+natively among those the caller allows: int8 on an x86 CPU, then bf16 where the hardware multiplies
+bfloat16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else float32. PSIM allows int8
+and re-scores inputs near its threshold at the next precision (``PSIM``); ONION allows fp32 and bf16
+and re-scores words near its bar in float32 (``deletion_scoring``). Measured speed and agreement
+with float32: BENCHMARKS.md, ``bench/detection.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +33,38 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECISIONS) -> str:
-    """``name`` checked against ``allowed``; ``auto`` becomes bf16 where native on ``device``, else fp32."""
+    """``name`` checked against ``allowed`` and ``device``; ``auto``: the first of int8, bf16, fp32 in ``allowed``
+    that runs natively there (int8: CPU with an x86/fbgemm quantized engine; bf16: see :func:`cpu_has_bf16`)."""
     if name == "auto":
-        return "bf16" if _bf16_native(device) and "bf16" in allowed else "fp32"
+        return next(p for p in ("int8", "bf16", "fp32") if p in allowed and native(p, device))
     if name not in allowed:
         raise OptionError(f"--precision {name!r}: choose from {', '.join(allowed)} or auto")
+    if name == "int8" and _kind(device) != "cpu":
+        raise OptionError("--precision int8 is for the CPU (dynamic quantization); use bf16 on a GPU")
     return name
 
 
-def _bf16_native(device: Any) -> bool:
-    if getattr(device, "type", device) == "cuda":
-        import torch
-
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-@contextlib.contextmanager
-def autocast_for(precision: str, device: Any) -> Iterator[None]:
-    """bfloat16 autocast on ``device`` when ``precision`` is bf16; nothing otherwise."""
+def native(precision: str, device: Any) -> bool:
     import torch
 
-    kind = getattr(device, "type", str(device))
-    with torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
+    if precision == "int8":
+        return _kind(device) == "cpu" and bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+    if precision == "bf16":
+        return torch.cuda.is_bf16_supported() if _kind(device) == "cuda" else cpu_has_bf16()
+    return True
+
+
+def _kind(device: Any) -> str:
+    return getattr(device, "type", str(device))
 
 
 def quantize_int8(model: Any) -> Any:
     """The model with its linear layers int8 dynamically quantized (per-channel weights), in place; CPU only."""
+    import warnings
+
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():  # torch.ao's notice that it moves to torchao; the API works in torch 2.13
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

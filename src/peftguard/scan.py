@@ -13,6 +13,7 @@ from peftguard.data import check_nul, decode_utf8, read_rows, read_utf8, split_l
 from peftguard.defenses.psim import PSIM
 from peftguard.errors import DataError
 from peftguard.models import LoadOptions
+from peftguard.precision import DEFAULT_PRECISION
 
 
 def read_inputs(source: str, text_column: str = "text") -> list[str]:
@@ -43,12 +44,12 @@ def _plain_lines(content: str, name: str) -> list[str]:
 
 def scan_command(
     psim_dir: Path, source: str, out: Path | None, *, text_column: str, gamma: float | None, batch_size: int,
-    options: LoadOptions,
+    options: LoadOptions, precision: str = DEFAULT_PRECISION,
 ) -> None:
     texts = read_inputs(source, text_column)
-    psim = PSIM(psim_dir, options=options, batch_size=batch_size)
+    psim = PSIM(psim_dir, options=options, batch_size=batch_size, precision=precision)
     choice = psim.gamma_for(None, gamma, None)
-    scores = psim.confidences(texts, desc="scan" if source != "-" else None)
+    scores = psim.confidences(texts, desc="scan" if source != "-" else None, gamma=choice.gamma)
     flags = metrics.flagged(scores, choice.gamma)
     as_jsonl = out is not None and out.suffix == ".jsonl"
     rendered = _render(texts, scores, flags, as_jsonl)
@@ -56,7 +57,8 @@ def scan_command(
         sys.stdout.write(rendered)
     else:
         write_text(out, rendered)
-        print(f"scanned {len(texts)} inputs, {int(flags.sum())} flagged (gamma {choice.gamma:.4f}); wrote {out}", file=sys.stderr)
+        print(f"scanned {len(texts)} inputs, {int(flags.sum())} flagged (gamma {choice.gamma:.4f}, {psim.precision}); wrote {out}",
+              file=sys.stderr)
 
 
 def _render(texts: list[str], scores, flags, as_jsonl: bool) -> str:

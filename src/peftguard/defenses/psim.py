@@ -14,12 +14,13 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,11 +28,14 @@ from peftguard import metrics
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.errors import OptionError
-from peftguard.instruction import InstructionTemplate
+from peftguard.inference import predict_proba
 from peftguard.models import LoadOptions, model_reference
-from peftguard.training import TrainSettings, predict_proba, train_classifier
+from peftguard.precision import DEFAULT_PRECISION, native, quantize_int8, resolve_precision
 from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, save_tuned
-from peftguard.victims import check_length_budget, prepare_tunable, training_record
+
+if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
+    from peftguard.instruction import InstructionTemplate
+    from peftguard.training import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,9 @@ def train_psim(
     ``template`` is for a clean causal LM read through an instruction; a folder poisoned with one
     carries it already.
     """
+    from peftguard.training import TrainSettings, train_classifier
+    from peftguard.victims import check_length_budget, prepare_tunable, training_record
+
     config = config or PTuningV1Config()
     settings.validate()
     check_gamma_options(gamma, target_fpr)
@@ -160,12 +167,32 @@ def under_trained(dev_confidence_mean: float, num_labels: int) -> bool:
     return dev_confidence_mean > chance + UNDER_TRAINED_SHARE * (1 - chance)
 
 
-class PSIM:
-    """A trained PSIM: confidence of each input, loaded once and reused."""
+INT8_RECHECK_MARGIN = 0.1  # int8 moved a confidence by at most 0.086 on the benchmark set (BENCHMARKS.md)
+DEFAULT_BATCH_SIZE = 64  # measured: 32-64 fastest on 2 cores, 16 and 128 slower (bench/detection.py --sweep)
 
-    def __init__(self, folder: str | Path, *, options: LoadOptions = LoadOptions(), batch_size: int = 64) -> None:
+
+class PSIM:
+    """A trained PSIM: confidence of each input, loaded once and reused.
+
+    ``precision`` (see :mod:`peftguard.precision`; default ``auto``): fp32, bf16 autocast, or int8 dynamic
+    quantization of the linear layers. With int8, inputs whose confidence lands within
+    ``INT8_RECHECK_MARGIN`` of the threshold are scored again at the next precision (bf16 where native,
+    else fp32), so flags match that precision's unless int8 moved a confidence by more than the margin.
+    P-tuning's virtual tokens cost nothing per call: peft loads the prompt encoder's saved output as a
+    fixed embedding in inference mode.
+    """
+
+    def __init__(self, folder: str | Path, *, options: LoadOptions = LoadOptions(), batch_size: int = DEFAULT_BATCH_SIZE,
+                 precision: str = DEFAULT_PRECISION) -> None:
+        import torch
+
         self.folder = Path(folder)
         self.model, self.tokenizer, self.manifest = load_tuned(self.folder, MANIFEST, options)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.recheck_precision = "bf16" if native("bf16", self.device) else "fp32"
+        self.fast_model = quantize_int8(copy.deepcopy(self.model)) if self.precision == "int8" else self.model
         self.batch_size = batch_size
         self.max_length = int(self.manifest["settings"]["max_length"])
         self._memo: dict[int, np.ndarray] = {}
@@ -174,19 +201,37 @@ class PSIM:
     def num_labels(self) -> int:
         return int(self.manifest["num_labels"])
 
-    def confidences(self, texts: Sequence[str], *, desc: str | None = None) -> np.ndarray:
-        """Largest softmax probability per text (memoized: a grid scores the same test set often)."""
-        key = hash(tuple(texts))
+    def confidences(self, texts: Sequence[str], *, desc: str | None = None, gamma: float | None = None) -> np.ndarray:
+        """Largest softmax probability per text (memoized: a grid scores the same test set often).
+
+        ``gamma`` (default: the manifest's) is the threshold near which int8 confidences are re-scored.
+        """
+        gamma = float(self.manifest["gamma"]) if gamma is None else gamma
+        key = hash((tuple(texts), gamma if self.precision == "int8" else None))
         if key not in self._memo:
-            probs = predict_proba(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, desc=desc)
-            self._memo = {**dict(list(self._memo.items())[-3:]), key: probs.max(1)}  # the latest 4: bounded memory
+            scores = self._probabilities(self.fast_model, list(texts), self.precision, desc).max(1)
+            if self.precision == "int8":
+                scores = self._recheck(list(texts), scores, gamma)
+            self._memo = {**dict(list(self._memo.items())[-3:]), key: scores}  # the latest 4: bounded memory
         return self._memo[key]
+
+    def _probabilities(self, model: Any, texts: list[str], precision: str, desc: str | None = None) -> np.ndarray:
+        return predict_proba(model, self.tokenizer, texts, self.batch_size, self.max_length, desc=desc,
+                             bf16=precision == "bf16")
+
+    def _recheck(self, texts: list[str], scores: np.ndarray, gamma: float) -> np.ndarray:
+        near = np.flatnonzero(np.abs(scores - gamma) < INT8_RECHECK_MARGIN)
+        if len(near):
+            scores = scores.copy()
+            scores[near] = self._probabilities(self.model, [texts[i] for i in near], self.recheck_precision).max(1)
+        return scores
 
     def gamma_for(self, dev: Sequence[Example] | None, gamma: float | None, target_fpr: float | None) -> GammaChoice:
         """The manifest's gamma unless a fixed gamma or a new target FPR is asked for."""
         if gamma is None and target_fpr is None:
             return GammaChoice(**self.manifest["gamma_choice"])
-        scores = self.confidences([ex.text for ex in dev]) if dev and gamma is None else None
+        texts = [ex.text for ex in dev] if dev and gamma is None else None
+        scores = self._probabilities(self.model, texts, self.recheck_precision).max(1) if texts else None  # no int8: a calibration
         return choose_gamma(scores, gamma, target_fpr)
 
 
@@ -199,27 +244,61 @@ class PSIMDefense(InputDefense):
         self.psim, self.choice = psim, choice
 
     def screen(self, texts: Sequence[str], *, desc: str | None = None) -> Screened:
-        scores = self.psim.confidences(texts, desc=desc)
+        scores = self.psim.confidences(texts, desc=desc, gamma=self.choice.gamma)
         return Screened(list(texts), metrics.flagged(scores, self.choice.gamma), scores)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "psim": str(self.psim.folder), "gamma": self.choice.gamma, "gamma_choice": self.choice.as_dict()}
+        return {"name": self.name, "psim": str(self.psim.folder), "gamma": self.choice.gamma, "gamma_choice": self.choice.as_dict(),
+                "precision": self.psim.precision}
 
 
 REJECTED = "rejected as poisoned"
 
 
-class GuardedPredictor:
-    """A victim behind a PSIM: ``predict`` returns the victim's label, or REJECTED when flagged."""
+@dataclass(frozen=True)
+class Verdict:
+    """One guarded prediction: the victim's label (or REJECTED) and the confidence behind it.
 
-    def __init__(self, psim: PSIM, victim: Any, tokenizer: Any, *, gamma: float | None = None, max_length: int = 128) -> None:
+    ``confidence`` is the PSIM's for a rejected input, else the victim's probability of its label.
+    """
+
+    label: int | str
+    confidence: float
+    psim_confidence: float
+
+    @property
+    def rejected(self) -> bool:
+        return self.label == REJECTED
+
+
+class GuardedPredictor:
+    """A victim behind a PSIM: ``predict`` returns the victim's label, or REJECTED when flagged.
+
+    The victim runs at ``precision`` (default fp32: its labels are those it gives alone), only on inputs that pass.
+    """
+
+    def __init__(self, psim: PSIM, victim: Any, tokenizer: Any, *, gamma: float | None = None, max_length: int = 128,
+                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32") -> None:
         self.psim, self.victim, self.tokenizer = psim, victim, tokenizer
         self.gamma = gamma if gamma is not None else float(psim.manifest["gamma"])
-        self.max_length = max_length
+        self.max_length, self.batch_size = max_length, batch_size
+        self.precision = resolve_precision(precision, next(victim.parameters()).device, allowed=("fp32", "bf16"))
 
     def predict(self, texts: Sequence[str]) -> list[int | str]:
+        return [v.label for v in self.verdicts(texts)]
+
+    def verdicts(self, texts: Sequence[str]) -> list[Verdict]:
         texts = list(texts)
-        flags = metrics.flagged(self.psim.confidences(texts), self.gamma)
+        scores = self.psim.confidences(texts, gamma=self.gamma)
+        flags = metrics.flagged(scores, self.gamma)
         passed = [t for t, f in zip(texts, flags) if not f]
-        labels = iter(predict_proba(self.victim, self.tokenizer, passed, 64, self.max_length).argmax(1).tolist())
-        return [REJECTED if f else next(labels) for f in flags]
+        probs = iter(predict_proba(self.victim, self.tokenizer, passed, self.batch_size, self.max_length,
+                                   bf16=self.precision == "bf16"))
+        out = []
+        for score, flag in zip(scores, flags):
+            if flag:
+                out.append(Verdict(REJECTED, float(score), float(score)))
+            else:
+                p = next(probs)
+                out.append(Verdict(int(p.argmax()), float(p.max()), float(score)))
+        return out
