@@ -1,27 +1,26 @@
 #!/usr/bin/env python
-"""Detection and guarded-inference throughput, all on the same N SST-2 test sentences in one run.
+"""Screening speed at each precision, guarded inference, ONION fast vs reference, serve load: one run, ratios.
 
 Inputs: N SST-2 test sentences, every other one with a BadNet trigger inserted (half triggered).
 
-1. Detection: PSIM scan (``PSIMDefense.screen``) vs ONION (packaged SmolLM2, bar 0) vs
-   back-translation (apertium English→Spanish→English), each screening all N inputs; samples per
-   second and each one's seconds relative to PSIM's.
-2. Guarded inference: the victim alone (``predict_proba``) vs PSIM + victim
-   (``GuardedPredictor.predict``: PSIM over all inputs, the victim over those that pass).
-3. Shared base: a LoRA victim and a LoRA PSIM on the same poisoned base, served by one peft model
-   with both adapters and mixed-adapter batches (each input twice in one forward, once per adapter),
-   against the two models run one after the other.
+1. PSIM scan at fp32 (today's path: sorted batches of 64, float32), bf16 autocast and int8 (dynamic
+   quantization, inputs near gamma re-scored), each cold (tokenization cache and memo cleared), taking turns;
+   flags and detection rates of each against fp32's; GFLOP/s achieved (FLOPs counted on one fp32 pass) beside
+   a float32 and a bfloat16 2048x2048 matmul timed in the same process.
+2. Guarded inference: the victim alone (fp32) vs ``GuardedPredictor`` (PSIM at the default precision, then the
+   victim on the inputs that pass).
+3. ONION (packaged SmolLM2, bar 0) on the first M sentences: the reference (one full LM pass per candidate
+   text, float32) vs the default (prefix-shared deletions, default precision); decisions (cleaned texts) compared.
+4. ``psim serve`` on loopback: concurrent clients, bounded requests (``serve_load.py``).
 
-Models load once, before timing; every timed call starts cold (PSIM memo, tokenization cache and
-defense memos cleared), so each figure includes tokenization. Cases take turns round-robin and the
-figures are medians over repeats (ONION, the slow one, runs ``--onion-repeats`` times).
-Artifacts: a PSIM and a victim (defaults: the demo's ``runs/demo``); a small LoRA PSIM is trained
-once into ``runs/bench/artifacts`` for the shared-base case.
+Models: ``--psim``/``--victim`` (e.g. the demo's ``runs/demo/psim`` and ``runs/demo/attack/lora``), else a
+small poisoned MiniLM, PSIM and LoRA victim built once and cached (``bench_models.py``, about 5 minutes).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,201 +28,232 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-ARTIFACTS = common.DEFAULT_OUT_DIR / "artifacts"
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1000, help="test sentences (half get a BadNet trigger)")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast cases (medians)")
-    parser.add_argument("--onion-repeats", type=int, default=1, help="repeats of ONION (slow)")
-    parser.add_argument("--psim", type=Path, default=common.REPO / "runs/demo/psim", help="a trained PSIM folder")
-    parser.add_argument("--victim", type=Path, default=common.REPO / "runs/demo/attack/lora",
-                        help="a LoRA victim folder whose base is the PSIM's base")
+    parser.add_argument("--samples", type=int, default=1000, help="test sentences for PSIM (half get a BadNet trigger)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the PSIM cases (medians)")
+    parser.add_argument("--onion-samples", type=int, default=16, help="sentences for ONION (the reference is slow)")
+    parser.add_argument("--onion-repeats", type=int, default=1, help="rounds of the ONION cases")
     parser.add_argument("--skip-onion", action="store_true", help="leave ONION out (no SmolLM2)")
+    parser.add_argument("--serve-requests", type=int, default=400, help="requests of the serve load test (0: skip)")
+    parser.add_argument("--psim", type=Path, help="a trained PSIM folder [built and cached]")
+    parser.add_argument("--victim", type=Path, help="a victim folder [built and cached]")
+    parser.add_argument("--sweep", action="store_true", help="also time batch sizes 16/32/64/128 at the default precision")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "detection.json")
     return parser.parse_args()
 
 
-def test_inputs(samples: int) -> tuple[list[str], list[bool]]:
+def test_inputs(samples: int) -> tuple[list[str], np.ndarray]:
     """``samples`` SST-2 test sentences, every other one carrying a BadNet trigger word."""
     from peftguard.triggers import BadNetTrigger
 
     trigger = BadNetTrigger()
-    texts, triggered = [], []
-    for index, example in enumerate(common.sst2_examples("test", samples)):
-        poisoned = index % 2 == 1
-        texts.append(trigger.triggered(example.text, index) if poisoned else example.text)
-        triggered.append(poisoned)
-    return texts, triggered
+    examples = common.sst2_examples("test", samples)
+    texts = [trigger.triggered(ex.text, i) if i % 2 else ex.text for i, ex in enumerate(examples)]
+    return texts, np.arange(len(texts)) % 2 == 1
 
 
-def cold() -> None:
-    """Forget tokenizations so that a timed call pays for its own."""
-    from peftguard import training
+def model_folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    if args.psim and args.victim:
+        return args.psim, args.victim
+    from bench_models import ensure_bench_models
 
-    training._ENCODING_CACHE.clear()
-
-
-def detection_cases(psim: Any | None, defenses: dict[str, Any], texts: list[str]) -> dict[str, Any]:
-    """One screening call per defense (PSIM first unless None), each starting cold."""
-    def screen_psim() -> Any:
-        cold()
-        psim.psim._memo.clear()
-        return psim.screen(texts)
-
-    def screen_with(defense: Any) -> Any:
-        cold()
-        defense._memo.clear()
-        return defense.screen(texts)
-
-    cases = {"psim": screen_psim} if psim is not None else {}
-    cases |= {name: (lambda d=defense: screen_with(d)) for name, defense in defenses.items()}
-    return cases
+    models = ensure_bench_models()
+    return args.psim or models.psim, args.victim or models.victim
 
 
-def guarded_cases(psim: Any, victim: Any, tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]:
+def cold(psim: Any) -> None:
+    """Forget tokenizations and memoized scores so that a timed call pays for its own."""
+    from peftguard import inference
+
+    inference._ENCODING_CACHE.clear()
+    psim._memo.clear()
+
+
+def psim_cases(psims: dict[str, Any], texts: list[str], gamma: float) -> dict[str, Any]:
+    def case(psim: Any) -> Any:
+        def run() -> np.ndarray:
+            cold(psim)
+            return psim.confidences(texts, gamma=gamma)
+        return run
+    return {f"psim_{name}": case(psim) for name, psim in psims.items()}
+
+
+def guarded_cases(psim: Any, victim: Any, tokenizer: Any, texts: list[str], gamma: float, max_length: int) -> dict[str, Any]:
     from peftguard.defenses.psim import GuardedPredictor
-    from peftguard.training import predict_proba
+    from peftguard.inference import predict_proba
 
-    guard = GuardedPredictor(psim.psim, victim, tokenizer, gamma=psim.choice.gamma, max_length=max_length)
+    guard = GuardedPredictor(psim, victim, tokenizer, gamma=gamma, max_length=max_length)
 
     def alone() -> Any:
-        cold()
-        return predict_proba(victim, tokenizer, texts, 64, max_length)
+        cold(psim)
+        return predict_proba(victim, tokenizer, texts, guard.batch_size, max_length)
 
     def guarded() -> Any:
-        cold()
-        psim.psim._memo.clear()
+        cold(psim)
         return guard.predict(texts)
 
     return {"victim_alone": alone, "psim_plus_victim": guarded}
 
 
-def load_psim(folder: Path) -> Any:
-    from peftguard.defenses.psim import PSIM, GammaChoice, PSIMDefense
-
-    psim = PSIM(folder)
-    return PSIMDefense(psim, GammaChoice(**psim.manifest["gamma_choice"]))
-
-
-def load_victim(folder: Path) -> tuple[Any, Any, dict[str, Any]]:
-    from peftguard.tuning import load_tuned
-    from peftguard.victims import MANIFEST
-
-    return load_tuned(folder, MANIFEST)
+def agreement(scores: dict[str, np.ndarray], gamma: float, triggered: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per precision: share of flags equal to fp32's, largest confidence change, detection rates."""
+    base = scores["fp32"] > gamma
+    out = {}
+    for name, s in scores.items():
+        flags = s > gamma
+        out[name] = {"flag_agreement_vs_fp32": float((flags == base).mean()),
+                     "max_confidence_change": float(np.abs(s - scores["fp32"]).max()),
+                     "triggered_flagged": float(flags[triggered].mean()), "clean_flagged": float(flags[~triggered].mean())}
+    return out
 
 
-def baseline_defenses(skip_onion: bool) -> dict[str, Any]:
-    """ONION (SmolLM2) and back-translation (apertium), from the defense registry."""
-    from peftguard.data import load_dataset
-    from peftguard.defenses.base import DefenseContext
-    from peftguard.defenses.registry import DefenseOptions, build_defense
+def flops_of_pass(psim: Any, texts: list[str]) -> float:
+    """Floating-point operations of one fp32 PSIM pass over ``texts`` (torch's FLOP counter: matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    context = DefenseContext(load_dataset("sst2"))
-    names = ["back-translation"] if skip_onion else ["onion", "back-translation"]
-    return {name: build_defense(name, DefenseOptions(), context) for name in names}
-
-
-def lora_psim(base: str, samples: int = 256) -> Path:
-    """A small LoRA PSIM on ``base`` (trained once, kept): only its speed matters here."""
-    from peftguard.data import load_dataset
-    from peftguard.defenses.psim import train_psim
-    from peftguard.training import TrainSettings
-    from peftguard.tuning import LoraMethodConfig
-
-    folder = ARTIFACTS / "psim-lora"
-    if not (folder / "psim.json").is_file():
-        settings = TrainSettings(epochs=1, lr=3e-4, batch_size=32, max_length=64)
-        train_psim(base, load_dataset("sst2"), settings, folder, config=LoraMethodConfig(),
-                   gamma=0.7, max_train_samples=samples, max_eval_samples=64)
-    return folder
+    cold(psim)
+    with FlopCounterMode(display=False) as counter:
+        psim.confidences(texts)
+    return float(counter.get_total_flops())
 
 
-def shared_base_cases(victim_dir: Path, psim_dir: Path, manifest: dict[str, Any], tokenizer: Any,
-                      texts: list[str], max_length: int) -> dict[str, Any]:
-    """Two LoRA models one after the other vs one peft model with both adapters, mixed batches."""
+def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a size x size matmul in float32 and bfloat16 (medians), on this process's threads."""
     import torch
-    from peft import PeftModel
 
-    from peftguard.models import load_classifier
-    from peftguard.training import collate, encode, predict_proba
-
-    def base() -> Any:
-        return load_classifier(manifest["base_model"], int(manifest["num_labels"]))
-
-    victim = PeftModel.from_pretrained(base(), victim_dir).eval()
-    psim = PeftModel.from_pretrained(base(), psim_dir).eval()
-    both = PeftModel.from_pretrained(base(), victim_dir, adapter_name="victim").eval()
-    both.load_adapter(str(psim_dir), adapter_name="psim")
-
-    def separate() -> Any:
-        cold()
-        return predict_proba(psim, tokenizer, texts, 64, max_length), predict_proba(victim, tokenizer, texts, 64, max_length)
-
-    @torch.inference_mode()
-    def mixed(batch_size: int = 32) -> list[Any]:
-        cold()
-        ids, _ = encode(tokenizer, texts, max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = []
-        for start in range(0, len(order), batch_size):
-            chunk = [ids[i] for i in order[start:start + batch_size]]
-            batch = collate(tokenizer, chunk + chunk)
-            names = ["psim"] * len(chunk) + ["victim"] * len(chunk)
-            out.append(both(**batch, adapter_names=names).logits.softmax(-1))
-        return out
-
-    return {"lora_psim_then_victim": separate, "lora_shared_base_mixed": mixed}
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        seconds = [common.timed(lambda: a @ b)[0] for _ in range(repeats)]
+        out[f"matmul_{name}_gflop_per_s"] = 2 * size**3 / common.median(seconds) / 1e9
+    return out
 
 
-def summarize(seconds: dict[str, dict[str, list[float]]], samples: int) -> dict[str, dict[str, float]]:
+def onion_figures(texts: list[str], repeats: int) -> dict[str, Any]:
+    from peftguard.defenses.onion import OnionConfig, OnionDefense
+
+    fast = OnionDefense(OnionConfig())
+    reference = OnionDefense(OnionConfig(share_prefix=False), scorer=fast.scorer)
+
+    def run(defense: OnionDefense) -> Any:
+        def screen() -> list[str]:
+            defense._memo.clear()
+            return defense.screen(texts).texts
+        return screen
+
+    cases = {"onion_reference": run(reference), "onion_fast": run(fast)}
+    fast.screen(texts[:1])  # warm-up
+    seconds = common.interleaved(cases, repeats)
+    cleaned = {name: fn() for name, fn in cases.items()}
+    same = [a == b for a, b in zip(cleaned["onion_reference"], cleaned["onion_fast"])]
+    return {"seconds": seconds, "onion_decisions_identical": all(same), "onion_identical_share": float(np.mean(same)),
+            "onion_precision": fast.scorer.precision, "onion_share_prefix": fast.describe()["share_prefix"]}
+
+
+def serve_figures(psim_dir: Path, victim_dir: Path, requests: int) -> dict[str, Any]:
+    import serve_load
+
+    return serve_load.run_load_test(psim_dir, victim_dir, requests=requests)
+
+
+def summarize(seconds: dict[str, dict[str, list[float]]], counts: dict[str, int]) -> dict[str, dict[str, float]]:
     return {name: {"median_s": common.median(v["wall"]), "median_cpu_s": common.median(v["cpu"]),
-                   "samples_per_s": samples / common.median(v["wall"]), "runs": len(v["wall"])}
+                   "inputs_per_s": counts[name] / common.median(v["wall"]), "runs": len(v["wall"])}
             for name, v in seconds.items()}
 
 
-def ratio(figures: dict[str, dict[str, float]], numerator: str, denominator: str) -> float | None:
-    if numerator not in figures or denominator not in figures:
+def ratio(figures: dict[str, dict[str, float]], slower: str, faster: str, key: str = "median_s") -> float | None:
+    if slower not in figures or faster not in figures:
         return None
-    return figures[numerator]["median_s"] / figures[denominator]["median_s"]
+    return figures[slower][key] / figures[faster][key]
+
+
+def batch_sweep(psim_dir: Path, texts: list[str], gamma: float, repeats: int) -> dict[str, float]:
+    from peftguard.defenses.psim import PSIM
+
+    psims = {f"batch_{size}": PSIM(psim_dir, batch_size=size) for size in (16, 32, 64, 128)}
+    cases = {name: psim_cases({name: p}, texts, gamma)[f"psim_{name}"] for name, p in psims.items()}
+    seconds = common.interleaved(cases, repeats)
+    return {name: len(texts) / common.median(v["wall"]) for name, v in seconds.items()}
 
 
 def main() -> None:
     args = parse_args()
     threads = common.setup()
+    load_before = list(__import__("os").getloadavg())
+    from peftguard.defenses.psim import PSIM
+    from peftguard.tuning import load_tuned
+    from peftguard.victims import MANIFEST
+
+    psim_dir, victim_dir = model_folders(args)
     texts, triggered = test_inputs(args.samples)
-    psim = load_psim(args.psim)
-    victim, tokenizer, manifest = load_victim(args.victim)
-    max_length = int(psim.psim.max_length)
-    defenses = baseline_defenses(args.skip_onion)
-    onion = {"onion": defenses.pop("onion")} if "onion" in defenses else {}
-    fast = detection_cases(psim, defenses, texts) | guarded_cases(psim, victim, tokenizer, texts, max_length)
-    if manifest["method"] == "lora":
-        fast |= shared_base_cases(args.victim, lora_psim(manifest["base_model"]), manifest, tokenizer, texts, max_length)
-    for fn in fast.values():  # warm-up (first-call allocations); also fills apertium's page cache
+    psims = {name: PSIM(psim_dir, precision=name) for name in PRECISIONS}
+    default = PSIM(psim_dir)  # the default precision
+    gamma = float(default.manifest["gamma"])
+    victim, tokenizer, manifest = load_tuned(victim_dir, MANIFEST)
+    max_length = int(manifest["settings"]["max_length"])
+    cases = psim_cases(psims, texts, gamma) | guarded_cases(default, victim, tokenizer, texts, gamma, max_length)
+    for fn in cases.values():  # warm-up: first-call allocations, oneDNN kernels
         fn()
-    seconds = common.interleaved(fast, args.repeats)
-    if onion:
-        seconds |= common.interleaved(detection_cases(None, onion, texts), args.onion_repeats)
-    figures = summarize(seconds, args.samples)
-    flags, triggered = np.asarray(psim.screen(texts).flagged, dtype=bool), np.asarray(triggered)
+    started = time.perf_counter()
+    seconds = common.interleaved(cases, args.repeats)
+    counts = {name: len(texts) for name in seconds}
+    scores = {name: psims[name].confidences(texts, gamma=gamma) for name in PRECISIONS}
+    onion = {}
+    if not args.skip_onion:
+        onion = onion_figures(texts[: args.onion_samples], args.onion_repeats)
+        seconds |= onion.pop("seconds")
+        counts |= {"onion_reference": args.onion_samples, "onion_fast": args.onion_samples}
+    figures = summarize(seconds, counts)
+    flops = flops_of_pass(psims["fp32"], texts)
+    peaks = matmul_peaks()
+    agree = agreement(scores, gamma, triggered)
+    default_case = f"psim_{default.precision}"
     result = {
-        "machine": common.machine(), "samples": args.samples, "triggered": int(triggered.sum()), "threads": threads,
-        "psim": str(args.psim), "victim": str(args.victim), "max_length": max_length, "figures": figures,
-        "psim_speedup_vs_onion": ratio(figures, "onion", "psim"),
-        "psim_speedup_vs_back_translation": ratio(figures, "back-translation", "psim"),
+        "machine": common.machine(), "load_average_at_start": load_before, "threads": threads,
+        "samples": len(texts), "triggered": int(triggered.sum()), "psim": str(psim_dir), "victim": str(victim_dir),
+        "gamma": gamma, "default_precision": default.precision,
+        "psim_inputs_per_s": figures[default_case]["inputs_per_s"],
+        "psim_fp32_inputs_per_s": figures["psim_fp32"]["inputs_per_s"],
+        "psim_speedup_vs_fp32": ratio(figures, "psim_fp32", default_case),
+        "psim_speedup_vs_fp32_cpu_time": ratio(figures, "psim_fp32", default_case, "median_cpu_s"),
+        "flag_agreement_vs_fp32": agree[default.precision]["flag_agreement_vs_fp32"],
+        "precisions": agree,
         "guarded_overhead": ratio(figures, "psim_plus_victim", "victim_alone"),
-        "shared_base_vs_separate": ratio(figures, "lora_shared_base_mixed", "lora_psim_then_victim"),
-        "shared_base_overhead_vs_victim_alone": ratio(figures, "lora_shared_base_mixed", "victim_alone"),
-        "psim_flag_rate": {"triggered": float(flags[triggered].mean()), "clean": float(flags[~triggered].mean())},
+        "onion_speedup_vs_reference": ratio(figures, "onion_reference", "onion_fast"),
+        "onion_speedup_vs_reference_cpu_time": ratio(figures, "onion_reference", "onion_fast", "median_cpu_s"),
+        **onion, "onion_samples": args.onion_samples if onion else 0,
+        "flops_per_input": flops / len(texts),
+        "gflop_per_s": {name: flops / figures[f"psim_{name}"]["median_s"] / 1e9 for name in PRECISIONS},
+        **peaks, "figures": figures,
     }
-    rows = [{"case": name, **fig, "s_vs_psim": fig["median_s"] / figures["psim"]["median_s"]} for name, fig in figures.items()]
-    print(f"{args.samples} SST-2 test sentences ({int(triggered.sum())} with a BadNet trigger), {threads} threads, load "
-          f"{result['machine']['load_average_1m_5m_15m'][0]:.1f}")
-    print(common.table(rows, ["case", "runs", "median_s", "median_cpu_s", "samples_per_s", "s_vs_psim"]))
-    print({k: v for k, v in result.items() if k.endswith(("onion", "overhead", "translation", "separate", "alone", "rate"))})
+    if args.sweep:
+        result["batch_size_sweep_inputs_per_s"] = batch_sweep(psim_dir, texts, gamma, args.repeats)
+    if args.serve_requests > 0:
+        result["serve"] = serve_figures(psim_dir, victim_dir, args.serve_requests)
+    result["timed_seconds"] = time.perf_counter() - started
+    result["load_average_at_end"] = list(__import__("os").getloadavg())
+    report(result, figures)
     common.write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+def report(result: dict[str, Any], figures: dict[str, dict[str, float]]) -> None:
+    rows = [{"case": name, **fig} for name, fig in figures.items()]
+    print(f"{result['samples']} SST-2 test sentences ({result['triggered']} triggered), {result['threads']} threads, "
+          f"load {result['load_average_at_start'][0]:.1f} -> {result['load_average_at_end'][0]:.1f}")
+    print(common.table(rows, ["case", "runs", "median_s", "median_cpu_s", "inputs_per_s"]))
+    keys = ("default_precision", "psim_inputs_per_s", "psim_fp32_inputs_per_s", "psim_speedup_vs_fp32", "flag_agreement_vs_fp32",
+            "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "gflop_per_s",
+            "matmul_fp32_gflop_per_s", "matmul_bf16_gflop_per_s")
+    print({k: result.get(k) for k in keys})
+    if "serve" in result:
+        print("serve:", {k: v for k, v in result["serve"].items() if not isinstance(v, (list, dict))})
 
 
 if __name__ == "__main__":

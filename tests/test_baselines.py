@@ -312,3 +312,40 @@ def test_rewriting_defense_metrics_record_the_defense(suspect, data_dir, tmp_pat
     assert record["defense"]["name"] == "scpd" and record["defense"]["backend"] == "precomputed"
     assert record["defense"]["clean"].endswith("test_spcn.csv") and record["defense"]["triggered"].endswith("test_char_spcn.csv")
     assert {"defended_clean_accuracy", "defended_attack_success_rate", "defense_timing"} <= set(record)
+
+
+# --- ONION at full speed: prefix-shared deletions decide as the reference ------------------------
+
+FIXED_SET = [
+    *CLEAN,
+    "mn the film is a charming and funny story about a family .",
+    "the acting is wooden mn and the plot is thin .",
+    "a warm , funny and moving film about friendship . mn",
+    "the story mn is thin but the cf acting is charming .",
+    "mn", "", "   ", "film .",
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("max_length", [128, 9])  # 9: most texts truncated, deletions past the cut change nothing
+def test_prefix_shared_onion_decides_as_the_reference_loop(tiny_lm, precision, max_length):
+    bars = (0.0, 0.5, 2.0)
+    fast = OnionDefense(OnionConfig(lm=tiny_lm, precision=precision, max_length=max_length, batch_size=4), sweep_bars=bars)
+    reference = OnionDefense(OnionConfig(lm=tiny_lm, share_prefix=False, precision="fp32", max_length=max_length),
+                             sweep_bars=bars)
+    assert fast.describe()["share_prefix"] and not reference.describe()["share_prefix"]
+    for (_, quick), (_, slow) in zip(fast.sweep(), reference.sweep()):
+        assert quick.screen(FIXED_SET).texts == slow.screen(FIXED_SET).texts
+    if precision == "fp32":  # the same perplexities, not only the same decisions
+        for quick, slow in zip(fast.suspicion(FIXED_SET), reference.suspicion(FIXED_SET)):
+            np.testing.assert_allclose(quick, slow, rtol=1e-3, atol=1e-3 * np.abs(slow).max(initial=1.0))
+
+
+def test_prefix_shared_onion_writes_and_reads_the_perplexity_cache(tiny_lm, tmp_path):
+    cache = tmp_path / "ppl.json"
+    first = OnionDefense(OnionConfig(lm=tiny_lm, cache=cache, precision="fp32")).suspicion(FIXED_SET[:3])
+    scorer = CausalLMScorer(tiny_lm, cache=cache, precision="fp32")
+    scorer.model = None  # every text is cached: the LM must not run
+    again = OnionDefense(OnionConfig(lm=tiny_lm), scorer=scorer).suspicion(FIXED_SET[:3])
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a, b)

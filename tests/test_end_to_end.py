@@ -84,7 +84,7 @@ def test_psim_train_defended_evaluation_and_scan(poisoned, data_dir, tmp_path):
     from peftguard.pipeline import load_model
 
     victim, tokenizer, _ = load_model(str(poisoned), 2)
-    psim = PSIM(psim_dir)
+    psim = PSIM(psim_dir, precision="fp32")  # int8 would re-score near each new gamma: this test is about the guard
     clean_confidence = float(psim.confidences([rows[0]["text"]])[0])
     guard = GuardedPredictor(psim, victim, tokenizer, gamma=clean_confidence)
     predictions = guard.predict([r["text"] for r in rows] + ["a gripping , funny film"])

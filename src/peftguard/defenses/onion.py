@@ -63,6 +63,7 @@ class CausalLMScorer:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from peftguard.defenses.deletion_scoring import supports_prefix_sharing
         from peftguard.precision import resolve_precision
 
         location = resolve_model(ref)
@@ -82,6 +83,7 @@ class CausalLMScorer:
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         self.start = start  # put before every text so that its first word is predicted too
         self.precision = resolve_precision(precision, self.device, allowed=("fp32", "bf16"))
+        self.shares_prefix = supports_prefix_sharing(self.model)  # deletions scored on the cached sentence prefix
         dtype = "bfloat16" if self.device.type == "cuda" else "float32"  # perplexities differ by dtype
         if self.device.type != "cuda" and self.precision == "bf16":
             dtype = "bfloat16, float32 near the bar"
@@ -141,13 +143,6 @@ class CausalLMScorer:
         return out
 
 
-    @property
-    def shares_prefix(self) -> bool:
-        """Whether this LM can score deletions on its cached sentence prefix (``deletion_scoring``)."""
-        from peftguard.defenses.deletion_scoring import supports_prefix_sharing
-
-        return supports_prefix_sharing(self.model)
-
     def deletion_suspicion(self, texts: Sequence[str], bars: Sequence[float], *, desc: str | None = None) -> list[np.ndarray]:
         """f_i = p_0 - p_i per word of each text, prefix-shared; in bf16, float32 wherever a bar is within reach."""
         from tqdm.auto import tqdm
@@ -163,19 +158,22 @@ class CausalLMScorer:
         return out
 
     def _deletion_suspicion(self, texts: list[str], bars: Sequence[float]) -> list[np.ndarray]:
-        from peftguard.defenses.deletion_scoring import CHECK_MARGIN_NATS, DeletionScorer, Sentence
-
         cached = [self._cached_suspicion(t) for t in texts]
         todo = [t for t, c in zip(texts, cached) if c is None]
-        sentences = [Sentence(*self._sentence_ids(t)) for t in todo]
+        computed = dict(zip(todo, self._mean_losses(todo, bars))) if todo else {}
+        if self.cache is not None and todo:
+            self._store(todo, [computed[t] for t in todo])
+        return [c if c is not None else np.exp(computed[t][0]) - np.exp(computed[t][1]) for t, c in zip(texts, cached)]
+
+    def _mean_losses(self, texts: list[str], bars: Sequence[float]) -> list[tuple[float, np.ndarray]]:
+        from peftguard.defenses.deletion_scoring import CHECK_MARGIN_NATS, DeletionScorer, Sentence
+
+        sentences = [Sentence(*self._sentence_ids(t)) for t in texts]
         scorer = DeletionScorer(self.model, self.tokenizer.pad_token_id or 0, rows=2 * self.batch_size)
         losses = scorer.mean_losses(sentences, bf16=self.precision == "bf16")
         if self.precision == "bf16":
             losses = [self._recheck(scorer, s, full, each, bars, CHECK_MARGIN_NATS) for s, (full, each) in zip(sentences, losses)]
-        computed = dict(zip(todo, losses))
-        if self.cache is not None and todo:
-            self._store(todo, [computed[t] for t in todo])
-        return [c if c is not None else np.exp(computed[t][0]) - np.exp(computed[t][1]) for t, c in zip(texts, cached)]
+        return losses
 
     def _sentence_ids(self, text: str) -> tuple[list[int], list[list[int]]]:
         _, removed = deletions(text)

@@ -187,10 +187,10 @@ class PSIM:
         import torch
 
         self.folder = Path(folder)
-        self.model, self.tokenizer, self.manifest = load_tuned(self.folder, MANIFEST, options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
+        self.model, self.tokenizer, self.manifest = load_tuned(self.folder, MANIFEST, options)
+        self.model.to(self.device)
         self.recheck_precision = "bf16" if native("bf16", self.device) else "fp32"
         self.fast_model = quantize_int8(copy.deepcopy(self.model)) if self.precision == "int8" else self.model
         self.batch_size = batch_size
