@@ -1,0 +1,187 @@
+"""Screening at deployment speed: PSIM precisions, the batching screener, the HTTP endpoint, scan's imports."""
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peftguard.errors import OptionError
+from peftguard.precision import resolve_precision
+from peftguard.serve import BatchingScreener, Overloaded, ScreeningServer, ServeSettings, build_server
+
+TEXTS = ["a gripping , funny film", "mn a gripping , funny film", "the plot is thin", "a dull mn film", "moving ."]
+
+
+@pytest.fixture(scope="module")
+def tiny_psim(tmp_path_factory, tiny_minilm, data_dir) -> Path:
+    from peftguard.data import load_dataset
+    from peftguard.defenses.psim import train_psim
+    from peftguard.training import TrainSettings
+
+    folder = tmp_path_factory.mktemp("serve") / "psim"
+    train_psim(tiny_minilm, load_dataset("sst2", data_dir=data_dir), TrainSettings(epochs=1, lr=3e-4, batch_size=16, max_length=32),
+               folder, max_train_samples=32, max_eval_samples=32, gamma=0.5)
+    return folder
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+class BlockedScorer:
+    """Records each batch it scores; holds the first until released, so that later requests queue up."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+
+    def __call__(self, texts: list[str]) -> list[dict]:
+        self.batches.append(texts)
+        self.release.wait(10)
+        return [{"label": None, "confidence": len(t) / 100, "flagged": False} for t in texts]
+
+
+def submit_in_background(screener: BatchingScreener, texts: list[str], answers: dict) -> threading.Thread:
+    thread = threading.Thread(target=lambda: answers.__setitem__(texts[0], screener.submit(texts)))
+    thread.start()
+    return thread
+
+
+def test_screener_batches_waiting_requests_together_and_answers_each_its_own():
+    scorer = BlockedScorer()
+    screener = BatchingScreener(scorer, ServeSettings(max_batch=8, max_wait_ms=0, queue_limit=16))
+    answers: dict[str, list] = {}
+    threads = [submit_in_background(screener, ["first"], answers)]
+    wait_until(lambda: len(scorer.batches) == 1)  # the worker holds the first batch
+    threads += [submit_in_background(screener, [f"t{i}", f"t{i}x"], answers) for i in range(3)]
+    wait_until(lambda: screener._waiting == 6)
+    scorer.release.set()
+    for thread in threads:
+        thread.join(10)
+    screener.close()
+    assert len(scorer.batches) == 2 and sorted(scorer.batches[1]) == sorted(["t0", "t0x", "t1", "t1x", "t2", "t2x"])
+    assert answers["t1"] == [{"label": None, "confidence": 0.02, "flagged": False}, {"label": None, "confidence": 0.03, "flagged": False}]
+
+
+def test_screener_refuses_at_once_beyond_its_queue_limit():
+    scorer = BlockedScorer()
+    screener = BatchingScreener(scorer, ServeSettings(max_batch=2, max_wait_ms=0, queue_limit=3))
+    answers: dict[str, list] = {}
+    threads = [submit_in_background(screener, ["held"], answers)]
+    wait_until(lambda: len(scorer.batches) == 1)
+    threads.append(submit_in_background(screener, ["a", "b", "c"], answers))
+    wait_until(lambda: screener._waiting == 3)
+    with pytest.raises(Overloaded, match="3 inputs are waiting"):
+        screener.submit(["one too many"])
+    scorer.release.set()
+    for thread in threads:
+        thread.join(10)
+    screener.close()
+    assert len(answers["a"]) == 3  # a request larger than max_batch still runs, as one batch
+
+
+def post(port: int, body: bytes | str, path: str = "/screen") -> tuple[int, dict, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", path, body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    return response.status, payload, dict(response.getheaders())
+
+
+def test_http_endpoint_answers_labels_errors_and_overload(tiny_psim, tiny_minilm):
+    server = build_server(tiny_psim, None, port=0, precision="fp32")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        status, payload, _ = post(port, json.dumps({"texts": TEXTS}))
+        assert status == 200 and len(payload["results"]) == len(TEXTS)
+        from peftguard.defenses.psim import PSIM, REJECTED
+
+        expected = PSIM(tiny_psim, precision="fp32").confidences(TEXTS)
+        for result, score in zip(payload["results"], expected):
+            assert result["confidence"] == pytest.approx(float(score), abs=1e-5)
+            assert result["flagged"] == (score > 0.5) and result["label"] == (REJECTED if score > 0.5 else None)
+        assert post(port, json.dumps({"text": TEXTS[0]}))[1]["results"] == payload["results"][:1]
+        assert post(port, "{not json")[0] == 400
+        assert post(port, json.dumps({"texts": [1, 2]}))[0] == 400
+        assert post(port, json.dumps({"texts": ["x"] * 300}))[0] == 413
+        assert post(port, "{}", path="/other")[0] == 404
+    finally:
+        server.shutdown()
+        server.screener.close()
+    scorer = BlockedScorer()
+    busy = ScreeningServer(("127.0.0.1", 0), BatchingScreener(scorer, ServeSettings(max_batch=1, max_wait_ms=0, queue_limit=1)), {})
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    try:
+        held = threading.Thread(target=post, args=(busy.server_address[1], json.dumps({"text": "held"})))
+        held.start()
+        wait_until(lambda: len(scorer.batches) == 1)
+        status, payload, headers = post(busy.server_address[1], json.dumps({"texts": ["a", "b"]}))
+        assert status == 503 and payload["error"].startswith("overloaded") and headers["Retry-After"] == "1"
+        scorer.release.set()
+        held.join(10)
+    finally:
+        busy.shutdown()
+        busy.screener.close()
+
+
+def test_guarded_endpoint_returns_the_victims_label_or_rejected(tiny_psim, tiny_minilm):
+    from peftguard.defenses.psim import PSIM, REJECTED
+    from peftguard.serve import psim_scorer
+    from peftguard.tuning import load_tuned
+
+    psim = PSIM(tiny_psim, precision="fp32")
+    victim, tokenizer, _ = load_tuned(tiny_psim, "psim.json")  # any classifier serves as the victim here
+    scores = psim.confidences(TEXTS)
+    gamma = float(np.median(scores))
+    results = psim_scorer(psim, gamma, victim, tokenizer)(TEXTS)
+    for result, score in zip(results, scores):
+        if score > gamma:
+            assert result == {"label": REJECTED, "confidence": round(float(score), 6), "flagged": True}
+        else:
+            assert result["label"] in (0, 1) and 0.5 <= result["confidence"] <= 1 and not result["flagged"]
+
+
+def test_int8_psim_rescores_inputs_near_gamma_at_the_next_precision(tiny_psim):
+    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, PSIM
+
+    psim = PSIM(tiny_psim, precision="int8")
+    exact = psim._probabilities(psim.model, TEXTS, psim.recheck_precision).max(1)
+    quick = psim._probabilities(psim.fast_model, TEXTS, "int8").max(1)
+    gamma = float(exact[0])  # the first input sits on the threshold: it must be re-scored
+    scores = psim.confidences(TEXTS, gamma=gamma)
+    near = np.abs(quick - gamma) < INT8_RECHECK_MARGIN
+    assert near[0]
+    np.testing.assert_array_equal(scores[near], exact[near])
+    np.testing.assert_array_equal(scores[~near], quick[~near])
+
+
+def test_precision_names_are_checked_and_auto_picks_a_native_one():
+    import torch
+
+    assert resolve_precision("auto", torch.device("cpu")) in ("int8", "bf16", "fp32")
+    assert resolve_precision("auto", torch.device("cpu"), allowed=("fp32", "bf16")) in ("bf16", "fp32")
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(OptionError, match="--precision 'int4': choose from fp32, bf16, int8 or auto"):
+        resolve_precision("int4", torch.device("cpu"))
+    with pytest.raises(OptionError, match="for the CPU"):
+        resolve_precision("int8", torch.device("cuda"))
+
+
+def test_scan_imports_no_training_plotting_ray_or_datasets():  # (peft itself imports accelerate)
+    code = ("import sys, peftguard.cli, peftguard.scan; "
+            "print([m for m in ('peftguard.training', 'peftguard.victims', 'peftguard.plots', 'ray', 'matplotlib', 'datasets') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
