@@ -12,6 +12,7 @@ Inputs: N SST-2 test sentences, every other one with a BadNet trigger inserted (
 3. ONION (packaged SmolLM2, bar 0) on the first M sentences: the reference (one full LM pass per candidate
    text, float32) vs the default (prefix-shared deletions, default precision); decisions (cleaned texts) compared.
 4. ``psim serve`` on loopback: concurrent clients, bounded requests (``serve_load.py``).
+5. ``peftguard psim scan`` of one input in a fresh process: time to first result, and its imports alone.
 
 Models: ``--psim``/``--victim`` (e.g. the demo's ``runs/demo/psim`` and ``runs/demo/attack/lora``), else a
 small poisoned MiniLM, PSIM and LoRA victim built once and cached (``bench_models.py``, about 5 minutes).
@@ -161,6 +162,21 @@ def serve_figures(psim_dir: Path, victim_dir: Path, requests: int) -> dict[str, 
     return serve_load.run_load_test(psim_dir, victim_dir, requests=requests)
 
 
+def time_to_first_result(psim_dir: Path, text: str, runs: int = 3) -> dict[str, float]:
+    """Wall seconds of ``peftguard psim scan`` on one input, a fresh process each run (median), and of its imports."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "one.txt"
+        source.write_text(text + "\n", encoding="utf-8")
+        scan = [sys.executable, "-m", "peftguard.cli", "psim", "scan", "--psim", str(psim_dir), "--input", str(source)]
+        imports = [sys.executable, "-c", "import peftguard.cli, peftguard.scan"]
+        timed = {name: [common.timed(lambda c=command: subprocess.run(c, check=True, capture_output=True))[0] for _ in range(runs)]
+                 for name, command in (("scan", scan), ("imports", imports))}
+    return {"scan_time_to_first_result_s": common.median(timed["scan"]), "scan_import_s": common.median(timed["imports"])}
+
+
 def summarize(seconds: dict[str, dict[str, list[float]]], counts: dict[str, int]) -> dict[str, dict[str, float]]:
     return {name: {"median_s": common.median(v["wall"]), "median_cpu_s": common.median(v["cpu"]),
                    "inputs_per_s": counts[name] / common.median(v["wall"]), "runs": len(v["wall"])}
@@ -234,6 +250,7 @@ def main() -> None:
     }
     if args.sweep:
         result["batch_size_sweep_inputs_per_s"] = batch_sweep(psim_dir, texts, gamma, args.repeats)
+    result |= time_to_first_result(psim_dir, texts[0])
     if args.serve_requests > 0:
         result["serve"] = serve_figures(psim_dir, victim_dir, args.serve_requests)
     result["timed_seconds"] = time.perf_counter() - started
@@ -249,7 +266,7 @@ def report(result: dict[str, Any], figures: dict[str, dict[str, float]]) -> None
           f"load {result['load_average_at_start'][0]:.1f} -> {result['load_average_at_end'][0]:.1f}")
     print(common.table(rows, ["case", "runs", "median_s", "median_cpu_s", "inputs_per_s"]))
     keys = ("default_precision", "psim_inputs_per_s", "psim_fp32_inputs_per_s", "psim_speedup_vs_fp32", "flag_agreement_vs_fp32",
-            "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "gflop_per_s",
+            "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "scan_time_to_first_result_s", "gflop_per_s",
             "matmul_fp32_gflop_per_s", "matmul_bf16_gflop_per_s")
     print({k: result.get(k) for k in keys})
     if "serve" in result:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--psim", type=Path)
     parser.add_argument("--victim", type=Path)
@@ -77,7 +77,7 @@ def serving(psim_dir: Path, victim_dir: Path | None, **settings: Any):
     return server
 
 
-def run_load_test(psim_dir: Path, victim_dir: Path | None, *, requests: int = 400, clients: int = 16,
+def run_load_test(psim_dir: Path, victim_dir: Path | None, *, requests: int = 400, clients: int = 32,
                   max_seconds: float = 60.0) -> dict[str, Any]:
     """Throughput and latency under ``clients`` concurrent clients; then an overload burst against a 4-input queue."""
     texts = [ex.text for ex in common.sst2_examples("test", 500)]

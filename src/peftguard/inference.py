@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 log = logging.getLogger(__name__)
 
 
+ENCODING_CACHE_ENTRIES = 64  # text sets kept (oldest dropped first)
 _ENCODING_CACHE: dict[tuple[str, int, str], tuple[list[list[int]], int]] = {}
 
 
@@ -33,6 +34,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length:
         full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
         truncated = sum(len(ids) > max_length for ids in full)
         ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        if len(_ENCODING_CACHE) >= ENCODING_CACHE_ENTRIES:  # bounded: a server tokenizes a new batch every call
+            del _ENCODING_CACHE[next(iter(_ENCODING_CACHE))]
         _ENCODING_CACHE[key] = (ids, truncated)
         if truncated:  # a note on stderr, once per text set; the count also goes into manifests and metrics
             log.warning("note: %d of %d texts are longer than %d tokens and were truncated", truncated, len(texts), max_length)

@@ -156,6 +156,7 @@ def psim_scorer(psim: Any, gamma: float, victim: Any | None = None, tokenizer: A
 
 class ScreeningServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # the listen backlog: socketserver's default 5 resets connections of a burst of clients
 
     def __init__(self, address: tuple[str, int], screener: BatchingScreener, info: dict[str, Any]) -> None:
         super().__init__(address, ScreeningHandler)
