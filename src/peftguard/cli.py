@@ -291,8 +291,12 @@ def psim_train(
     label_column: LabelColOpt = "label",
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 1).")] = 1,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", help="Train exactly this many epochs under a linear schedule (the paper: 1) instead of the "
+                         "clean-data budget rule.")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(
+        "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [3e-4].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
@@ -300,21 +304,33 @@ def psim_train(
     trust_remote_code: RemoteCodeOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a PSIM: a PEFT module on the given weights with training labels reset at random."""
-    from peftguard.defenses.psim import DEFAULT_PSIM_LR, train_psim
+    """Train a PSIM: a PEFT module on the given weights with training labels reset at random.
+
+    By default training stops by a rule that reads only clean dev data: at the first check (every
+    1/8 epoch) where the mean clean confidence is within a fifth of the way from chance (1/K) to
+    certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
+    """
+    from peftguard.defenses.psim import train_psim
+    from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 
     _setup_logging(verbose)
+    if epochs is not None and max_epochs is not None:
+        raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None)
     data = _dataset(dataset, data_dir, text_column, label_column)
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=1, default_lr=DEFAULT_PSIM_LR)
+    budget = None if epochs is not None else BudgetRule(**({"max_epochs": max_epochs} if max_epochs is not None else {}))
     manifest = train_psim(
-        model, data, settings, out, config=config, reset_rate=reset_rate, gamma=gamma, target_fpr=target_fpr,
-        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        model, data, settings, out, config=config, budget=budget, reset_rate=reset_rate, gamma=gamma,
+        target_fpr=target_fpr, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
         options=_options(allow_pickle, trust_remote_code),
     )
     choice = manifest["gamma_choice"]
     how = "fixed" if choice["how"] == "fixed" else f"calibrated to FPR {choice['target_fpr']} on {choice['calibration_samples']} clean dev samples"
-    typer.echo(f"PSIM saved to {out}; gamma {manifest['gamma']:.4f} ({how})")
+    trained = manifest["training"]
+    stop = manifest["budget"]["stop_reason"]
+    typer.echo(f"PSIM saved to {out}; {trained['steps']} steps ({stop}), clean dev confidence "
+               f"{manifest['dev_confidence_mean']:.3f}; gamma {manifest['gamma']:.4f} ({how})")
 
 
 @psim_app.command("scan")
@@ -347,7 +363,8 @@ def demo(
     max_eval_samples: MaxEvalOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Victim fine-tuning epochs.")] = 2,
     poison_epochs: Annotated[int, typer.Option("--poison-epochs", help="Weight-poisoning epochs.")] = 3,
-    psim_epochs: Annotated[int, typer.Option("--psim-epochs", help="PSIM training epochs (paper: 1).")] = 1,
+    psim_epochs: Annotated[Optional[int], typer.Option(
+        "--psim-epochs", help="PSIM: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
     methods: Annotated[Optional[list[str]], typer.Option("--method", help="Fine-tuning method to include (repeat; default all five).")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option(
         "--defense", "--defenses",

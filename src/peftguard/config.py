@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.errors import DataError, OptionError
 
 MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
@@ -54,8 +55,9 @@ class VictimConfig(Strict):
 
 class PSIMConfig(Strict):
     method: MethodName = "ptuning-v1"
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    epochs: Optional[int] = Field(None, ge=1, description="fixed epochs (the paper: 1); null: the clean-data budget rule")
+    max_epochs: int = Field(BudgetRule().max_epochs, ge=1, description="budget rule: give up after this many epochs")
+    lr: float = Field(DEFAULT_PSIM_LR, gt=0)
     reset_rate: float = Field(1.0, ge=0, le=1)
     num_virtual_tokens: int = Field(5, ge=1)
     encoder_hidden_size: int = Field(128, ge=1)

@@ -21,7 +21,8 @@ import typer
 
 from peftguard.artifacts import read_json, write_json, write_text
 from peftguard.data import TextDataset, load_dataset, subsample
-from peftguard.defenses.psim import DEFAULT_PSIM_LR, PAPER_GAMMA, PSIM, PSIMDefense, train_psim
+from peftguard.defenses.psim import PAPER_GAMMA, PSIM, PSIMDefense, train_psim
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.defenses.registry import DEFENSES, DefenseOptions
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
@@ -50,7 +51,7 @@ class DemoConfig:
     poison_epochs: int = 3
     poison_lr: float = 5e-5
     poison_rate: float = 0.2
-    psim_epochs: int = 1
+    psim_epochs: int | None = None  # None: the clean-data budget rule
     psim_lr: float = DEFAULT_PSIM_LR
     target_label: int = 0
     seed: int = 0
@@ -89,9 +90,9 @@ def run_demo(out: Path, *, data_dir: Path | None = None, baselines: tuple[str, .
     psim_dir = out / "psim"
     if not (psim_dir / "psim.json").is_file():
         typer.echo("demo: training the PSIM on the poisoned weights")
-        psim_settings = TrainSettings(epochs=config.psim_epochs, lr=config.psim_lr, max_length=config.max_length, seed=config.seed)
-        train_psim(str(poisoned_dir), data, psim_settings,
-                   psim_dir, max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
+        psim_settings = TrainSettings(epochs=config.psim_epochs or 1, lr=config.psim_lr, max_length=config.max_length, seed=config.seed)
+        train_psim(str(poisoned_dir), data, psim_settings, psim_dir, budget=None if config.psim_epochs else BudgetRule(),
+                   max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
     psim = PSIM(psim_dir)
     calibrated = PSIMDefense(psim, psim.gamma_for(None, None, None))
     paper = PSIMDefense(psim, psim.gamma_for(None, PAPER_GAMMA, None))
