@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("run", "role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "ca", "asr", "defended_ca",
+COLUMNS = ("run", "role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
            "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "psim_epochs", "stop_reason",
            "dev_confidence_mean", "under_trained", "psim_seconds")
 KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
@@ -28,6 +28,7 @@ def read(path: Path) -> dict[str, Any]:
 def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     plan = read(run_dir / "cells.json")
     role = "development" if plan["name"].endswith("_dev") else "validation"
+    default_fpr = read(run_dir / "config.json").get("evaluate", {}).get("target_fpr", 0.02)
     stages = run_dir / "stages"
     metrics = {c["stage"]: read(stages / c["stage"] / "metrics.json") for c in plan["cells"]
                if (stages / c["stage"] / "metrics.json").is_file()}
@@ -44,6 +45,7 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
         rows.append({
             "run": plan["name"], "role": role, "dataset": cell["dataset"], "attack": cell["attack"],
             "scenario": cell["scenario"], "seed": cell["seed"], "psim_method": manifest["method"], "row": cell["row"],
+            "target_fpr": cell.get("evaluate.target_fpr", default_fpr),
             "ca": pct(before["clean_accuracy"]) if before else pct(m["clean_accuracy"]),
             "asr": pct(before.get("attack_success_rate")) if before else "",
             "defended_ca": pct(m["defended_clean_accuracy"]), "defended_asr": pct(m.get("defended_attack_success_rate")),
@@ -61,7 +63,7 @@ def pct(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    shown = ("role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "ca", "asr", "defended_ca",
+    shown = ("role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
              "defended_asr", "fpr", "auroc", "psim_steps", "psim_epochs", "stop_reason", "dev_confidence_mean", "psim_seconds")
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r[c]) for c in shown) + " |" for r in rows]
