@@ -181,17 +181,22 @@ def _json_default(value: Any) -> Any:
 OVERWRITE_HINT = "choose a new or empty --out, or pass --overwrite to replace it"
 
 
+Inputs = Iterable[str | Path | None]
+
+
 def check_output_dir(
-    out: str | Path, *, marker: str, kind: str, inputs: Iterable[str | Path | None] = (), overwrite: bool = False
+    out: str | Path, *, marker: str, kind: str, inputs: Inputs = (), models: Inputs = (), overwrite: bool = False
 ) -> Path:
     """Refuse an ``--out`` folder this command must not write; return it resolved.
 
     ``marker`` is the file (a manifest) that a ``kind`` output made by this tool always holds.
+    ``inputs`` may not be replaced (be or lie inside ``out``); ``models`` (model and PSIM folders)
+    may not be written into either.
     """
     from peftguard.errors import OutputError
 
     resolved = Path(out).resolve()
-    _check_not_an_input(out, resolved, inputs)
+    _check_not_an_input(out, resolved, inputs, models)
     here = Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
         raise OutputError(f"--out {out} is the current directory or holds it; give a new folder for the {kind}")
@@ -209,7 +214,7 @@ def check_output_dir(
 
 
 def check_output_file(
-    out: str | Path, *, kind: str, made_here: Callable[[Path], bool], inputs: Iterable[str | Path | None] = (),
+    out: str | Path, *, kind: str, made_here: Callable[[Path], bool], inputs: Inputs = (), models: Inputs = (),
     overwrite: bool = False,
 ) -> Path:
     """Refuse an ``--out`` file this command must not write (a folder, an input, a user's file); return it resolved.
@@ -219,11 +224,11 @@ def check_output_file(
     from peftguard.errors import OutputError
 
     resolved = Path(out).resolve()
-    _check_not_an_input(out, resolved, inputs)
+    _check_not_an_input(out, resolved, inputs, models)
     if resolved.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file name for the {kind} (e.g. {Path(out) / 'out.json'})")
     _check_parent_is_a_folder(out, resolved)
-    if resolved.exists() and not overwrite and not _safely(made_here, resolved):
+    if resolved.exists() and resolved.stat().st_size and not overwrite and not _safely(made_here, resolved):
         raise OutputError(f"--out {out} is a file that is not a {kind} made by peftguard; {OVERWRITE_HINT}")
     return resolved
 
@@ -235,17 +240,17 @@ def _safely(made_here: Callable[[Path], bool], path: Path) -> bool:
         return False
 
 
-def _check_not_an_input(out: str | Path, resolved: Path, inputs: Iterable[str | Path | None]) -> None:
+def _check_not_an_input(out: str | Path, resolved: Path, inputs: Inputs, models: Inputs) -> None:
     from peftguard.errors import OutputError
 
-    for given in inputs:
+    for given, sealed in [*((i, False) for i in inputs), *((m, True) for m in models)]:
         if given is None or not Path(given).exists():
             continue  # embedded model names, hub ids, stdin
         source = Path(given).resolve()
         if resolved == source or source.is_relative_to(resolved):
             raise OutputError(f"--out {out} would replace the input {given}; choose another --out")
-        if resolved.is_relative_to(source):
-            raise OutputError(f"--out {out} lies inside the input {given}; choose a folder outside it")
+        if sealed and resolved.is_relative_to(source):
+            raise OutputError(f"--out {out} lies inside the input model folder {given}; choose a folder outside it")
 
 
 def _check_parent_is_a_folder(out: str | Path, resolved: Path) -> None:

@@ -28,8 +28,9 @@ class Bound:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
-        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        show = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
+        low = f"[{show(self.ge)}" if self.ge is not None else f"({show(self.gt)}" if self.gt is not None else None
+        high = f"{show(self.le)}]" if self.le is not None else f"{show(self.lt)})" if self.lt is not None else None
         if low and high:
             return f"{kind} in {low}, {high}"
         if low:
@@ -62,6 +63,10 @@ class Bound:
         return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le), ("lt", self.lt)) if v is not None}
 
 
+# How many result cells `peftguard run` accepts from one config unless --max-cells says more.
+MAX_CELLS = 2000
+
+
 def _count(low: int = 1, high: int | None = None) -> Bound:
     return Bound(integer=True, ge=low, le=high)
 
@@ -74,6 +79,8 @@ UNIT_CLOSED = Bound(ge=0, le=1)
 # (a 10^9-wide prompt encoder, 10^9 trigger words per sample) rather than fail cleanly.
 BOUNDS: dict[str, Bound] = {
     "epochs": _count(1, 10_000),
+    "poison_epochs": _count(1, 10_000),
+    "psim_epochs": _count(1, 10_000),
     "lr": Bound(gt=0, le=1e3),
     "batch_size": _count(1, 1_000_000),
     "max_length": _count(8, 1_000_000),
@@ -101,6 +108,13 @@ BOUNDS: dict[str, Bound] = {
     "weight_decay": Bound(ge=0, le=1e3),
     "warmup_ratio": UNIT_CLOSED,
 }
+
+
+def bounded(name: str, default: Any = ..., **field: Any) -> Any:
+    """A pydantic ``Field`` with the range ``BOUNDS[name]`` (models using it set ``allow_inf_nan=False``)."""
+    from pydantic import Field
+
+    return Field(default, **BOUNDS[name].pydantic(), **field)
 
 
 def flag(name: str) -> str:

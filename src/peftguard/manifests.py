@@ -15,15 +15,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from peftguard.bounds import BOUNDS
+from peftguard.bounds import bounded
 from peftguard.errors import PeftguardError
 
 MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
-
-
-def bounded(name: str, default: Any = ...) -> Any:
-    """A pydantic field with the range :data:`peftguard.bounds.BOUNDS` gives ``name``."""
-    return Field(default, **BOUNDS[name].pydantic())
 
 
 class Record(BaseModel):
@@ -78,6 +73,8 @@ class ReplayableVictimManifest(VictimManifest):
 
 
 class GammaChoiceRecord(Record):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # read back as GammaChoice(**it)
+
     gamma: float = bounded("gamma")
     how: Literal["fixed", "target-fpr"]
     target_fpr: Optional[float] = bounded("target_fpr", None)

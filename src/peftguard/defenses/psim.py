@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from peftguard import metrics
+from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.errors import OptionError
@@ -47,8 +48,7 @@ DEFAULT_PSIM_LR = 3e-4
 
 def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed: int) -> list[Example]:
     """Replace the labels of a ``rate`` share of examples by labels drawn uniformly at random."""
-    if not 0 <= rate <= 1:
-        raise OptionError(f"--reset-rate must be in [0, 1], got {rate}")
+    BOUNDS["reset_rate"].check(rate, "--reset-rate")
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(examples)), round(rate * len(examples))))
     return [Example(ex.text, rng.randrange(num_labels)) if i in chosen else ex for i, ex in enumerate(examples)]
@@ -68,10 +68,10 @@ class GammaChoice:
 def check_gamma_options(gamma: float | None, target_fpr: float | None) -> None:
     if gamma is not None and target_fpr is not None:
         raise OptionError("give --gamma or --target-fpr, not both")
-    if gamma is not None and not 0 < gamma < 1:
-        raise OptionError(f"--gamma must be in (0, 1), got {gamma}")
-    if target_fpr is not None and not 0 <= target_fpr < 1:
-        raise OptionError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+    if gamma is not None:
+        BOUNDS["gamma"].check(gamma, "--gamma")
+    if target_fpr is not None:
+        BOUNDS["target_fpr"].check(target_fpr, "--target-fpr")
 
 
 def choose_gamma(
@@ -121,6 +121,10 @@ def train_psim(
     report = train_classifier(model, tokenizer, train, None, settings, desc="psim")
     dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
     choice = choose_gamma(dev_confidence, gamma, target_fpr)
+    check_can_flag(choice)
+    warning = detector_warning(dev_confidence, choice.gamma)
+    if warning:
+        log.warning("PSIM: %s; it would not work as a detector (warning recorded in %s)", warning, MANIFEST)
     manifest = {
         "kind": "psim",
         "method": method_name(config),
@@ -136,6 +140,8 @@ def train_psim(
         "dev_confidence_histogram": metrics.confidence_histogram(dev_confidence),
         "dev_confidence_mean": float(dev_confidence.mean()),
         "under_trained": under_trained(float(dev_confidence.mean()), dataset.num_labels),
+        "dev_flagged_share": float(metrics.flagged(dev_confidence, choice.gamma).mean()) if len(dev_confidence) else None,
+        "detector_warning": warning,
         **training_record(model, settings, report),
     }
     if manifest["under_trained"]:
@@ -144,6 +150,27 @@ def train_psim(
                     "larger --lr", manifest["dev_confidence_mean"], dataset.num_labels)
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return manifest
+
+
+def check_can_flag(choice: GammaChoice) -> None:
+    """Refuse a calibrated gamma no confidence can exceed (clean dev confidences saturated at 1.0)."""
+    if not choice.gamma < 1:
+        raise OptionError(
+            f"PSIM: gamma calibrated to {choice.gamma} on clean dev data: no input can have a confidence above it, "
+            "so the detector would flag nothing; train longer (--epochs) or with a larger --lr"
+        )
+
+
+def detector_warning(dev_confidence: np.ndarray, gamma: float) -> str | None:
+    """What is wrong with a PSIM that flags every clean dev input, or gives them all one confidence."""
+    if len(dev_confidence) == 0:
+        return None
+    if bool(metrics.flagged(dev_confidence, gamma).all()):
+        return f"it flags every one of its {len(dev_confidence)} clean dev inputs (gamma {gamma:.4f} is below all their confidences)"
+    if float(np.ptp(dev_confidence)) < 1e-6:
+        return (f"it gives all {len(dev_confidence)} clean dev inputs the same confidence {float(dev_confidence[0]):.4f}, "
+                "so it cannot tell inputs apart")
+    return None
 
 
 UNDER_TRAINED_SHARE = 0.3
