@@ -131,12 +131,9 @@ def test_run_out_keeps_a_users_config_and_accepts_its_own_run_folder(tmp_path, m
     assert code == 0
 
 
-def test_overwrite_replaces_and_an_artifact_of_the_same_kind_is_replaced_without_it(tiny_minilm, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "dev", "test"):
-        rows = "".join(f"text number {i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(8))
-        (data / f"{split}.csv").write_text("text,label\n" + rows)
+def test_overwrite_replaces_and_an_artifact_of_the_same_kind_is_replaced_without_it(tiny_minilm, tiny_dataset, tmp_path,
+                                                                                      monkeypatch, capsys):
+    data = tiny_dataset
     out = user_folder(tmp_path / "victim")
     common = ["finetune", "--model", tiny_minilm, "--dataset", data, "--out", out, "--max-length", 16, "--epochs", 1]
     code, stderr = run_cli(monkeypatch, capsys, *common, "--overwrite")

@@ -74,15 +74,7 @@ def copy_model(tiny_minilm: str, folder: Path, *, skip: tuple[str, ...] = ()) ->
     return folder
 
 
-def tiny_dataset(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for split in ("train", "dev", "test"):
-        rows = "".join(f"review {i} was {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(8))
-        (folder / f"{split}.csv").write_text("text,label\n" + rows)
-    return folder
-
-
-def test_a_secret_behind_a_symlinked_vocab_never_reaches_an_artifact(tmp_path, tiny_minilm, monkeypatch, capsys):
+def test_a_secret_behind_a_symlinked_vocab_never_reaches_an_artifact(tmp_path, tiny_minilm, tiny_dataset, monkeypatch, capsys):
     from peftguard.cli import main
 
     secret = tmp_path / "outside" / "id_rsa"
@@ -91,7 +83,7 @@ def test_a_secret_behind_a_symlinked_vocab_never_reaches_an_artifact(tmp_path, t
     model = copy_model(tiny_minilm, tmp_path / "model", skip=("vocab.txt", "tokenizer.json"))
     (model / "vocab.txt").symlink_to(secret)
     out = tmp_path / "victim"
-    monkeypatch.setattr(sys, "argv", ["peftguard", "finetune", "--model", str(model), "--dataset", str(tiny_dataset(tmp_path / "data")),
+    monkeypatch.setattr(sys, "argv", ["peftguard", "finetune", "--model", str(model), "--dataset", str(tiny_dataset),
                                       "--out", str(out), "--max-length", "16", "--epochs", "1"])
     with pytest.raises(SystemExit) as exit_:
         main()
