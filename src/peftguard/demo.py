@@ -59,6 +59,9 @@ class DemoConfig:
     max_length: int = 128
 
 
+DEMO_MARKER = "demo_config.json"  # what makes a folder a demo run (written first, so a killed demo resumes)
+
+
 def run_demo(out: Path, *, data_dir: Path | None = None, baselines: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
     """Run (or resume) the demo into ``out``; ``baselines`` are extra defenses, each one more Defense row.
 
@@ -165,7 +168,7 @@ def _evaluate_baseline(out: Path, name: str, victim: str, data: TextDataset, tri
 
 
 def _start_or_resume(out: Path, config: DemoConfig) -> None:
-    marker = out / "demo_config.json"
+    marker = out / DEMO_MARKER
     # settings added since an older demo wrote its marker count as their defaults
     if marker.is_file() and {**_as_json(DemoConfig()), **read_json(marker)} != _as_json(config):
         raise typer.BadParameter(f"{out} holds a demo with other settings; choose another --out or remove it")

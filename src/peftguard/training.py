@@ -21,8 +21,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from peftguard.bounds import BOUNDS, flag
 from peftguard.data import Example
-from peftguard.errors import OptionError
+from peftguard.errors import OptionError, PeftguardError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,9 @@ class TrainSettings:
     keep_best_on_dev: bool = True  # restore the epoch with the best dev accuracy
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_length < 8:
-            raise OptionError(f"--max-length must be at least 8, got {self.max_length}")
-        if not self.lr > 0:
-            raise OptionError(f"--lr must be positive, got {self.lr}")
+        """Each setting against its range in :data:`peftguard.bounds.BOUNDS` (finite, integer where meant)."""
+        for name in ("epochs", "lr", "batch_size", "max_length", "seed", "weight_decay", "warmup_ratio"):
+            BOUNDS[name].check(getattr(self, name), flag(name))
 
 
 @dataclass(frozen=True)
@@ -190,6 +186,9 @@ def train_classifier(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise PeftguardError(f"{desc}: the training loss became {losses[-1]} at epoch {epoch + 1}, step {step + 1}; "
+                                     f"the model diverged and is not saved (lower --lr, now {settings.lr:g})")
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             step += 1
             if monitor is not None and (step % monitor.every == 0 or step == total_steps):
@@ -228,6 +227,8 @@ def predict_proba(
     desc: str | None = None,
 ) -> np.ndarray:
     """Softmax probabilities, shape (len(texts), num_labels), in input order."""
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if not texts:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     flush_denormals()
@@ -243,6 +244,9 @@ def predict_proba(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**batch).logits
         out[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    if not np.isfinite(out).all():  # NaN weights would read as label 0 with confidence NaN: never a result
+        raise PeftguardError(f"the model gives non-finite outputs (NaN or inf) for {int((~np.isfinite(out).all(1)).sum())} "
+                             "of the inputs: its weights are broken (e.g. trained with too high a learning rate)")
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from peftguard import metrics
+from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, DEFAULT_PSIM_LR_WHY, BudgetRule, Check, decide, excess_over_chance
@@ -47,8 +48,7 @@ PAPER_GAMMA = 0.7
 
 def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed: int) -> list[Example]:
     """Replace the labels of a ``rate`` share of examples by labels drawn uniformly at random."""
-    if not 0 <= rate <= 1:
-        raise OptionError(f"--reset-rate must be in [0, 1], got {rate}")
+    BOUNDS["reset_rate"].check(rate, "--reset-rate")
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(examples)), round(rate * len(examples))))
     return [Example(ex.text, rng.randrange(num_labels)) if i in chosen else ex for i, ex in enumerate(examples)]
@@ -68,10 +68,10 @@ class GammaChoice:
 def check_gamma_options(gamma: float | None, target_fpr: float | None) -> None:
     if gamma is not None and target_fpr is not None:
         raise OptionError("give --gamma or --target-fpr, not both")
-    if gamma is not None and not 0 < gamma < 1:
-        raise OptionError(f"--gamma must be in (0, 1), got {gamma}")
-    if target_fpr is not None and not 0 <= target_fpr < 1:
-        raise OptionError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+    if gamma is not None:
+        BOUNDS["gamma"].check(gamma, "--gamma")
+    if target_fpr is not None:
+        BOUNDS["target_fpr"].check(target_fpr, "--target-fpr")
 
 
 def choose_gamma(
@@ -128,6 +128,10 @@ def train_psim(
     dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
     choice = choose_gamma(dev_confidence, gamma, target_fpr)
     budget_record = watch.record() if watch else _fixed_budget_record(float(dev_confidence.mean()), dataset.num_labels)
+    check_can_flag(choice)
+    warning = detector_warning(dev_confidence, choice.gamma)
+    if warning:
+        log.warning("PSIM: %s; it would not work as a detector (warning recorded in %s)", warning, MANIFEST)
     manifest = {
         "kind": "psim",
         "method": method_name(config),
@@ -144,6 +148,8 @@ def train_psim(
         "dev_confidence_mean": float(dev_confidence.mean()),
         "budget": budget_record,
         "under_trained": budget_record["under_trained"],
+        "dev_flagged_share": float(metrics.flagged(dev_confidence, choice.gamma).mean()) if len(dev_confidence) else None,
+        "detector_warning": warning,
         **training_record(model, settings, report),
     }
     if manifest["under_trained"]:
@@ -195,6 +201,27 @@ class _BudgetWatch:
             "under_trained": decision.under_trained if decision else True,
             "trajectory": [{"step": c.step, "mean_confidence": round(c.mean_confidence, 5)} for c in self.checks],
         }
+
+
+def check_can_flag(choice: GammaChoice) -> None:
+    """Refuse a calibrated gamma no confidence can exceed (clean dev confidences saturated at 1.0)."""
+    if not choice.gamma < 1:
+        raise OptionError(
+            f"PSIM: gamma calibrated to {choice.gamma} on clean dev data: no input can have a confidence above it, "
+            "so the detector would flag nothing; train with a larger --lr or --max-epochs"
+        )
+
+
+def detector_warning(dev_confidence: np.ndarray, gamma: float) -> str | None:
+    """What is wrong with a PSIM that flags every clean dev input, or gives them all one confidence."""
+    if len(dev_confidence) == 0:
+        return None
+    if bool(metrics.flagged(dev_confidence, gamma).all()):
+        return f"it flags every one of its {len(dev_confidence)} clean dev inputs (gamma {gamma:.4f} is below all their confidences)"
+    if float(np.ptp(dev_confidence)) < 1e-6:
+        return (f"it gives all {len(dev_confidence)} clean dev inputs the same confidence {float(dev_confidence[0]):.4f}, "
+                "so it cannot tell inputs apart")
+    return None
 
 
 def _fixed_budget_record(dev_confidence_mean: float, num_labels: int) -> dict[str, Any]:
