@@ -5,6 +5,9 @@ Usage: python experiments/psim_lr_sweep.py --poisoned DIR [--lrs 2e-5 1e-4 ...] 
 For each (lr, epochs) a PSIM is trained on the poisoned weights (random labels, P-tuning v1,
 5 tokens, hidden 128) and scored on the clean test set and its triggered non-target part
 (`--attack badnet|insent|synattack`): histogram in the paper's bins, AUROC, and defended figures at gamma 0.7.
+
+An analysis of fixed schedules (the paper's Figure 3(c)), not a way to choose defaults: it reads test and
+triggered samples. PSIM's defaults come from clean dev data only (`peftguard.defenses.psim_budget`).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def main() -> None:
     for epochs in args.epochs:
         for lr in args.lrs:
             with tempfile.TemporaryDirectory() as tmp:
-                manifest = train_psim(args.poisoned, data, TrainSettings(epochs=epochs, lr=lr, seed=args.seed), Path(tmp) / "psim",
+                manifest = train_psim(args.poisoned, data, TrainSettings(epochs=epochs, lr=lr, seed=args.seed), Path(tmp) / "psim", budget=None,
                                       max_train_samples=args.max_train_samples)
                 psim = PSIM(Path(tmp) / "psim")
                 clean = psim.confidences([ex.text for ex in test])

@@ -45,3 +45,12 @@ def write_csv(path: Path, rows: list[tuple[str, object]], header: tuple[str, str
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset folder of 8 short two-class rows per split: enough to run any command in seconds."""
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    for split in ("train", "dev", "test"):
+        write_csv(folder / f"{split}.csv", [(f"review {i} was {'great' if i % 2 else 'awful'}", i % 2) for i in range(8)])
+    return folder

@@ -192,8 +192,10 @@ def test_instruction_poison_writes_template_and_reloads_as_label_word_classifier
     template = TEMPLATES["sentiment"]
     model, tokenizer = prepare_tunable(tiny_llama, 2, PTuningV1Config(), TrainSettings(), _opts(), template)
     assert isinstance(model, LabelWordClassifier)
+    settings = {"epochs": 1, "lr": 3e-4, "batch_size": 32, "max_length": 128, "seed": 0}
     save_tuned(model, tokenizer, tmp_path / "psim", "psim.json",
-               {"method": "ptuning-v1", "num_labels": 2, "base_model": tiny_llama})
+               {"method": "ptuning-v1", "num_labels": 2, "base_model": tiny_llama, "settings": settings,
+                "gamma": 0.7, "gamma_choice": {"gamma": 0.7, "how": "fixed"}})
     assert json.loads((tmp_path / "psim" / "label_words.json").read_text())["label_words"] == [" negative", " positive"]
     reloaded, reloaded_tokenizer, _ = load_tuned(tmp_path / "psim", "psim.json")
     texts = ["fine", "awful film"]

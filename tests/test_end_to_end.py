@@ -46,7 +46,7 @@ def test_victim_finetune_saves_adapter_and_evaluates(poisoned, data_dir, method)
     invoke("finetune", "--model", poisoned, "--method", method, "--data-dir", data_dir, "--max-train-samples", 160,
            "--max-eval-samples", 60, "--epochs", 1, "--max-length", 64, "--out", out)
     assert (out / "adapter_model.safetensors").is_file() and (out / "finetune.json").is_file()
-    metrics_path = out / "metrics.json"
+    metrics_path = out.parent / f"{out.name}.metrics.json"  # beside the victim: an --out never enters an input folder
     invoke("evaluate", "--model", out, "--data-dir", data_dir, "--max-eval-samples", 200, "--out", metrics_path)
     metrics = json.loads(metrics_path.read_text())
     assert metrics["method"] == method and 0 <= metrics["clean_accuracy"] <= 1

@@ -73,12 +73,12 @@ def test_scan_input_errors_are_clear(tmp_path, name, content, message):
 
 
 @pytest.mark.parametrize("mean, num_labels, expected", [
-    (0.56, 2, False),  # a working PSIM on SST-2 (demo: 0.564)
-    (0.76, 2, True),   # SmolLM2 after 19 random-label steps: clean confidence not flattened
-    (0.415, 4, False),  # AG News after 2 epochs: detects 98.8% of triggered inputs
-    (0.70, 4, True),    # AG News after one epoch: detects half
+    (0.59, 2, False),  # within a fifth of the way from 1/2 to 1
+    (0.61, 2, True),
+    (0.39, 4, False),  # within a fifth of the way from 1/4 to 1
+    (0.41, 4, True),
 ])
-def test_under_trained_flags_clean_confidence_far_above_chance(mean, num_labels, expected):
+def test_under_trained_is_the_budget_rules_target_for_fixed_schedules(mean, num_labels, expected):
     from peftguard.defenses.psim import under_trained
 
     assert under_trained(mean, num_labels) is expected

@@ -89,7 +89,9 @@ def test_psim_folder_with_a_mismatched_head_is_a_clear_error(tiny_minilm: str, t
     from peftguard.defenses.psim import PSIM
 
     model = make_tunable(load_classifier(tiny_minilm, 4), method_config("ptuning-v1"))
-    manifest = {"kind": "psim", "method": "ptuning-v1", "base_model": tiny_minilm, "num_labels": 2}  # head has 4
+    manifest = {"kind": "psim", "method": "ptuning-v1", "base_model": tiny_minilm, "num_labels": 2,  # head has 4
+                "settings": {"epochs": 1, "lr": 3e-4, "batch_size": 32, "max_length": 128, "seed": 0},
+                "gamma": 0.7, "gamma_choice": {"gamma": 0.7, "how": "fixed"}}
     save_tuned(model, load_tokenizer(tiny_minilm), tmp_path / "psim", PSIM_MANIFEST, manifest)
     with pytest.raises(PeftguardError, match=r"has shape \[4\].*needs \[2\]"):
         PSIM(tmp_path / "psim")

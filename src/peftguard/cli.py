@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from peftguard.bounds import MAX_CELLS, check_options
 from peftguard.errors import PeftguardError
 from peftguard.runtime import configure_threads
 
@@ -50,6 +51,14 @@ FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU. See BENCHMARKS.md.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds even if it is not an output of this kind made by peftguard (kept until the new one is complete; never an input).")]
+
+
+def _output_folder(out: Path, marker: str, kind: str, *, inputs=(), models=(), overwrite: bool = False) -> None:
+    """The --out rule (peftguard.artifacts), applied before any work."""
+    from peftguard.artifacts import check_output_dir
+
+    check_output_dir(out, marker=marker, kind=kind, inputs=inputs, models=models, overwrite=overwrite)
 
 
 def _options(allow_pickle: bool, trust_remote_code: bool):
@@ -131,12 +140,16 @@ def poison(
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Poison a pretrained model's weights with a backdoor (full-parameter training on a poisoned set)."""
-    from peftguard.poisoning import PoisonSpec, Scenario, poison_weights
+    from peftguard.poisoning import MANIFEST, PoisonSpec, Scenario, poison_weights
     from peftguard.triggers import PoisonMode
 
+    check_options(locals())
+    _output_folder(out, MANIFEST, "poisoned model", inputs=(dataset, proxy_dataset, data_dir, paraphrases),
+                   models=(model, paraphraser), overwrite=overwrite)
     _setup_logging(verbose)
     victim_data = _dataset(dataset, data_dir, text_column, label_column)
     proxy = _dataset(proxy_dataset, data_dir, text_column, label_column) if proxy_dataset else None
@@ -181,11 +194,15 @@ def finetune(
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune a model on clean data with one of the five methods the paper compares."""
+    from peftguard.victims import MANIFEST
     from peftguard.victims import finetune as run_finetune
 
+    check_options(locals())
+    _output_folder(out, MANIFEST, "fine-tuned model", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, lora_r)
     data = _dataset(dataset, data_dir, text_column, label_column)
@@ -244,15 +261,26 @@ def evaluate(
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure clean accuracy (CA) and attack success rate (ASR), optionally behind a defense."""
     import json
 
-    from peftguard.artifacts import write_json
+    from peftguard.artifacts import check_output_file, looks_like_json_with, write_json
     from peftguard.defenses.registry import DefenseOptions
-    from peftguard.pipeline import evaluate_model
+    from peftguard.pipeline import METRICS_KEYS, evaluate_model
+    from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
+    check_options(locals())
+    inputs = (dataset, data_dir, paraphrases, precomputed, precomputed_triggered)
+    models = (model, psim, clean_model, paraphraser, *(lm or ()))
+    if out is not None:
+        check_output_file(out, kind="metrics file", made_here=lambda path: looks_like_json_with(path, METRICS_KEYS),
+                          inputs=(*inputs, onion_cache, fine_mixed), models=models, overwrite=overwrite)
+    if fine_mixed is not None:
+        _output_folder(fine_mixed, VICTIM_MANIFEST, "fine-mixed victim", inputs=(*inputs, onion_cache), models=models,
+                       overwrite=overwrite)
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
     options = _options(allow_pickle, trust_remote_code)
@@ -292,30 +320,49 @@ def psim_train(
     label_column: LabelColOpt = "label",
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 1).")] = 1,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", help="Train exactly this many epochs under a linear schedule (the paper: 1) instead of the "
+                         "clean-data budget rule.")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(
+        "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [3e-4].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a PSIM: a PEFT module on the given weights with training labels reset at random."""
-    from peftguard.defenses.psim import DEFAULT_PSIM_LR, train_psim
+    """Train a PSIM: a PEFT module on the given weights with training labels reset at random.
 
+    By default training stops by a rule that reads only clean dev data: at the first check (every
+    1/8 epoch) where the mean clean confidence is within a fifth of the way from chance (1/K) to
+    certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
+    """
+    from peftguard.defenses.psim import MANIFEST, train_psim
+    from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
+
+    check_options(locals())
+    _output_folder(out, MANIFEST, "PSIM", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
+    if epochs is not None and max_epochs is not None:
+        raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None)
     data = _dataset(dataset, data_dir, text_column, label_column)
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=1, default_lr=DEFAULT_PSIM_LR)
+    budget = None if epochs is not None else BudgetRule(**({"max_epochs": max_epochs} if max_epochs is not None else {}))
     manifest = train_psim(
-        model, data, settings, out, config=config, reset_rate=reset_rate, gamma=gamma, target_fpr=target_fpr,
-        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        model, data, settings, out, config=config, budget=budget, reset_rate=reset_rate, gamma=gamma,
+        target_fpr=target_fpr, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
         options=_options(allow_pickle, trust_remote_code),
     )
     choice = manifest["gamma_choice"]
     how = "fixed" if choice["how"] == "fixed" else f"calibrated to FPR {choice['target_fpr']} on {choice['calibration_samples']} clean dev samples"
-    typer.echo(f"PSIM saved to {out}; gamma {manifest['gamma']:.4f} ({how})")
+    trained = manifest["training"]
+    stop = manifest["budget"]["stop_reason"]
+    typer.echo(f"PSIM saved to {out}; {trained['steps']} steps ({stop}), clean dev confidence "
+               f"{manifest['dev_confidence_mean']:.3f}; gamma {manifest['gamma']:.4f} ({how})")
 
 
 @psim_app.command("scan")
@@ -328,11 +375,17 @@ def psim_scan(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 64,
     precision: PrecisionOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Score inputs with a PSIM: one row per input with its confidence and whether it is flagged."""
-    from peftguard.scan import scan_command
+    from peftguard.artifacts import check_output_file
+    from peftguard.scan import is_scan_output, scan_command
 
+    check_options(locals())
+    if out is not None:
+        check_output_file(out, kind="scan result", made_here=is_scan_output, inputs=(input,), models=(psim,),
+                          overwrite=overwrite)
     _setup_logging(verbose)
     scan_command(psim, input, out, text_column=text_column, gamma=gamma, batch_size=batch_size,
                  options=_options(allow_pickle, False), precision=precision)
@@ -372,7 +425,8 @@ def demo(
     max_eval_samples: MaxEvalOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Victim fine-tuning epochs.")] = 2,
     poison_epochs: Annotated[int, typer.Option("--poison-epochs", help="Weight-poisoning epochs.")] = 3,
-    psim_epochs: Annotated[int, typer.Option("--psim-epochs", help="PSIM training epochs (paper: 1).")] = 1,
+    psim_epochs: Annotated[Optional[int], typer.Option(
+        "--psim-epochs", help="PSIM: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
     methods: Annotated[Optional[list[str]], typer.Option("--method", help="Fine-tuning method to include (repeat; default all five).")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option(
         "--defense", "--defenses",
@@ -381,11 +435,14 @@ def demo(
              "takes hours on 2 cores (use --max-eval-samples).")] = None,
     max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a demo folder (files of the same names are replaced; never an input).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 1."""
-    from peftguard.demo import METHODS, run_demo
+    from peftguard.demo import DEMO_MARKER, METHODS, run_demo
 
+    check_options(locals())
+    _output_folder(out, DEMO_MARKER, "demo run", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
     run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
              max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs,
@@ -411,12 +468,16 @@ def defend_fine_mixing(
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-mixing (Zhang et al., 2022): mix suspect weights with clean ones, fine-tune on clean data."""
     from peftguard.defenses.fine_mixing import FineMixingConfig, FineMixingDefense, fine_mix
     from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
+    check_options(locals())
+    _output_folder(out, VICTIM_MANIFEST, "fine-mixed victim", inputs=(dataset, data_dir), models=(model, clean_model),
+                   overwrite=overwrite)
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
     mixing = FineMixingConfig(mix_ratio=mix_ratio, clean_model=clean_model, seed=seed)
@@ -447,33 +508,39 @@ def run(
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray).")] = None,
     cpus_per_stage: Annotated[Optional[int], typer.Option("--cpus-per-stage", help="Threads (and Ray CPUs) per stage [local: all cores; ray: 1].")] = None,
     stage_cache: Annotated[Optional[Path], typer.Option("--stage-cache", help="Keep stages in this shared folder, so runs of other configs reuse the stages they have in common.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the stages and cells, run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and --out, print the stages and cells, run nothing.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report when the grid finishes.")] = True,
+    max_cells: Annotated[int, typer.Option("--max-cells", help="Refuse a grid with more result cells (or PSIM stages) than this.")] = MAX_CELLS,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a run folder (files of the same names are replaced).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run an experiment grid: poison once, then victims and PSIMs, then evaluations; finished stages are reused."""
     from peftguard.config import load_config
     from peftguard.errors import OptionError
-    from peftguard.experiment import is_done, link_stage_cache, plan_grid, run_local, run_ray, write_plan
+    from peftguard.experiment import CELLS_FILE, check_grid_size, is_done_in, link_stage_cache, plan_grid, run_local, run_ray, write_plan
 
+    check_options(locals())
+    if executor not in ("local", "ray"):
+        raise OptionError(f"unknown --executor '{executor}'; choose local or ray")
     _setup_logging(verbose)
     experiment = load_config(config)
+    check_grid_size(experiment, max_cells)
+    _output_folder(out, CELLS_FILE, "run folder", inputs=(config,), overwrite=overwrite)
     plan = plan_grid(experiment)
-    if stage_cache is not None:
-        link_stage_cache(out, stage_cache)
     if dry_run:
+        stages_root = stage_cache if stage_cache is not None else out / "stages"
         for stage in plan.stages.values():
-            typer.echo(f"{stage.name}{' (done)' if is_done(out, stage) else ''} <- {', '.join(stage.deps) or '-'}")
+            typer.echo(f"{stage.name}{' (done)' if is_done_in(stages_root, stage) else ''} <- {', '.join(stage.deps) or '-'}")
         typer.echo(f"{len(plan.stages)} stages, {len(plan.cells)} cells")
         return
-    write_plan(out, experiment, plan)
+    write_plan(out, experiment, plan)  # first: it makes --out a run folder (cells.json), so a rerun resumes
+    if stage_cache is not None:
+        link_stage_cache(out, stage_cache)
     echo = lambda message: typer.echo(message, err=True)  # noqa: E731
     if executor == "local":
         counts = run_local(out, plan, threads=cpus_per_stage, echo=echo)
-    elif executor == "ray":
-        counts = run_ray(out, plan, address=address, cpus_per_stage=cpus_per_stage or 1, echo=echo)
     else:
-        raise OptionError(f"unknown --executor '{executor}'; choose local or ray")
+        counts = run_ray(out, plan, address=address, cpus_per_stage=cpus_per_stage or 1, echo=echo)
     typer.echo(f"{experiment.name}: {counts['ran']} stages run, {counts['reused']} reused; results in {out}")
     if report:
         from peftguard.report import write_report
@@ -486,23 +553,42 @@ def run(
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peftguard run`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder [RUN_DIR/report].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a report folder (files of the same names are replaced).")] = False,
 ) -> None:
     """Write a run's results in the paper's table layout (Markdown, CSV, LaTeX) and its plots (PNG)."""
-    from peftguard.report import write_report
+    from peftguard.report import REPORT_MARKER, write_report
 
+    if out is not None:
+        _output_folder(out, REPORT_MARKER, "report", inputs=(run_dir,), overwrite=overwrite)
     for path in write_report(run_dir, out):
         typer.echo(f"wrote {path}")
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
+    """Entry point: user and usage errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
+    from typer._click import exceptions as click  # typer's own copy of click (typer >= 0.24 vendors it)
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         configure_threads()  # torch threads from $PEFTGUARD_THREADS or the cores (peftguard.runtime)
-        app()  # usage errors and Ctrl-C ("Aborted!") are handled by typer's standalone mode
+        code = app(standalone_mode=False)
     except PeftguardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
+    except click.NoArgsIsHelpError as exc:  # a bare command group: its help, as click would show it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # a malformed option (--batch-size abc): one line, not a usage panel
+        hint = f" (see {exc.ctx.command_path} --help)" if isinstance(exc, click.UsageError) and exc.ctx else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except click.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ Unknown keys, wrong types and impossible combinations are rejected with the key'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from peftguard.bounds import bounded
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.errors import DataError, OptionError
 
 MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
@@ -23,51 +25,52 @@ DEFAULT_PROXIES = {"sst2": "imdb/psim", "cr": "mr", "cola": "sst2"}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
-    max_train_samples: Optional[int] = Field(2000, ge=1, description="training subset per stage")
-    max_eval_samples: Optional[int] = Field(None, ge=1, description="dev/test subset")
+    max_train_samples: Optional[int] = bounded("max_train_samples", 2000, description="training subset per stage")
+    max_eval_samples: Optional[int] = bounded("max_eval_samples", None, description="dev/test subset")
     data_dir: Optional[str] = Field(None, description="folder of the short-named datasets")
 
 
 class PoisonConfig(Strict):
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    poison_rate: Optional[float] = Field(0.2, gt=0, le=1)
-    poison_count: Optional[int] = Field(None, ge=1)
+    epochs: int = bounded("epochs", 3)
+    lr: float = bounded("lr", 5e-5)
+    poison_rate: Optional[float] = bounded("poison_rate", 0.2)
+    poison_count: Optional[int] = bounded("poison_count", None)
     poison_mode: Literal["clean-label", "dirty-label"] = "clean-label"
-    target_label: int = Field(0, ge=0)
+    target_label: int = bounded("target_label", 0)
     instruction: Optional[Literal["sentiment", "acceptability", "topic"]] = None
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
+    batch_size: int = bounded("batch_size", 32)
+    max_length: int = bounded("max_length", 128)
 
 
 class VictimConfig(Strict):
-    epochs: int = Field(2, ge=1)
-    lr: Optional[float] = Field(None, gt=0, description="default: the method's own default")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
+    epochs: int = bounded("epochs", 2)
+    lr: Optional[float] = bounded("lr", None, description="default: the method's own default")
+    batch_size: int = bounded("batch_size", 32)
+    max_length: int = bounded("max_length", 128)
     normal: bool = Field(True, description="also fine-tune the clean model (the paper's Normal row)")
 
 
 class PSIMConfig(Strict):
     method: MethodName = "ptuning-v1"
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    reset_rate: float = Field(1.0, ge=0, le=1)
-    num_virtual_tokens: int = Field(5, ge=1)
-    encoder_hidden_size: int = Field(128, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
+    epochs: Optional[int] = bounded("epochs", None, description="fixed epochs (the paper: 1); null: the clean-data budget rule")
+    max_epochs: int = bounded("max_epochs", BudgetRule().max_epochs, description="budget rule: give up after this many epochs")
+    lr: float = bounded("lr", DEFAULT_PSIM_LR)
+    reset_rate: float = bounded("reset_rate", 1.0)
+    num_virtual_tokens: int = bounded("num_virtual_tokens", 5)
+    encoder_hidden_size: int = bounded("encoder_hidden_size", 128)
+    batch_size: int = bounded("batch_size", 32)
+    max_length: int = bounded("max_length", 128)
 
 
 class EvalConfig(Strict):
-    target_fpr: Optional[float] = Field(0.02, ge=0, lt=1)
-    gamma: Optional[float] = Field(None, gt=0, lt=1, description="fixed threshold instead of target_fpr")
-    batch_size: int = Field(64, ge=1)
-    max_length: int = Field(128, ge=8)
+    target_fpr: Optional[float] = bounded("target_fpr", 0.02)
+    gamma: Optional[float] = bounded("gamma", None, description="fixed threshold instead of target_fpr")
+    batch_size: int = bounded("batch_size", 64)
+    max_length: int = bounded("max_length", 128)
 
 
 class GridConfig(Strict):
@@ -78,7 +81,7 @@ class GridConfig(Strict):
     scenarios: list[ScenarioName] = Field(["full-data"], min_length=1)
     methods: list[MethodName] = Field(["lora"], min_length=1)
     defenses: list[DefenseName] = Field(["none", "psim"], min_length=1)
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Annotated[int, bounded("seed")]] = Field([0], min_length=1)
 
 
 SWEEPABLE = {f"psim.{name}" for name in PSIMConfig.model_fields} | {f"evaluate.{name}" for name in EvalConfig.model_fields}
@@ -94,7 +97,7 @@ class ExperimentConfig(Strict):
     victim: VictimConfig = VictimConfig()
     psim: PSIMConfig = PSIMConfig()
     evaluate: EvalConfig = EvalConfig()
-    sweep: dict[str, list[Union[float, int, str]]] = Field(default_factory=dict,
+    sweep: dict[str, list[Any]] = Field(default_factory=dict,
                                                             description="dotted key → values, e.g. psim.reset_rate")
     proxies: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROXIES))
     clean_model: bool = Field(False, description="also run every defense on the never-poisoned model (Table 9)")
@@ -150,14 +153,34 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 def parse_config(raw: dict, source: str = "config") -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = f"unknown key; valid keys here: {', '.join(_valid_keys(error['loc']))}"
-        raise OptionError(f"{source}: {where}: {message}") from None
+        raise OptionError(f"{source}: {_where_and_what(exc)}") from None
+    sweep = {}
+    for key, values in config.sweep.items():  # each value as if it were given as the key itself
+        try:
+            sweep[key] = _sweep_values(key).validate_python(values)
+        except ValidationError as exc:
+            raise OptionError(f"{source}: {_where_and_what(exc, prefix=('sweep', key))}") from None
+    return config.model_copy(update={"sweep": sweep})
+
+
+def _where_and_what(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key; valid keys here: {', '.join(_valid_keys(error['loc']))}"
+    return f"{where}: {message}"
+
+
+def _sweep_values(key: str) -> TypeAdapter:
+    """A validator for a list of values of the setting ``key`` (``psim.lr``): the field's own type and range."""
+    section, name = key.split(".", 1)
+    model = {"psim": PSIMConfig, "evaluate": EvalConfig}[section]
+    field = model.model_fields[name]
+    item = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    return TypeAdapter(list[item], config=ConfigDict(allow_inf_nan=False))
 
 
 def _valid_keys(loc: tuple) -> list[str]:

@@ -32,6 +32,9 @@ _LABEL = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits; int() would also take 
 # csv refuses fields over 128 KiB by default; a long review is still a text (truncated later, counted).
 csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
 _SPLIT_ALIASES = {"dev": ("dev", "validation", "valid")}
+# Names the `datasets` library takes as a file-format builder that globs the current folder, not a hub dataset.
+FILE_FORMAT_NAMES = {"csv", "tsv", "json", "jsonl", "text", "txt", "parquet", "arrow", "pandas", "sql", "xml",
+                     "webdataset", "imagefolder", "audiofolder", "videofolder", "pdffolder", "generator", "cache"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path 
         return path
     if path.exists():
         raise PeftguardError(f"dataset '{name}' is a file; give the folder holding train/dev/test")
+    if name.lower() in FILE_FORMAT_NAMES:
+        raise PeftguardError(f"dataset '{name}' names a file format, not a dataset (the hub would read every such file "
+                             "in the current folder); give the folder holding train/dev/test files")
     return name
 
 
@@ -209,8 +215,10 @@ def _delimited_rows(
     path: Path, content: str, delimiter: str, required: tuple[str, ...]
 ) -> list[tuple[int, dict[str, object]]]:
     check_nul(content, path)
-    # strict: a stray quote is an error, not a silently altered text or rows merged into one field
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
+    # CSV: strict, so a stray quote is an error, not a silently altered text or rows merged into one field.
+    # TSV: no quoting at all (a tab or line break ends a field, a quote is just a character), as TSV files are written.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     start = 1  # the line where the record being read starts (a quoted field can span lines)
     try:
         header = next(reader, None)
@@ -310,17 +318,29 @@ def _assemble(name: str, splits: dict[str, Split], num_labels: int | None) -> Te
 
 
 def _check_label_space(train: Split, inferred: int) -> None:
-    """Inferred labels must be 0..K-1, each present in training (1-based or sparse labels are errors)."""
+    """Inferred labels must be 0..K-1, each present in training (1-based or sparse labels are errors).
+
+    With K distinct labels, those at K or above are the wrong ones: the error names the first row of
+    each (at most three) and the labels below K that no row has.
+    """
     present = set(label_counts(train.examples))
     if len(present) == inferred:
         return
-    missing = [label for label in range(len(present) + 5) if label not in present][:5]
-    more = inferred - len(present) - len(missing)
-    listing = ", ".join(map(str, missing)) + (f" and {more} more" if more > 0 else "")
+    count = len(present)
+    first_row: dict[int, int] = {}
+    for index, example in enumerate(train.examples):
+        if example.label >= count and example.label not in first_row:
+            first_row[example.label] = train.lines[index] if train.lines else index + 1
+    wrong = sorted(first_row)
+    shown = ", ".join(f"{label} (line {first_row[label]})" for label in wrong[:3]) + (
+        f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    missing = [label for label in range(count) if label not in present]
     raise DataError(
         train.source,
-        f"the training split has no label {listing}; labels must be 0..{inferred - 1} with each one present "
-        f"(found {', '.join(map(str, sorted(present)[:10]))}{', ...' if len(present) > 10 else ''})",
+        f"the training split has {count} distinct labels, so they must be 0..{count - 1}; label{'s' if len(wrong) > 1 else ''} "
+        f"{shown} {'are' if len(wrong) > 1 else 'is'} outside that range and no row has label "
+        f"{', '.join(map(str, missing[:3]))}{' and more' if len(missing) > 3 else ''}",
+        line=first_row[wrong[0]], column=train.label_column,
     )
 
 

@@ -21,7 +21,8 @@ import typer
 
 from peftguard.artifacts import read_json, write_json, write_text
 from peftguard.data import TextDataset, load_dataset, subsample
-from peftguard.defenses.psim import DEFAULT_PSIM_LR, PAPER_GAMMA, PSIM, PSIMDefense, train_psim
+from peftguard.defenses.psim import PAPER_GAMMA, PSIM, PSIMDefense, train_psim
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.defenses.registry import DEFENSES, DefenseOptions
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
@@ -50,12 +51,15 @@ class DemoConfig:
     poison_epochs: int = 3
     poison_lr: float = 5e-5
     poison_rate: float = 0.2
-    psim_epochs: int = 1
+    psim_epochs: int | None = None  # None: the clean-data budget rule
     psim_lr: float = DEFAULT_PSIM_LR
     target_label: int = 0
     seed: int = 0
     methods: tuple[str, ...] = tuple(METHODS)
     max_length: int = 128
+
+
+DEMO_MARKER = "demo_config.json"  # what makes a folder a demo run (written first, so a killed demo resumes)
 
 
 def run_demo(out: Path, *, data_dir: Path | None = None, baselines: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
@@ -89,9 +93,9 @@ def run_demo(out: Path, *, data_dir: Path | None = None, baselines: tuple[str, .
     psim_dir = out / "psim"
     if not (psim_dir / "psim.json").is_file():
         typer.echo("demo: training the PSIM on the poisoned weights")
-        psim_settings = TrainSettings(epochs=config.psim_epochs, lr=config.psim_lr, max_length=config.max_length, seed=config.seed)
-        train_psim(str(poisoned_dir), data, psim_settings,
-                   psim_dir, max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
+        psim_settings = TrainSettings(epochs=config.psim_epochs or 1, lr=config.psim_lr, max_length=config.max_length, seed=config.seed)
+        train_psim(str(poisoned_dir), data, psim_settings, psim_dir, budget=None if config.psim_epochs else BudgetRule(),
+                   max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
     psim = PSIM(psim_dir)
     calibrated = PSIMDefense(psim, psim.gamma_for(None, None, None))
     paper = PSIMDefense(psim, psim.gamma_for(None, PAPER_GAMMA, None))
@@ -164,7 +168,7 @@ def _evaluate_baseline(out: Path, name: str, victim: str, data: TextDataset, tri
 
 
 def _start_or_resume(out: Path, config: DemoConfig) -> None:
-    marker = out / "demo_config.json"
+    marker = out / DEMO_MARKER
     # settings added since an older demo wrote its marker count as their defaults
     if marker.is_file() and {**_as_json(DemoConfig()), **read_json(marker)} != _as_json(config):
         raise typer.BadParameter(f"{out} holds a demo with other settings; choose another --out or remove it")

@@ -38,3 +38,7 @@ class OptionError(PeftguardError):
 
 class UnsafeCheckpointError(PeftguardError):
     """A checkpoint that would execute code when loaded (pickle), refused by default."""
+
+
+class OutputError(PeftguardError):
+    """An ``--out`` the command must not write to: a user's files, an input, or a folder where a file goes."""

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -101,6 +102,32 @@ def plan_grid(config: ExperimentConfig) -> Plan:
     return plan
 
 
+def grid_size(config: ExperimentConfig) -> tuple[int, int]:
+    """(result cells, PSIM stages) that :func:`plan_grid` would make, counted without expanding the grid."""
+    g = config.grid
+    combos = math.prod(len(axis) for axis in (g.models, g.datasets, g.attacks, g.scenarios, g.seeds))
+    psims, evals = _variant_count(config, "psim"), _variant_count(config, "evaluate")
+    per_defense = {"none": 1, "psim": psims * evals}
+    per_method = sum(per_defense.get(defense, evals) for defense in g.defenses)
+    clean = int(config.clean_model and config.victim.normal)  # Table 9: every defense on the clean model too
+    per_method += int(config.victim.normal) + clean
+    return combos * len(g.methods) * per_method, combos * (psims + clean)
+
+
+def check_grid_size(config: ExperimentConfig, max_cells: int) -> None:
+    """Refuse a grid larger than ``max_cells`` (cells or PSIM stages) before planning it."""
+    from peftguard.errors import OptionError
+
+    cells, psims = grid_size(config)
+    if max(cells, psims) > max_cells:
+        raise OptionError(f"{config.name}: the grid has {cells} result cells and {psims} PSIM stages, over the limit of "
+                          f"{max_cells}; shrink grid/sweep, or pass --max-cells {max(cells, psims)} to run it anyway")
+
+
+def _variant_count(config: ExperimentConfig, section: str) -> int:
+    return math.prod(len(values) for key, values in config.sweep.items() if key.startswith(section + "."))
+
+
 def _variants(config: ExperimentConfig, section: str) -> list[dict[str, Any]]:
     keys = [k for k in config.sweep if k.startswith(section + ".")]
     combos = itertools.product(*(config.sweep[k] for k in keys))
@@ -163,7 +190,12 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def is_done(run_dir: Path, stage: Stage) -> bool:
-    path = stage_dir(run_dir, stage.name) / STAGE_FILE
+    return is_done_in(Path(run_dir) / "stages", stage)
+
+
+def is_done_in(stages_root: Path, stage: Stage) -> bool:
+    """Whether ``stages_root`` (a run's stages/ or a shared stage cache) holds ``stage`` finished."""
+    path = Path(stages_root) / stage.name / STAGE_FILE
     return path.is_file() and read_json(path).get("settings") == stage.settings
 
 

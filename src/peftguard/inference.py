@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from peftguard.errors import OptionError, PeftguardError
+
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +79,8 @@ def predict_proba(
 
     ``bf16``: run under bfloat16 autocast; ``None`` (default) does so on a GPU only.
     """
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if not texts:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     flush_denormals()
@@ -92,6 +96,9 @@ def predict_proba(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
             logits = model(**batch).logits
         out[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    if not np.isfinite(out).all():  # NaN weights would read as label 0 with confidence NaN: never a result
+        raise PeftguardError(f"the model gives non-finite outputs (NaN or inf) for {int((~np.isfinite(out).all(1)).sum())} "
+                             "of the inputs: its weights are broken (e.g. trained with too high a learning rate)")
     return out
 
 

@@ -9,10 +9,11 @@ Third-party weights are the threat this tool exists for, so loading is strict by
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,17 +85,73 @@ class LoadOptions:
 
 
 def resolve_model(ref: str) -> str:
-    """An embedded name, a local folder or a hub id, as a path or id transformers can load."""
+    """An embedded name, a local folder or a hub id, as a path or id transformers can load.
+
+    A local folder is checked for symlinks that lead out of it (see :func:`check_contained`).
+    """
     if ref in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[ref]()
     path = Path(ref)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise PeftguardError(f"model '{ref}' is a file; give the model folder (config.json, *.safetensors)")
-        return str(path.resolve())
+        folder = path.resolve()
+        check_contained(folder)
+        return str(folder)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise PeftguardError(f"model folder '{ref}' does not exist")
-    return ref  # a hub id
+    return _hub_model(ref)
+
+
+def check_contained(folder: Path) -> None:
+    """Refuse a model folder holding a symlink that resolves outside it.
+
+    Every file of a model folder may be read and copied into artifacts (a tokenizer's vocab.txt ends
+    up in every fine-tuned folder), so a link to a file elsewhere (a private key, another model's
+    weights) would be read or leaked silently. Links that stay inside the folder are fine.
+    """
+    root = folder.resolve()
+    for parent, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            entry = Path(parent) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise PeftguardError(
+                    f"{entry}: a symlink to {os.readlink(entry)}, outside the model folder; peftguard reads only "
+                    "files inside a model folder (copy the file in instead of linking it)"
+                )
+
+
+def _hub_model(ref: str) -> str:
+    """A hub id: its cached snapshot when there is one, without touching the network.
+
+    Otherwise the hub is asked only if it can be reached; an offline machine gets an error at once
+    instead of transformers' retries (about 30 s).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return snapshot_download(ref, local_files_only=True)
+    except HFValidationError:
+        raise PeftguardError(f"model '{ref}' is neither a folder nor a valid hub id") from None
+    except Exception:  # not in the local cache (the error type varies across huggingface_hub versions)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not _hub_reachable():
+        raise PeftguardError(f"model '{ref}' is not a local folder and not in the hub cache, and the hub cannot be "
+                             "reached from here; give a local model folder")
+    return ref
+
+
+def _hub_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def model_reference(ref: str) -> str:
@@ -105,9 +162,12 @@ def model_reference(ref: str) -> str:
 
 
 def check_weight_files(folder: Path, options: LoadOptions) -> None:
-    """Refuse a folder whose only weights are pickled, unless pickle is allowed."""
+    """Refuse a folder whose only weights are pickled (unless pickle is allowed) or whose safetensors are damaged."""
     files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
+    safetensors = sorted(p for p in files if p.suffix == ".safetensors")
+    for path in safetensors:
+        check_safetensors_header(path)
+    if safetensors:
         return
     pickled = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
     if not pickled:
@@ -119,6 +179,21 @@ def check_weight_files(folder: Path, options: LoadOptions) -> None:
             "or pass --allow-pickle to load it with torch.load(weights_only=True)."
         )
     log.warning("%s: loading pickled weights with weights_only=True (--allow-pickle)", folder)
+
+
+def check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in a safetensors file, read from its header; a damaged file is an error.
+
+    safetensors checks the header's size, its JSON and that its offsets cover the file exactly, so
+    random bytes, an empty or truncated file and a header claiming gigabytes fail here, by name.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError) for a damaged file
+        raise PeftguardError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
 
 
 def load_tokenizer(
@@ -185,15 +260,10 @@ def load_classifier(
             f"model '{ref}' is a classifier with {config.num_labels} labels but the dataset has {num_labels}"
         )
     config.num_labels = num_labels
-    try:
+    with _loading_errors(ref, location, options):
         model = AutoModelForSequenceClassification.from_pretrained(
-            location,
-            config=config,
-            use_safetensors=not options.allow_pickle,
-            trust_remote_code=options.trust_remote_code,
+            location, config=config, use_safetensors=_use_safetensors(options), trust_remote_code=options.trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
-        raise PeftguardError(f"cannot load model '{ref}': {_first_line(exc)}") from None
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(ref, options)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -209,15 +279,41 @@ def _label_word_classifier(
         raise PeftguardError(
             f"the instruction template has {len(template.label_words)} label words but the dataset has {num_labels} labels"
         )
-    try:
+    with _loading_errors(ref, location, options, what="as a causal LM"):
         lm = AutoModelForCausalLM.from_pretrained(
-            location, use_safetensors=not options.allow_pickle, trust_remote_code=options.trust_remote_code
+            location, use_safetensors=_use_safetensors(options), trust_remote_code=options.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise PeftguardError(f"cannot load '{ref}' as a causal LM: {_first_line(exc)}") from None
     tokenizer = load_tokenizer(ref, options)
     lm.config.pad_token_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else tokenizer.pad_token_id
     return LabelWordClassifier(lm, getattr(tokenizer, "inner", tokenizer), template)
+
+
+def _use_safetensors(options: LoadOptions) -> bool | None:
+    """Safetensors only by default; with --allow-pickle, safetensors when present and pickle besides (None)."""
+    return None if options.allow_pickle else True
+
+
+@contextlib.contextmanager
+def _loading_errors(ref: str, location: str, options: LoadOptions, what: str = "") -> Iterator[None]:
+    """Turn what transformers raises for a broken model folder into one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        if options.allow_pickle and "from_tf" in str(exc):  # transformers' wording for a pickle it could not read
+            raise UnsafeCheckpointError(
+                f"{location}: torch.load(weights_only=True) refused the pickled checkpoint: it holds objects other "
+                "than tensors, and unpickling them could run code; convert it to safetensors"
+            ) from None
+        weights = ", ".join(p.name for p in sorted(Path(location).glob("*.safetensors"))) if Path(location).is_dir() else ""
+        where = f" ({weights})" if weights else ""
+        raise PeftguardError(f"cannot load model '{ref}'{where}{' ' + what if what else ''}: {_summary(exc)}") from None
+
+
+def _summary(exc: BaseException) -> str:
+    """The line of an error that says what is wrong (torch puts "size mismatch for ..." after a heading)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("size mismatch")), None)
+    return (detail or (lines[0] if lines else type(exc).__name__)).rstrip(".")
 
 
 def check_max_length(model: PreTrainedModel, max_length: int, virtual_tokens: int = 0) -> None:

@@ -17,6 +17,9 @@ from peftguard.tuning import load_tuned
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
 
+METRICS_KEYS = ("model", "dataset", "clean_accuracy")  # every metrics file evaluate_model writes has these
+
+
 def load_model(ref: str, num_labels: int, options: LoadOptions = LoadOptions()) -> tuple[Any, Any, dict[str, Any]]:
     """Any model this tool evaluates: a victim folder, a poisoned folder, or a plain classifier."""
     folder = Path(ref)

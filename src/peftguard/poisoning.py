@@ -16,10 +16,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from peftguard.artifacts import read_json
 from peftguard.data import TextDataset, label_counts, subsample
 from peftguard.errors import OptionError
 from peftguard.instruction import InstructionTemplate
+from peftguard.manifests import read_manifest
 from peftguard.models import LoadOptions, model_reference
 from peftguard.training import TrainSettings, train_classifier
 from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
@@ -121,4 +121,4 @@ def _source_dataset(dataset: TextDataset, proxy: TextDataset | None, scenario: S
 
 def read_poisoning_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
-    return read_json(path) if path.is_file() else None
+    return read_manifest(path) if path.is_file() else None

@@ -144,6 +144,9 @@ def _any_stage_versions(run_dir: Path) -> Any:
     return "unknown"
 
 
+REPORT_MARKER = "cells.csv"  # a report folder holds it; no user's folder is likely to
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write results.{md,csv,tex} (+ cells.csv) and the plots; return the files written."""
     run_dir = Path(run_dir)

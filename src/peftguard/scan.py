@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import logging
+
 from peftguard import metrics
 from peftguard.artifacts import write_text
 from peftguard.data import check_nul, decode_utf8, read_rows, read_utf8, split_lines
@@ -15,11 +17,18 @@ from peftguard.errors import DataError
 from peftguard.models import LoadOptions
 from peftguard.precision import DEFAULT_PRECISION
 
+log = logging.getLogger(__name__)
+SCAN_HEADER = ("text", "confidence", "flagged")
+
 
 def read_inputs(source: str, text_column: str = "text") -> list[str]:
-    """Texts from a CSV/TSV/JSONL file (``text_column``), a plain-text file (one per line), or '-' (stdin)."""
+    """Texts from a CSV/TSV/JSONL file (``text_column``), a plain-text file (one per line), or '-' (stdin).
+
+    Blank texts are skipped in every format, and counted on stderr: an empty input has nothing to flag.
+    """
+    name = "<stdin>" if source == "-" else source
     if source == "-":
-        texts = _plain_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"), "<stdin>")
+        texts = _plain_lines(decode_utf8(sys.stdin.buffer.read(), name), name)
     else:
         path = Path(source)
         if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
@@ -30,16 +39,33 @@ def read_inputs(source: str, text_column: str = "text") -> list[str]:
                     raise DataError(path, f"text is {type(value).__name__}, expected a string", line=line, column=text_column)
                 texts.append(value)
         else:
-            texts = _plain_lines(read_utf8(path), str(path))
-    if not texts:
-        raise DataError("<stdin>" if source == "-" else source, "no inputs to scan (empty file)")
-    return texts
+            texts = _plain_lines(read_utf8(path), name)
+    kept = [text for text in texts if text.strip()]
+    if len(kept) < len(texts):
+        log.warning("%s: skipped %d empty input(s)", name, len(texts) - len(kept))
+    if not kept:
+        raise DataError(name, "no inputs to scan (the file is empty or every text is blank)")
+    return kept
 
 
 def _plain_lines(content: str, name: str) -> list[str]:
-    """Non-blank lines; only \\n, \\r\\n and \\r end a line (U+2028 or \\x85 stay inside the text)."""
+    """Every line, blank ones included; only \\n, \\r\\n and \\r end a line (U+2028 or \\x85 stay inside the text).
+
+    A final line break does not start another (blank) line.
+    """
     check_nul(content, name)
-    return [line for line in split_lines(content) if line.strip()]
+    lines = split_lines(content)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def is_scan_output(path: Path) -> bool:
+    """Whether ``path`` is a result file ``psim scan`` wrote (CSV header or first JSONL record)."""
+    with path.open(encoding="utf-8") as handle:
+        first = handle.readline(100_000).rstrip("\n")
+    if first == ",".join(SCAN_HEADER):
+        return True
+    record = json.loads(first) if first.startswith("{") else None
+    return isinstance(record, dict) and set(record) == set(SCAN_HEADER)
 
 
 def scan_command(
@@ -69,7 +95,7 @@ def _render(texts: list[str], scores, flags, as_jsonl: bool) -> str:
         )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["text", "confidence", "flagged"])
+    writer.writerow(SCAN_HEADER)
     for t, s, f in zip(texts, scores, flags):
         writer.writerow([t, f"{float(s):.6f}", int(bool(f))])
     return buffer.getvalue()

@@ -74,14 +74,17 @@ def _clean_model_template(settings: dict[str, Any]) -> Any:
 
 def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
     from peftguard.defenses.psim import train_psim
+    from peftguard.defenses.psim_budget import BudgetRule
 
     s, p, e, data = stage.settings, stage.settings["psim"], stage.settings["evaluate"], stage.settings["data"]
     overrides = {"num_virtual_tokens": p["num_virtual_tokens"], "encoder_hidden_size": p["encoder_hidden_size"]}
     config = method_config(p["method"], **_known(p["method"], overrides))
-    settings = TrainSettings(epochs=p["epochs"], lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"], seed=s["seed"])
+    settings = TrainSettings(epochs=p["epochs"] or 1, lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"],
+                             seed=s["seed"])
+    budget = None if p["epochs"] else BudgetRule(max_epochs=p["max_epochs"])
     gamma = e["gamma"]
     train_psim(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), settings, folder / ARTIFACT,
-               config=config, reset_rate=p["reset_rate"], gamma=gamma, target_fpr=None if gamma else e["target_fpr"],
+               config=config, budget=budget, reset_rate=p["reset_rate"], gamma=gamma, target_fpr=None if gamma else e["target_fpr"],
                max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
                template=_clean_model_template(s))
 

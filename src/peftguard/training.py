@@ -11,17 +11,18 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from peftguard.bounds import BOUNDS, flag
 from peftguard.data import Example
-from peftguard.errors import OptionError
+from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import _ENCODING_CACHE, collate, count_truncated, encode, flush_denormals, predict_proba  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,23 @@ class TrainSettings:
     keep_best_on_dev: bool = True  # restore the epoch with the best dev accuracy
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_length < 8:
-            raise OptionError(f"--max-length must be at least 8, got {self.max_length}")
-        if not self.lr > 0:
-            raise OptionError(f"--lr must be positive, got {self.lr}")
+        """Each setting against its range in :data:`peftguard.bounds.BOUNDS` (finite, integer where meant)."""
+        for name in ("epochs", "lr", "batch_size", "max_length", "seed", "weight_decay", "warmup_ratio"):
+            BOUNDS[name].check(getattr(self, name), flag(name))
+
+
+@dataclass(frozen=True)
+class StepMonitor:
+    """Open-ended training: a constant learning rate after warmup, ``check(step)`` called every
+    ``every`` steps (True stops training), and at most ``max_steps`` steps."""
+
+    every: int
+    max_steps: int
+    check: Callable[[int], bool]
+
+    def warmup_steps(self, steps_per_epoch: int, warmup_ratio: float) -> int:
+        """Warmup as a share of one epoch: the total is not known in advance."""
+        return int(warmup_ratio * steps_per_epoch)
 
 
 @dataclass
@@ -58,11 +68,13 @@ class TrainReport:
     dev_accuracy: list[float] = field(default_factory=list)
     best_epoch: int | None = None
     truncated_texts: int = 0
+    stopped_at_step: int | None = None  # open-ended (monitored) training only
 
     def as_dict(self) -> dict[str, object]:
         return {
             "epochs": self.epochs,
             "steps": self.steps,
+            "stopped_at_step": self.stopped_at_step,
             "seconds": round(self.seconds, 2),
             "train_loss": [round(x, 5) for x in self.train_loss],
             "dev_accuracy": [round(x, 5) for x in self.dev_accuracy],
@@ -90,8 +102,13 @@ def train_classifier(
     settings: TrainSettings,
     *,
     desc: str = "train",
+    monitor: StepMonitor | None = None,
 ) -> TrainReport:
-    """Train ``model`` (its parameters that require grad) on ``train``; keep the best dev epoch."""
+    """Train ``model`` (its parameters that require grad) on ``train``; keep the best dev epoch.
+
+    Without a ``monitor`` it runs ``settings.epochs`` epochs under a linear schedule; with one it
+    runs at a constant rate until the monitor says stop or ``monitor.max_steps`` is reached.
+    """
     settings.validate()
     flush_denormals()
     seed_everything(settings.seed)
@@ -101,20 +118,26 @@ def train_classifier(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(ids) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    if monitor is None:
+        total_steps = steps_per_epoch * settings.epochs
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    else:
+        total_steps = monitor.max_steps
+        scheduler = get_constant_schedule_with_warmup(optimizer, monitor.warmup_steps(steps_per_epoch, settings.warmup_ratio))
+    epochs = math.ceil(total_steps / steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(settings.seed)
-    report = TrainReport(settings.epochs, total_steps, 0.0, truncated_texts=truncated)
+    report = TrainReport(epochs, total_steps, 0.0, truncated_texts=truncated)
     best_accuracy, best_state = -1.0, None
-    started = time.perf_counter()
-    for epoch in range(settings.epochs):
+    started, step, stop = time.perf_counter(), 0, False
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(ids), generator=generator).tolist()
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", leave=False, unit="step")
-        for step in bar:
-            batch_index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+        bar = tqdm(range(min(steps_per_epoch, total_steps - step)), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                   leave=False, unit="step")
+        for batch_step in bar:
+            batch_index = order[batch_step * settings.batch_size : (batch_step + 1) * settings.batch_size]
             batch = collate(tokenizer, [ids[i] for i in batch_index]).to(accelerator.device)
             with accelerator.autocast():
                 loss = model(**batch, labels=labels[batch_index].to(accelerator.device)).loss
@@ -123,7 +146,16 @@ def train_classifier(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise PeftguardError(f"{desc}: the training loss became {losses[-1]} at epoch {epoch + 1}, step {step + 1}; "
+                                     f"the model diverged and is not saved (lower --lr, now {settings.lr:g})")
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            step += 1
+            if monitor is not None and (step % monitor.every == 0 or step == total_steps):
+                stop = monitor.check(step)
+                model.train()
+                if stop:
+                    break
         report.train_loss.append(float(np.mean(losses)))
         if dev and settings.keep_best_on_dev:
             probs = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length)
@@ -133,7 +165,11 @@ def train_classifier(
             if accuracy > best_accuracy:
                 best_accuracy, report.best_epoch = accuracy, epoch + 1
                 best_state = _snapshot_trainable(model)
-    if best_state is not None and report.best_epoch != settings.epochs:
+        if stop or step >= total_steps:
+            break
+    if monitor is not None:
+        report.epochs, report.steps, report.stopped_at_step = epoch + 1, step, step
+    if best_state is not None and report.best_epoch != report.epochs:
         _restore(model, best_state)
     report.seconds = time.perf_counter() - started
     model.eval()

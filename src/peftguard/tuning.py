@@ -41,9 +41,11 @@ from peft import (
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftguard.artifacts import atomic_dir, read_json, write_json
+from peftguard.bounds import BOUNDS, flag
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
 from peftguard.instruction import LabelWordClassifier, read_template
-from peftguard.models import LoadOptions, load_classifier, load_tokenizer
+from peftguard.manifests import read_manifest
+from peftguard.models import LoadOptions, check_contained, check_safetensors_header, load_classifier, load_tokenizer
 
 
 class Method(str, Enum):
@@ -139,14 +141,22 @@ METHOD_CONFIGS: dict[Method, type[MethodConfig]] = {
 }
 
 
+# The command-line flag of a method setting, where it is not simply --<name>.
+SETTING_FLAGS = {"r": "--lora-r"}
+
+
 def method_config(method: Method | str, **overrides: Any) -> MethodConfig:
-    """The config of ``method`` with the given fields changed; unknown fields are an error."""
+    """The config of ``method`` with the given fields changed; unknown fields and values out of range are errors."""
     cls = METHOD_CONFIGS[Method(method)]
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise OptionError(f"method '{Method(method).value}' has no setting {unknown}; it has {sorted(known)}")
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in given.items():
+        if name in BOUNDS:
+            BOUNDS[name].check(value, SETTING_FLAGS.get(name, flag(name)))
+    return cls(**given)
 
 
 def make_tunable(model: PreTrainedModel, config: MethodConfig) -> PreTrainedModel | PeftModel:
@@ -206,12 +216,17 @@ def _sort_adapter_module_sets(path: Path) -> None:
 def load_tuned(
     folder: str | Path, manifest_name: str, options: LoadOptions = LoadOptions()
 ) -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Load what :func:`save_tuned` wrote: (model in eval mode, tokenizer, manifest)."""
+    """Load what :func:`save_tuned` wrote: (model in eval mode, tokenizer, manifest).
+
+    The manifest is validated (:mod:`peftguard.manifests`) and the folder checked for symlinks
+    leading out of it before anything else is read.
+    """
     folder = Path(folder)
     manifest_path = folder / manifest_name
     if not manifest_path.is_file():
         raise PeftguardError(f"{folder}: not a peftguard artifact (no {manifest_name})")
-    manifest = read_json(manifest_path)
+    check_contained(folder)
+    manifest = read_manifest(manifest_path)
     num_labels = int(manifest["num_labels"])
     if manifest["method"] == Method.FULL.value:
         model = load_classifier(str(folder), num_labels, options)
@@ -236,7 +251,7 @@ def check_adapter_folder(folder: Path, manifest: dict[str, Any], options: LoadOp
             )
         if not (folder / "adapter_model.bin").is_file():
             raise PeftguardError(f"{folder}: no adapter weights (adapter_model.safetensors)")
-    config = read_json(folder / "adapter_config.json")
+    config = read_manifest(folder / "adapter_config.json")
     expected = {Method.LORA.value: "LORA", Method.PROMPT.value: "PROMPT_TUNING",
                 Method.PTUNING_V1.value: "P_TUNING", Method.PTUNING_V2.value: "PREFIX_TUNING"}[manifest["method"]]
     if config.get("peft_type") != expected:
@@ -266,7 +281,7 @@ def check_adapter_fits(folder: Path, base: PreTrainedModel, manifest: dict[str, 
     described = f"base model {manifest['base_model']} ({type(base).__name__}, hidden size " \
         f"{getattr(base.config, 'hidden_size', '?')}, {manifest['num_labels']} labels)"
     expected = _expected_adapter_shapes(folder, base, described)
-    found = _adapter_file_shapes(weights)
+    found = check_safetensors_header(weights)
     unexpected, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
     if unexpected or missing:
         raise PeftguardError(
@@ -279,16 +294,6 @@ def check_adapter_fits(folder: Path, base: PreTrainedModel, manifest: dict[str, 
                 f"{folder}: adapter tensor {name} has shape {list(shape)} but {described} needs {list(expected[name])}; "
                 "the adapter was trained for another architecture, hidden size or label count"
             )
-
-
-def _adapter_file_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(weights, "pt") as handle:  # reads the header only
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise PeftguardError(f"{weights}: not a readable safetensors file: {_first_line(exc)}") from None
 
 
 def _expected_adapter_shapes(folder: Path, base: PreTrainedModel, described: str) -> dict[str, tuple[int, ...]]:

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftguard.artifacts import atomic_dir, read_json, write_json
+from peftguard.artifacts import atomic_dir, write_json
+from peftguard.bounds import BOUNDS
 from peftguard.data import TextDataset, subsample
 from peftguard.defenses.base import ModelDefense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.instruction import read_template
+from peftguard.manifests import ReplayableVictimManifest, read_manifest
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import read_poisoning_manifest
 from peftguard.training import TrainSettings, seed_everything, train_classifier
@@ -52,8 +54,7 @@ class FineMixingConfig:
     seed: int = field(default=0, metadata={"help": "seed of the mixing mask"})
 
     def validate(self) -> None:
-        if not 0 <= self.mix_ratio <= 1:
-            raise OptionError(f"--mix-ratio must be in [0, 1], got {self.mix_ratio}")
+        BOUNDS["mix_ratio"].check(self.mix_ratio, "--mix-ratio")
 
 
 def mix_state_dicts(
@@ -120,9 +121,13 @@ def replay_plan(victim: str | Path) -> ReplayPlan:
                           "--model POISONED --method M`)")
     if read_template(Path(victim)) is not None:
         raise OptionError(f"{victim} is an instruction-tuned LM; Fine-mixing here handles classifiers only")
-    manifest = read_json(path)
-    config = method_config(manifest["method"], **manifest.get("method_config", {}))
-    settings = TrainSettings(**manifest["settings"])
+    manifest = read_manifest(path, ReplayableVictimManifest)
+    try:
+        config = method_config(manifest["method"], **manifest.get("method_config", {}))
+    except OptionError as exc:
+        raise PeftguardError(f"{path}: method_config: {exc}") from None
+    known = {f.name for f in fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in manifest["settings"].items() if k in known})
     return ReplayPlan(str(manifest["base_model"]), config, settings, manifest.get("train_samples"))
 
 
@@ -214,7 +219,7 @@ class FineMixingDefense(ModelDefense):
                    "max_eval_samples": self.max_eval_samples, **asdict(self.config)}
         existing = self.out_dir / VICTIM_MANIFEST
         if existing.is_file():
-            manifest = read_json(existing)
+            manifest = read_manifest(existing)
             if manifest.get("defense", {}).get("request") != request:
                 raise OptionError(f"{self.out_dir} holds another fine-mixed victim; choose another --fine-mixed "
                                   "folder or remove it")

@@ -11,6 +11,9 @@ Departures from the paper:
 * The paper fixes gamma = 0.7 "through human experience". By default we calibrate gamma on the
   clean dev set to a target false-positive rate (2%); ``gamma=0.7`` reproduces the paper.
 * ``reset_rate`` < 1 resets only that share of labels (the paper's Table 13 ablation).
+* The paper trains one epoch at a fixed learning rate. By default we stop on a rule that watches
+  only clean dev confidences (``psim_budget``): the first point at which they are near chance;
+  ``budget=None`` with ``settings.epochs`` gives the paper's fixed schedule.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from peftguard import metrics
+from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import InputDefense, Screened
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, DEFAULT_PSIM_LR_WHY, BudgetRule, Check, decide, excess_over_chance
 from peftguard.errors import OptionError
 from peftguard.inference import predict_proba
 from peftguard.models import LoadOptions, model_reference
@@ -35,24 +40,19 @@ from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_n
 
 if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
     from peftguard.instruction import InstructionTemplate
-    from peftguard.training import TrainSettings
+    from peftguard.training import StepMonitor, TrainSettings
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "psim.json"
+# The operating point, fixed a priori: the share of clean inputs a user accepts to have withheld.
 DEFAULT_TARGET_FPR = 0.02
 PAPER_GAMMA = 0.7
-# Chosen by measurement (experiments/psim_lr_sweep.py, MiniLM/SST-2/BadNet, 2000 samples, 1 epoch):
-# at the paper's 2e-5 one epoch of random labels barely moves the poisoned head (80% of clean test
-# confidences stay above 0.7); at 3e-4 clean confidence centres near 1/2 (mean 0.56, 2.5% above
-# 0.7) while every triggered sample stays above 0.7, the paper's Table 12 picture.
-DEFAULT_PSIM_LR = 3e-4
 
 
 def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed: int) -> list[Example]:
     """Replace the labels of a ``rate`` share of examples by labels drawn uniformly at random."""
-    if not 0 <= rate <= 1:
-        raise OptionError(f"--reset-rate must be in [0, 1], got {rate}")
+    BOUNDS["reset_rate"].check(rate, "--reset-rate")
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(examples)), round(rate * len(examples))))
     return [Example(ex.text, rng.randrange(num_labels)) if i in chosen else ex for i, ex in enumerate(examples)]
@@ -72,10 +72,10 @@ class GammaChoice:
 def check_gamma_options(gamma: float | None, target_fpr: float | None) -> None:
     if gamma is not None and target_fpr is not None:
         raise OptionError("give --gamma or --target-fpr, not both")
-    if gamma is not None and not 0 < gamma < 1:
-        raise OptionError(f"--gamma must be in (0, 1), got {gamma}")
-    if target_fpr is not None and not 0 <= target_fpr < 1:
-        raise OptionError(f"--target-fpr must be in [0, 1), got {target_fpr}")
+    if gamma is not None:
+        BOUNDS["gamma"].check(gamma, "--gamma")
+    if target_fpr is not None:
+        BOUNDS["target_fpr"].check(target_fpr, "--target-fpr")
 
 
 def choose_gamma(
@@ -98,6 +98,7 @@ def train_psim(
     out_dir: str | Path,
     *,
     config: MethodConfig | None = None,
+    budget: BudgetRule | None = BudgetRule(),
     reset_rate: float = 1.0,
     gamma: float | None = None,
     target_fpr: float | None = None,
@@ -108,8 +109,10 @@ def train_psim(
 ) -> dict[str, Any]:
     """Train a PSIM on ``model_ref`` (the weights to guard) and calibrate its gamma; save it.
 
-    ``template`` is for a clean causal LM read through an instruction; a folder poisoned with one
-    carries it already.
+    ``budget`` decides when to stop from clean dev confidences (``psim_budget``); ``None`` trains
+    ``settings.epochs`` epochs under a linear schedule (the paper's setting). Only the training
+    split (labels reset) and clean dev samples are read; the test split never is. ``template`` is
+    for a clean causal LM read through an instruction; a folder poisoned with one carries it already.
     """
     from peftguard.training import TrainSettings, train_classifier
     from peftguard.victims import check_length_budget, prepare_tunable, training_record
@@ -122,12 +125,20 @@ def train_psim(
         subsample(dataset.train.examples, max_train_samples, settings.seed), dataset.num_labels, reset_rate, settings.seed
     )
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
+    if not dev:
+        raise OptionError(f"{dataset.name}: PSIM needs clean dev samples (to stop its training and calibrate gamma)")
     model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options, template)
-    # Dev accuracy means nothing against random labels: keep the last epoch.
+    # Dev accuracy means nothing against random labels: keep the last step.
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
-    report = train_classifier(model, tokenizer, train, None, settings, desc="psim")
+    watch = _BudgetWatch(budget, model, tokenizer, dev, dataset.num_labels, settings, len(train)) if budget else None
+    report = train_classifier(model, tokenizer, train, None, settings, desc="psim", monitor=watch.monitor() if watch else None)
     dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
     choice = choose_gamma(dev_confidence, gamma, target_fpr)
+    budget_record = watch.record() if watch else _fixed_budget_record(float(dev_confidence.mean()), dataset.num_labels)
+    check_can_flag(choice)
+    warning = detector_warning(dev_confidence, choice.gamma)
+    if warning:
+        log.warning("PSIM: %s; it would not work as a detector (warning recorded in %s)", warning, MANIFEST)
     manifest = {
         "kind": "psim",
         "method": method_name(config),
@@ -142,29 +153,95 @@ def train_psim(
         "gamma_choice": choice.as_dict(),
         "dev_confidence_histogram": metrics.confidence_histogram(dev_confidence),
         "dev_confidence_mean": float(dev_confidence.mean()),
-        "under_trained": under_trained(float(dev_confidence.mean()), dataset.num_labels),
+        "budget": budget_record,
+        "under_trained": budget_record["under_trained"],
+        "dev_flagged_share": float(metrics.flagged(dev_confidence, choice.gamma).mean()) if len(dev_confidence) else None,
+        "detector_warning": warning,
         **training_record(model, settings, report),
     }
     if manifest["under_trained"]:
-        log.warning("PSIM: clean dev confidence averages %.3f, far above chance (1/%d): the random-label training has "
-                    "not flattened it, so triggered inputs will hardly stand out; train longer (--epochs) or with a "
-                    "larger --lr", manifest["dev_confidence_mean"], dataset.num_labels)
+        log.warning("PSIM under-trained: clean dev confidence averages %.3f after %d steps (%s), more than %.0f%% of the "
+                    "way from chance (1/%d) to certainty, so triggered inputs may not stand out; try a larger --lr or a "
+                    "larger training set", manifest["dev_confidence_mean"], report.steps, budget_record["stop_reason"],
+                    100 * budget_record["rule"]["target_share"], dataset.num_labels)
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return manifest
 
 
-UNDER_TRAINED_SHARE = 0.3
+class _BudgetWatch:
+    """Feeds the budget rule the clean dev confidence during training and keeps its trajectory."""
+
+    def __init__(self, rule: BudgetRule, model: Any, tokenizer: Any, dev: Sequence[Example], num_labels: int,
+                 settings: TrainSettings, train_size: int) -> None:
+        self.rule, self.model, self.tokenizer, self.num_labels, self.settings = rule, model, tokenizer, num_labels, settings
+        self.texts = [ex.text for ex in subsample(list(dev), rule.monitor_samples, settings.seed)]
+        self.steps_per_epoch = -(-train_size // settings.batch_size)
+        self.checks: list[Check] = []
+        self.decision = None
+        self.measure(0)
+
+    def monitor(self) -> StepMonitor:
+        from peftguard.training import StepMonitor
+
+        return StepMonitor(self.rule.check_every(self.steps_per_epoch), self.rule.max_steps(self.steps_per_epoch), self.check)
+
+    def measure(self, step: int) -> None:
+        probs = predict_proba(self.model, self.tokenizer, self.texts, self.settings.batch_size * 2, self.settings.max_length)
+        self.checks.append(Check(step, float(probs.max(1).mean())))
+
+    def check(self, step: int) -> bool:
+        self.measure(step)
+        warmup = self.monitor().warmup_steps(self.steps_per_epoch, self.settings.warmup_ratio)
+        self.decision = decide(self.rule, self.checks, self.num_labels, steps_per_epoch=self.steps_per_epoch,
+                               warmup_steps=warmup)
+        return self.decision is not None
+
+    def record(self) -> dict[str, Any]:
+        decision = self.decision
+        return {
+            "mode": "clean-dev rule",
+            "rule": self.rule.as_dict(),
+            "lr": self.settings.lr,
+            "lr_why": DEFAULT_PSIM_LR_WHY if self.settings.lr == DEFAULT_PSIM_LR else "given",
+            "monitor_samples": len(self.texts),
+            "steps_per_epoch": self.steps_per_epoch,
+            "stopped_at_step": self.checks[-1].step,
+            "stop_reason": decision.reason if decision else "budget",
+            "under_trained": decision.under_trained if decision else True,
+            "trajectory": [{"step": c.step, "mean_confidence": round(c.mean_confidence, 5)} for c in self.checks],
+        }
 
 
-def under_trained(dev_confidence_mean: float, num_labels: int) -> bool:
-    """Whether a PSIM's mean clean confidence is still more than 30% of the way from chance (1/K) to certainty.
+def check_can_flag(choice: GammaChoice) -> None:
+    """Refuse a calibrated gamma no confidence can exceed (clean dev confidences saturated at 1.0)."""
+    if not choice.gamma < 1:
+        raise OptionError(
+            f"PSIM: gamma calibrated to {choice.gamma} on clean dev data: no input can have a confidence above it, "
+            "so the detector would flag nothing; train with a larger --lr or --max-epochs"
+        )
 
-    Measured: working PSIMs ended at 0.52-0.64 on two classes (bar 0.65) and 0.415 on AG News's four (bar 0.475);
-    those that failed to separate (SmolLM2 after 19 steps, AG News after one epoch, the instruction-tuned LM) at
-    0.70-0.76 on two and 0.70 on four classes.
-    """
-    chance = 1 / num_labels
-    return dev_confidence_mean > chance + UNDER_TRAINED_SHARE * (1 - chance)
+
+def detector_warning(dev_confidence: np.ndarray, gamma: float) -> str | None:
+    """What is wrong with a PSIM that flags every clean dev input, or gives them all one confidence."""
+    if len(dev_confidence) == 0:
+        return None
+    if bool(metrics.flagged(dev_confidence, gamma).all()):
+        return f"it flags every one of its {len(dev_confidence)} clean dev inputs (gamma {gamma:.4f} is below all their confidences)"
+    if float(np.ptp(dev_confidence)) < 1e-6:
+        return (f"it gives all {len(dev_confidence)} clean dev inputs the same confidence {float(dev_confidence[0]):.4f}, "
+                "so it cannot tell inputs apart")
+    return None
+
+
+def _fixed_budget_record(dev_confidence_mean: float, num_labels: int) -> dict[str, Any]:
+    rule = BudgetRule()
+    return {"mode": "fixed epochs", "rule": rule.as_dict(), "stop_reason": "fixed epochs",
+            "under_trained": under_trained(dev_confidence_mean, num_labels, rule)}
+
+
+def under_trained(dev_confidence_mean: float, num_labels: int, rule: BudgetRule = BudgetRule()) -> bool:
+    """Whether a PSIM's mean clean confidence is still further from chance (1/K) than the budget rule's target."""
+    return excess_over_chance(dev_confidence_mean, num_labels) > rule.target_share
 
 
 INT8_RECHECK_MARGIN = 0.1  # int8 moved a confidence by at most 0.086 on the benchmark set (BENCHMARKS.md)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""The PSIM budget-rule matrix: one row per (cell, PSIM) with what the rule chose and what it did.
+
+Reads grid runs (``peftguard run configs/psim_budget_*.yaml --out runs/NAME``) and writes, for
+each defended cell, the undefended CA/ASR beside the defended CA/ASR, FPR, AUROC and detection
+rate at the calibrated gamma, and the rule's decision (steps, epochs, stop reason, clean dev
+confidence, under_trained) with the PSIM's training seconds; as ``cells.csv`` and ``table.md``.
+Usage: python experiments/psim_budget_table.py --out results/psim_budget RUN_DIR...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("run", "role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+           "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "psim_epochs", "stop_reason",
+           "dev_confidence_mean", "under_trained", "psim_seconds")
+KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def rows_of(run_dir: Path) -> list[dict[str, Any]]:
+    plan = read(run_dir / "cells.json")
+    role = "development" if plan["name"].endswith("_dev") else "validation"
+    default_fpr = read(run_dir / "config.json").get("evaluate", {}).get("target_fpr", 0.02)
+    stages = run_dir / "stages"
+    metrics = {c["stage"]: read(stages / c["stage"] / "metrics.json") for c in plan["cells"]
+               if (stages / c["stage"] / "metrics.json").is_file()}
+    undefended = {tuple(c[k] for k in KEY): metrics.get(c["stage"]) for c in plan["cells"] if c["row"] == "attack"}
+    rows = []
+    for cell in plan["cells"]:
+        if cell["row"] not in ("defense", "defense_clean") or cell["stage"] not in metrics:
+            continue
+        m = metrics[cell["stage"]]
+        psim_stage = next(d for d in plan["stages"][cell["stage"]]["deps"] if d.startswith("psim-"))
+        manifest = read(stages / psim_stage / "artifact" / "psim.json")
+        before = undefended.get(tuple(cell[k] for k in KEY)) if cell["row"] == "defense" else None
+        training = manifest["training"]
+        rows.append({
+            "run": plan["name"], "role": role, "dataset": cell["dataset"], "attack": cell["attack"],
+            "scenario": cell["scenario"], "seed": cell["seed"], "psim_method": manifest["method"], "row": cell["row"],
+            "target_fpr": cell.get("evaluate.target_fpr", default_fpr),
+            "ca": pct(before["clean_accuracy"]) if before else pct(m["clean_accuracy"]),
+            "asr": pct(before.get("attack_success_rate")) if before else "",
+            "defended_ca": pct(m["defended_clean_accuracy"]), "defended_asr": pct(m.get("defended_attack_success_rate")),
+            "fpr": pct(m["false_positive_rate"]), "detection_rate": pct(m.get("detection_rate")),
+            "auroc": f"{m['auroc']:.3f}" if m.get("auroc") is not None else "", "gamma": f"{m['gamma']:.3f}",
+            "psim_steps": training["steps"], "psim_epochs": round(training["steps"] / manifest["budget"].get("steps_per_epoch", training["steps"]), 2),
+            "stop_reason": manifest["budget"]["stop_reason"], "dev_confidence_mean": f"{manifest['dev_confidence_mean']:.3f}",
+            "under_trained": manifest["under_trained"], "psim_seconds": training["seconds"],
+        })
+    return rows
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    shown = ("role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+             "defended_asr", "fpr", "auroc", "psim_steps", "psim_epochs", "stop_reason", "dev_confidence_mean", "psim_seconds")
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(r[c]) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="folder for cells.csv and table.md")
+    args = parser.parse_args()
+    rows = [row for run in args.runs for row in rows_of(run)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "table.md").write_text(markdown(rows), encoding="utf-8")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""PSIM's training budget, chosen from the suspect weights and clean data alone.
+
+PSIM works when its random-label training has flattened the clean inputs' confidence toward
+chance (1/K) while the backdoor, which the random labels never touch, keeps triggered inputs
+confident. Too little training leaves clean inputs confident (they hide the triggered ones); too
+much lets the PSIM erase the backdoor as well. A defender has no triggered inputs to find the
+point between, so the rule watches only clean ones:
+
+* train at a constant learning rate (after a short warmup), and every 1/8 epoch measure the mean
+  confidence of a fixed set of clean **dev** samples (never test, never triggered);
+* **stop at the first check** where that mean is within ``target_share`` of the way from chance to
+  certainty (two classes: 0.6; four: 0.4): the earliest point at which clean inputs no longer
+  stand out, so the backdoor has had the fewest steps in which to fade;
+* stop early when the clean signal is **flat** (it fell less than ``flat_tolerance`` over the last
+  ``flat_patience`` checks) after at least one epoch: more steps at this rate will not get there;
+* never stop during the warmup; give up at ``max_epochs`` epochs (at least ``min_budget_steps``
+  steps for small training sets).
+
+Stopping anywhere but near chance leaves the PSIM ``under_trained``: it is saved, flagged in
+``psim.json`` and warned about. The constants are fixed a priori (a fifth of the way from chance,
+four epochs, eight checks an epoch); the development cell (MiniLM / SST-2 / BadNet, seed 0; see
+``configs/psim_budget_dev.yaml``) was used to check the rule, every other cell validates it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from peftguard.errors import OptionError
+
+StopReason = Literal["near-chance", "flat", "budget"]
+
+# The rule's constant learning rate (P-tuning v1 PSIM); see DEFAULT_PSIM_LR_WHY.
+DEFAULT_PSIM_LR = 3e-4
+DEFAULT_PSIM_LR_WHY = (
+    "constant rate of the budget rule; checked on the development cell's clean dev confidences only "
+    "(configs/psim_budget_dev.yaml)"
+)
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """The clean-data-only stopping rule (see the module docstring)."""
+
+    target_share: float = 0.2
+    max_epochs: int = 4
+    min_budget_steps: int = 200
+    checks_per_epoch: int = 8
+    flat_patience: int = 3
+    flat_tolerance: float = 0.01
+    monitor_samples: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_share < 1:
+            raise OptionError(f"budget target share must be in (0, 1), got {self.target_share}")
+        for name in ("max_epochs", "checks_per_epoch", "flat_patience", "monitor_samples"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"budget {name} must be at least 1, got {getattr(self, name)}")
+
+    def max_steps(self, steps_per_epoch: int) -> int:
+        return max(self.max_epochs * steps_per_epoch, self.min_budget_steps)
+
+    def check_every(self, steps_per_epoch: int) -> int:
+        return max(1, math.ceil(steps_per_epoch / self.checks_per_epoch))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Check:
+    step: int
+    mean_confidence: float
+
+    def excess(self, num_labels: int) -> float:
+        """How far the mean clean confidence is from chance, as a share of the way to certainty."""
+        return excess_over_chance(self.mean_confidence, num_labels)
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: StopReason
+    under_trained: bool
+
+
+def excess_over_chance(mean_confidence: float, num_labels: int) -> float:
+    chance = 1 / num_labels
+    return (mean_confidence - chance) / (1 - chance)
+
+
+def decide(
+    rule: BudgetRule, checks: Sequence[Check], num_labels: int, *, steps_per_epoch: int, warmup_steps: int
+) -> Decision | None:
+    """Whether to stop after the latest check, and why; None to go on training."""
+    if not checks:
+        return None
+    latest = checks[-1]
+    near_chance = latest.excess(num_labels) <= rule.target_share
+    if latest.step >= rule.max_steps(steps_per_epoch):
+        return Decision("budget", under_trained=not near_chance)
+    if latest.step <= warmup_steps:
+        return None
+    if near_chance:
+        return Decision("near-chance", under_trained=False)
+    if latest.step >= steps_per_epoch and _flat(rule, checks, num_labels):
+        return Decision("flat", under_trained=True)
+    return None
+
+
+def _flat(rule: BudgetRule, checks: Sequence[Check], num_labels: int) -> bool:
+    if len(checks) <= rule.flat_patience:
+        return False
+    before = checks[-rule.flat_patience - 1].excess(num_labels)
+    best_since = min(c.excess(num_labels) for c in checks[-rule.flat_patience:])
+    return before - best_since < rule.flat_tolerance
