@@ -131,6 +131,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
          f"{request.search.refine_inputs}, then phrases")
     found = search(lens, vocabulary, search_texts, request.search, seed=request.seed, extra=extra, progress=request.progress)
     mark = clock.lap("search", mark)
+    clock.seconds.update({f"search_{step}": value for step, value in found.seconds.items()})
     echo(f"[4/4] verify: {len(found.shortlist)} candidates on {len(held_back)} held-back clean inputs")
     suspect_predict = _predictor(classifier, tokenizer, request.max_length)
     verified = verify(lens, suspect_predict, found.shortlist, held_back, seed=request.seed, progress=request.progress)

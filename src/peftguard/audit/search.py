@@ -25,6 +25,7 @@ vocabulary.
 from __future__ import annotations
 
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,8 +55,8 @@ class SearchSettings:
     phrase_pool: int = 16  # words tried as extensions
     max_phrase_words: int = 3
     phrase_min_gain: float = 0.15  # a phrase must set the lens off on this much larger a share than its parent
-    verify_top: int = 20  # candidates verified on held-back inputs
-    verify_inputs: int = 200  # held-back clean inputs (at most half the dev pool)
+    verify_top: int = 12  # candidates verified on held-back inputs
+    verify_inputs: int = 100  # held-back clean inputs (at most half the dev pool)
     batch_size: int = 256
     top_k: int = 10  # candidates reported
 
@@ -297,7 +298,7 @@ def best(scored: Iterable[Scored], n: int) -> list[Scored]:
 class SearchResult:
     shortlist: list[Candidate]
     counts: dict[str, int] = field(default_factory=dict)
-    refined: list[Scored] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def choose_inputs(lens: Lens, texts: Sequence[str], n: int, max_words: int | None, seed: int) -> list[str]:
@@ -322,19 +323,23 @@ def search(
     seed: int, extra: Sequence[Candidate] = (), progress: bool = True,
 ) -> SearchResult:
     """Steps 1-3 of the cascade: the shortlist of candidates to verify, best first."""
+    started = time.perf_counter()
     screen_texts = choose_inputs(lens, search_texts, settings.screen_inputs, settings.screen_max_words, seed)
     refine_texts = choose_inputs(lens, search_texts, settings.refine_inputs, None, seed + 1)
     screened = screen(lens, vocabulary, encode_inputs(lens.tokenizer, screen_texts, lens.max_length), settings, seed=seed,
                       desc=f"screen {len(vocabulary)} words" if progress else None)
+    seconds = {"screen": time.perf_counter() - started}
     pool = _unique([s.candidate for s in best(screened, settings.refine_top)] + list(extra))
     refine_inputs = encode_inputs(lens.tokenizer, refine_texts, lens.max_length)
     refined = screen(lens, pool, refine_inputs, settings, seed=seed + 1, desc="refine" if progress else None)
+    seconds["refine"] = time.perf_counter() - started - seconds["screen"]
     phrases = extend_phrases(lens, refined, refine_inputs, settings, seed=seed + 2, progress=progress)
+    seconds["phrases"] = time.perf_counter() - started - seconds["screen"] - seconds["refine"]
     shortlist = _unique([s.candidate for s in best(refined + phrases, settings.verify_top)])
     counts = {"vocabulary": len(vocabulary), "screened": len(screened), "screen_inputs": len(screen_texts),
               "refined": len(refined), "refine_inputs": len(refine_texts), "reference_candidates": len(extra),
               "phrases_tried": len(phrases), "shortlist": len(shortlist)}
-    return SearchResult(shortlist, counts, best(refined, settings.refine_top))
+    return SearchResult(shortlist, counts, {k: round(v, 2) for k, v in seconds.items()})
 
 
 def extend_phrases(
