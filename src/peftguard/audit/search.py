@@ -238,9 +238,9 @@ class Scored:
     label: int
     counted: int
 
-    def key(self) -> tuple[float, float, int]:
-        """Rank: more inputs set off, then higher confidence, then fewer words."""
-        return (self.flag_rate, self.mean_confidence, -self.candidate.words)
+    def key(self) -> tuple[float, int, float]:
+        """Rank: more inputs set off, then fewer words (the shortest trigger), then higher confidence."""
+        return (self.flag_rate, -self.candidate.words, self.mean_confidence)
 
 
 def screen(
@@ -349,21 +349,31 @@ def extend_phrases(
     """Greedy beam search over phrases: grow the best candidates by one word on either side per round.
 
     A phrase is kept only if it sets the lens off on ``phrase_min_gain`` more of the inputs than
-    the candidate it grew from: a word that already sets it off on every input gains nothing.
+    each of its parts does alone: a word that already sets it off on every input gains nothing
+    from company, so a rare-word trigger is not reported padded with another word.
     """
     words = [s.candidate for s in best((s for s in refined if s.candidate.words == 1), settings.phrase_pool)]
+    alone = {s.candidate.text: s.flag_rate for s in refined}
     beam = best(refined, settings.phrase_seeds)
     kept: list[Scored] = []
     for length in range(2, settings.max_phrase_words + 1):
-        grown = {p.text: (p, parent) for parent in beam for w in words if w.text not in parent.candidate.text.split()
-                 for p in (phrase(parent.candidate, w), phrase(w, parent.candidate))}
+        grown: dict[str, tuple[Candidate, float]] = {}  # phrase -> (candidate, the best share any of its parts sets off)
+        for parent in beam:
+            for w in words:
+                if w.text in parent.candidate.text.split():
+                    continue
+                bar = max(parent.flag_rate, alone.get(w.text, 0.0))
+                for p in (phrase(parent.candidate, w), phrase(w, parent.candidate)):
+                    grown[p.text] = (p, max(bar, grown.get(p.text, (p, 0.0))[1]))
         if not grown:
             break
         scored = screen(lens, [p for p, _ in grown.values()], inputs, settings, seed=seed + length,
                         desc=f"phrases of {length} words" if progress else None)
-        better = [s for s in scored if s.flag_rate >= grown[s.candidate.text][1].flag_rate + settings.phrase_min_gain]
+        better = [s for s in scored if s.flag_rate >= grown[s.candidate.text][1] + settings.phrase_min_gain]
         if not better:
             break
+        for s in better:
+            alone[s.candidate.text] = s.flag_rate
         kept.extend(better)
         beam = best(better, settings.phrase_seeds)
     return kept
@@ -418,7 +428,7 @@ def verify(
         flip = float((predicted[eligible] == forced).mean()) if eligible.any() else 0.0
         results.append(Verified(candidate.text, candidate.source, float(rates.flag_rate[0]), float(rates.mean_confidence[0]),
                                 forced, float((predicted == forced).mean()), flip, len(held_back)))
-    return sorted(results, key=lambda v: (v.flag_rate, v.mean_confidence, -len(v.text.split())), reverse=True)
+    return sorted(results, key=lambda v: (v.flag_rate, -len(v.text.split()), v.mean_confidence), reverse=True)
 
 
 def clean_flag_rate(lens: Lens, held_back: Sequence[str]) -> float:
