@@ -36,7 +36,7 @@ from peftguard.data import TextDataset, subsample
 from peftguard.errors import OptionError
 from peftguard.models import LoadOptions, load_classifier
 from peftguard.provenance import device_description, versions
-from peftguard.training import TrainSettings, predict_proba
+from peftguard.training import TrainSettings, predict_proba, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
     lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.lens == "psim" else "the suspect classifier"
     echo(f"[2/4] lens: {lens_desc}")
+    seed_everything(request.seed)  # a bare encoder gets a fresh head: the same one every run
     classifier, tokenizer = load_suspect_classifier(suspect, dataset.num_labels, request.options)
     lens, psim_record = _lens(request, suspect, classifier, tokenizer, work)
     mark = clock.lap("psim" if request.lens == "psim" else "load", mark)
