@@ -1,6 +1,6 @@
-"""Build the audit zoo of configs/zoo.yaml: poisoned models (optionally LoRA victims of them) and clean ones.
+"""Build the audit zoo of experiments/zoo.yaml: poisoned models (optionally LoRA victims of them) and clean ones.
 
-    python experiments/zoo.py configs/zoo.yaml --out runs/zoo [--part development|held-apart] [--only NAME] [--dry-run]
+    python experiments/zoo.py experiments/zoo.yaml --out runs/zoo [--part development|held-apart] [--only NAME] [--dry-run]
 
 Each entry runs `peftguard poison --trigger ...` (and `peftguard finetune --method lora` for a victim) or, for a clean
 entry, `peftguard finetune` on the packaged MiniLM. A finished model (its manifest present) is skipped, so a rerun
