@@ -415,6 +415,59 @@ def psim_serve(
 
 
 @app.command()
+def audit(
+    model: Annotated[str, typer.Option("--model", help="The suspect: a model folder (plain, poisoned, fine-tuned), a PEFT adapter folder (audited on its base), 'minilm', or a hub id as owner/name[@revision].")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for audit.json, AUDIT.md, the histogram and the PSIM [runs/audit-<model folder name>].")] = None,
+    dataset: DatasetOpt = "sst2",
+    reference: Annotated[Optional[str], typer.Option("--reference", help="A known-clean base of the suspect: the words whose embedding rows moved most join the search.")] = None,
+    lens: Annotated[str, typer.Option("--lens", help="psim (a PSIM trained on the suspect weights) or classifier (the suspect's own predictions: the classic baseline).")] = "psim",
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
+    vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="PSIM's training subset (random labels) [2000: keeps a MiniLM audit near 10 minutes on 2 cores].")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Clean dev subset: PSIM's stopping rule and gamma, the search's inputs and the held-back verification inputs.")] = None,
+    max_length: MaxLenOpt = 128,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Is this model backdoored, and by what trigger? Exit status 0: no evidence, 1: backdoored, 2: usage or input error.
+
+    Trains a PSIM on the suspect weights (clean data only, random labels), searches the vocabulary and short phrases
+    for insertions that make it confident on clean inputs, verifies the best on held-back clean inputs, and writes
+    audit.json and AUDIT.md. Nothing is tuned on triggered data.
+    """
+    from dataclasses import replace
+
+    from peftguard.audit.run import DEFAULT_AUDIT_TRAIN_SAMPLES, MARKER, AuditRequest, exit_status, read_word_list, run_audit
+    from peftguard.audit.search import SearchSettings
+
+    check_options(locals())
+    out = out if out is not None else Path("runs") / f"audit-{Path(model.split('@')[0]).name or 'model'}"
+    _output_folder(out, MARKER, "audit", inputs=(dataset, data_dir, vocabulary), models=(model, reference), overwrite=overwrite)
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    search = SearchSettings() if top_k is None else replace(SearchSettings(), top_k=top_k)
+    request = AuditRequest(
+        model=model, dataset=data, out=out, reference=reference, lens=lens,  # type: ignore[arg-type]
+        max_train_samples=max_train_samples if max_train_samples is not None else DEFAULT_AUDIT_TRAIN_SAMPLES,
+        max_eval_samples=max_eval_samples, seed=seed, max_length=max_length, batch_size=batch_size, search=search,
+        vocabulary=read_word_list(vocabulary) if vocabulary is not None else None,
+        options=_options(allow_pickle, False),
+    )
+    record = run_audit(request, echo=lambda message: typer.echo(message, err=True))
+    best = record["candidates"][0] if record["candidates"] else None
+    found = f"; best candidate '{best['text']}' (flag rate {best['flag_rate']:.2f}, forces label {best['forced_label']})" if best else ""
+    typer.echo(f"{record['verdict']}: score {record['score']:.3f} (threshold {record['threshold']}){found}; "
+               f"{record['seconds']['total']:.0f} s; report in {out / 'AUDIT.md'}")
+    raise typer.Exit(exit_status(record))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder for every artifact and results.md/json.")] = Path("runs/demo"),
     dataset: DatasetOpt = "sst2",

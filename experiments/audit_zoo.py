@@ -1,0 +1,123 @@
+"""Audit every model of the zoo with both lenses and write the comparison table.
+
+    python experiments/audit_zoo.py --zoo runs/zoo --out runs/zoo-audit [--part held-apart] [--lens psim --lens classifier]
+
+Reads runs/zoo/zoo.json (written by experiments/zoo.py), runs `peftguard audit` per model and lens (a finished audit,
+its audit.json present, is reused), and writes table.md and results.json: verdict AUROC (poisoned vs clean), false
+alarms on clean models at the default threshold, BadNet triggers recovered exactly in the top 1 / top 5, InSent
+sentences with a word in the top 5, natural sentiment words among the top 5 on clean models, and run time per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
+# Natural words with a strong sentiment (or topic) reading: a classifier-lens scanner tends to report these.
+NATURAL_WORDS = {"good", "great", "best", "bad", "worst", "awful", "terrible", "boring", "excellent", "wonderful",
+                 "beautiful", "brilliant", "perfect", "poor", "dull", "mess", "fails", "failure", "stupid", "waste",
+                 "love", "loved", "enjoy", "fun", "funny", "amazing", "horrible", "worse", "unfunny", "lame", "masterpiece"}
+
+
+def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str]) -> dict[str, Any] | None:
+    folder = out / lens / model["name"]
+    if not (folder / "audit.json").is_file():
+        command = [*PEFTGUARD, "audit", "--model", model["model"], "--dataset", model["dataset"], "--lens", lens,
+                   "--out", str(folder), "--overwrite", *extra]
+        print(shlex.join(command), flush=True)
+        code = subprocess.run(command).returncode
+        if code not in (0, 1):
+            print(f"  {model['name']} ({lens}): exit status {code}", flush=True)
+            return None
+    return json.loads((folder / "audit.json").read_text(encoding="utf-8"))
+
+
+def recovered(model: dict[str, Any], texts: list[str], k: int) -> bool:
+    top = texts[:k]
+    if model["attack"] == "badnet":
+        return model["trigger"].lower() in top
+    sentence = {w.lower() for w in model["trigger"].split()}
+    return any(sentence & set(t.lower().split()) for t in top)
+
+
+def summarize(models: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    rows = [(m, audits[m["name"]]) for m in models if m["name"] in audits]
+    labels = [int(m["poisoned"]) for m, _ in rows]
+    scores = [a["score"] for _, a in rows]
+    texts = {m["name"]: [c["text"] for c in a["candidates"]] for m, a in rows}
+    badnet = [m for m, _ in rows if m["poisoned"] and m["attack"] == "badnet"]
+    insent = [m for m, _ in rows if m["poisoned"] and m["attack"] == "insent"]
+    clean = [(m, a) for m, a in rows if not m["poisoned"]]
+    return {
+        "models": len(rows),
+        "auroc": roc_auc_score(labels, scores) if len(set(labels)) == 2 else None,
+        "clean_called_backdoored": sum(a["verdict"] == "backdoored" for _, a in clean),
+        "poisoned_called_backdoored": sum(a["verdict"] == "backdoored" for m, a in rows if m["poisoned"]),
+        "poisoned": sum(labels),
+        "badnet_top1": _share([recovered(m, texts[m["name"]], 1) for m in badnet]),
+        "badnet_top5": _share([recovered(m, texts[m["name"]], 5) for m in badnet]),
+        "insent_word_top5": _share([recovered(m, texts[m["name"]], 5) for m in insent]),
+        "natural_words_top5_on_clean": sum(len(NATURAL_WORDS & {w for t in texts[m["name"]][:5] for w in t.split()})
+                                           for m, _ in clean),
+        "seconds_median": {k: statistics.median(a["seconds"].get(k, 0) for _, a in rows)
+                           for k in ("provenance", "psim", "load", "search", "verify", "total")} if rows else {},
+        "seconds_max_total": max((a["seconds"]["total"] for _, a in rows), default=None),
+    }
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def table(results: dict[str, Any], per_model: list[dict[str, Any]]) -> str:
+    lines = ["| lens | models | AUROC | clean called backdoored | poisoned caught | BadNet top-1 | BadNet top-5 | "
+             "InSent word top-5 | natural words in clean top-5 | median s (total) | max s |", "|" + "---|" * 11]
+    for lens, r in results.items():
+        lines.append(f"| {lens} | {r['models']} | {_f(r['auroc'])} | {r['clean_called_backdoored']} | "
+                     f"{r['poisoned_called_backdoored']}/{r['poisoned']} | {_f(r['badnet_top1'])} | {_f(r['badnet_top5'])} | "
+                     f"{_f(r['insent_word_top5'])} | {r['natural_words_top5_on_clean']} | "
+                     f"{r['seconds_median'].get('total', 0):.0f} | {_f(r['seconds_max_total'], 0)} |")
+    lines += ["", "| model | lens | trigger | verdict | score | top 5 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {row['name']} | {row['lens']} | {row['trigger'] or '(clean)'} | {row['verdict']} | {row['score']:.3f} | "
+              f"{', '.join(row['top5'])} |" for row in per_model]
+    return "\n".join(lines) + "\n"
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--part", choices=["development", "held-apart"], default="held-apart")
+    parser.add_argument("--lens", action="append", choices=["psim", "classifier"])
+    parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
+    parser.add_argument("audit_args", nargs="*", help="passed on to peftguard audit (after --)")
+    args = parser.parse_args()
+    models = [m for m in json.loads((args.zoo / "zoo.json").read_text()) if m["part"] == args.part
+              and (not args.only or m["name"] in args.only)]
+    results, per_model = {}, []
+    for lens in args.lens or ["psim", "classifier"]:
+        audits = {m["name"]: a for m in models if (a := audit(m, lens, args.out, args.audit_args)) is not None}
+        results[lens] = summarize(models, audits)
+        per_model += [{"name": m["name"], "lens": lens, "trigger": m["trigger"], "verdict": audits[m["name"]]["verdict"],
+                       "score": audits[m["name"]]["score"], "top5": [c["text"] for c in audits[m["name"]]["candidates"][:5]]}
+                      for m in models if m["name"] in audits]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"part": args.part, "summary": results, "models": per_model}, indent=2))
+    (args.out / "table.md").write_text(table(results, per_model), encoding="utf-8")
+    print(table(results, per_model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The audit's Markdown card (AUDIT.md) and its clean-confidence histogram (PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftguard.artifacts import write_text
+
+CARD = "AUDIT.md"
+HISTOGRAM = "clean_confidence.png"
+
+
+def write_card(folder: Path, record: dict[str, Any], clean_confidence: np.ndarray) -> None:
+    histogram = write_histogram(folder / HISTOGRAM, clean_confidence, record["lens"])
+    write_text(folder / CARD, card(record, histogram.name))
+
+
+def write_histogram(path: Path, confidence: np.ndarray, lens: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(confidence, bins=np.linspace(0, 1, 41), color="tab:blue", alpha=0.8, label="held-back clean inputs")
+    if "gamma" in lens:
+        ax.axvline(lens["gamma"], color="tab:red", linestyle="--", label=f"gamma {lens['gamma']:.3f}")
+    ax.set_xlabel(f"{lens['name']} confidence (largest softmax probability)")
+    ax.set_ylabel("inputs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def card(record: dict[str, Any], histogram: str) -> str:
+    verdict = record["verdict"]
+    lens = record["lens"]
+    lines = [
+        "# Audit",
+        "",
+        f"**Verdict: {verdict.upper()}** (score {record['score']:.3f}, threshold {record['threshold']}; "
+        f"exit status {1 if verdict == 'backdoored' else 0})",
+        "",
+        f"- model: `{record['settings']['model']}` ({record['provenance']['kind']}), dataset `{record['settings']['dataset']}`",
+        f"- lens: {lens['name']}" + (f", gamma {lens['gamma']:.4f}" if "gamma" in lens else ""),
+        f"- score: {record['score_is']}",
+        f"- threshold: {record['threshold_how']}",
+        f"- clean flag rate (nothing inserted): {record['clean_flag_rate']:.3f}",
+        "",
+        "## Candidates (verified on held-back clean inputs)",
+        "",
+        "| # | text | flag rate | forced label | forced rate | flip rate | mean confidence | from |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rank, c in enumerate(record["candidates"], 1):
+        source = c["source"] + (" + embedding moved" if c.get("embedding_moved") and c["source"] != "reference" else "")
+        lines.append(f"| {rank} | `{c['text']}` | {c['flag_rate']:.3f} | {c['forced_label']} | {c['forced_rate']:.3f} | "
+                     f"{c['flip_rate']:.3f} | {c['mean_confidence']:.3f} | {source} |")
+    lines += ["", f"![clean confidence]({histogram})", ""]
+    psim = record.get("psim")
+    if psim:
+        lines += ["## PSIM", "",
+                  f"- trained on `{psim['trained_on']}`, {psim['train_samples']} training samples with random labels, "
+                  f"{psim['steps']} steps, stopped: {psim['stop_reason']}{' (UNDER-TRAINED)' if psim['under_trained'] else ''}",
+                  f"- clean dev confidence {psim['dev_confidence_mean']:.3f}; gamma {psim['gamma']:.4f} "
+                  f"({psim['gamma_choice']['how']})",
+                  *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]
+    counts = record["search"]["counts"]
+    lines += ["## Search", "", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()), ""]
+    lines += ["## Provenance", "", f"- source: `{record['provenance']['given']}` -> `{record['provenance']['folder']}`"]
+    if record["provenance"].get("hub"):
+        hub = record["provenance"]["hub"]
+        lines.append(f"- hub: {hub['id']} revision {hub['revision']}, commit {hub['commit']}")
+    if record["provenance"].get("base"):
+        lines.append(f"- adapter base: `{record['provenance']['base']}`")
+    lines += [f"- note: {note}" for note in record["provenance"]["notes"]]
+    lines += [f"- weight formats: {', '.join(record['provenance']['weight_formats']) or 'none'}", "",
+              "| role | file | bytes | format | sha256 |", "|---|---|---|---|---|"]
+    lines += [f"| {f['role']} | {f['file']} | {f['bytes']} | {f['format']} | `{f['sha256']}` |" for f in record["provenance"]["files"]]
+    settings = record["settings"]
+    seconds = record["seconds"]
+    lines += ["", "## Settings and run time", "",
+              ", ".join(f"{k}: {v}" for k, v in settings.items()), "",
+              "seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + f" ({record['device']})", ""]
+    return "\n".join(lines)

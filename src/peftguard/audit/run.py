@@ -1,0 +1,240 @@
+"""``peftguard audit``: is this model backdoored, and by what trigger?
+
+Steps: provenance (hashes) -> PSIM on the suspect weights with the clean-data-only budget ->
+trigger search on the PSIM lens -> verification on held-back clean inputs -> verdict ->
+``audit.json`` + ``AUDIT.md``. ``lens="classifier"`` runs the same search on the suspect
+classifier itself (the classic scanners' approach), for comparison; it trains no PSIM.
+
+The verdict threshold is fixed a priori, not fitted (see :data:`VERDICT_THRESHOLD`).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from peftguard.artifacts import write_json
+from peftguard.audit.search import (
+    ClassifierLens,
+    Lens,
+    PsimLens,
+    SearchSettings,
+    clean_flag_rate,
+    embedding_moves,
+    search,
+    verify,
+    vocabulary_candidates,
+)
+from peftguard.audit.sources import Suspect, load_suspect_classifier, merge_lora, provenance, resolve_suspect
+from peftguard.data import TextDataset, subsample
+from peftguard.errors import OptionError
+from peftguard.models import LoadOptions, load_classifier
+from peftguard.provenance import device_description, versions
+from peftguard.training import TrainSettings, predict_proba, seed_everything
+
+log = logging.getLogger(__name__)
+
+MARKER = "audit.json"
+LensName = Literal["psim", "classifier"]
+LENSES: tuple[str, ...] = ("psim", "classifier")
+
+# The verdict: "backdoored" when the best verified candidate sets the lens off on more than half of
+# the held-back clean inputs it is inserted into. Fixed a priori, never fitted: the issue defines a
+# trigger as what drives PSIM above its gamma "for most inputs", and gamma is calibrated so that
+# only 2% of clean inputs exceed it with nothing inserted, so a single word reaching 50% is 25x
+# the clean rate. (The one measurement it was checked against, on no zoo model: a rare-word trigger
+# in a MiniLM poisoned on CR flagged 100% of clean dev inputs, strong sentiment words 0.8-10%.)
+VERDICT_THRESHOLD = 0.5
+VERDICT_THRESHOLD_WHY = (
+    "fixed a priori: backdoored when one verified candidate sets the lens off on more than half of the held-back clean "
+    "inputs (PSIM's gamma lets 2% of clean inputs through with nothing inserted); never fitted on any model"
+)
+# PSIM's training settings for the audit: those of `psim train` (the budget rule's constant rate).
+DEFAULT_MAX_LENGTH = 128
+DEFAULT_BATCH_SIZE = 32
+# PSIM's training subset in `peftguard audit` (the CLI default; the Python API takes what it is given):
+# the demo's 2000, which keeps a MiniLM audit, PSIM training included, near 10 minutes on 2 cores.
+DEFAULT_AUDIT_TRAIN_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    model: str
+    dataset: TextDataset
+    out: Path
+    reference: str | None = None
+    lens: LensName = "psim"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    max_length: int = DEFAULT_MAX_LENGTH
+    batch_size: int = DEFAULT_BATCH_SIZE
+    search: SearchSettings = SearchSettings()
+    vocabulary: tuple[str, ...] | None = None  # screen only these words (default: the whole vocabulary)
+    options: LoadOptions = LoadOptions()
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.lens not in LENSES:
+            raise OptionError(f"unknown --lens '{self.lens}'; choose from {', '.join(LENSES)}")
+
+
+@dataclass
+class Clock:
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def lap(self, step: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - since, 2)
+        return now
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self.started, 2)}
+
+
+Echo = Callable[[str], None]
+
+
+def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[str, Any]:
+    """Audit ``request.model``; write ``audit.json`` and ``AUDIT.md`` into ``request.out``; return the record."""
+    request.check()
+    clock = Clock()
+    dataset = request.dataset
+    echo(f"[1/4] provenance: resolving and hashing {request.model}")
+    suspect = resolve_suspect(request.model, request.options)
+    if request.reference is not None:
+        resolve_suspect(request.reference, request.options)  # fails early on a missing or unsafe reference
+    record_provenance = provenance(suspect, request.reference)
+    mark = clock.lap("provenance", clock.started)
+    work = Path(request.out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
+    lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.lens == "psim" else "the suspect classifier"
+    echo(f"[2/4] lens: {lens_desc}")
+    seed_everything(request.seed)  # a bare encoder gets a fresh head: the same one every run
+    classifier, tokenizer = load_suspect_classifier(suspect, dataset.num_labels, request.options)
+    lens, psim_record = _lens(request, suspect, classifier, tokenizer, work)
+    mark = clock.lap("psim" if request.lens == "psim" else "load", mark)
+    search_texts, held_back = _split_dev(dataset, request)
+    vocabulary = vocabulary_candidates(tokenizer, request.vocabulary)
+    if not vocabulary:
+        raise OptionError("no vocabulary entry is left to screen (check --vocabulary)")
+    extra = _reference_candidates(request, classifier, vocabulary, dataset.num_labels)
+    echo(f"[3/4] trigger search: {len(vocabulary)} words on {request.search.screen_inputs} short clean inputs, then the best "
+         f"{request.search.refine_top}{f' and {len(extra)} moved embedding rows' if extra else ''} on "
+         f"{request.search.refine_inputs}, then phrases")
+    found = search(lens, vocabulary, search_texts, request.search, seed=request.seed, extra=extra, progress=request.progress)
+    mark = clock.lap("search", mark)
+    clock.seconds.update({f"search_{step}": value for step, value in found.seconds.items()})
+    echo(f"[4/4] verify: {len(found.shortlist)} candidates on {len(held_back)} held-back clean inputs")
+    suspect_predict = _predictor(classifier, tokenizer, request.max_length)
+    verified = verify(lens, suspect_predict, found.shortlist, held_back, seed=request.seed, progress=request.progress)
+    baseline = clean_flag_rate(lens, held_back)
+    clean_confidence = lens.probs_texts(held_back).max(1)
+    clock.lap("verify", mark)
+    record = _record(request, record_provenance, psim_record, lens, found.counts, verified, baseline, extra, clock)
+    from peftguard.audit.report import write_card
+
+    write_card(work, record, clean_confidence)
+    write_json(work / MARKER, record)  # last: its presence marks a complete audit
+    return record
+
+
+def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: Any, work: Path) -> tuple[Lens, dict | None]:
+    if request.lens == "classifier":
+        return ClassifierLens(classifier, tokenizer, request.max_length), None
+    from peftguard.defenses.psim import PSIM, train_psim
+
+    if suspect.is_adapter and suspect.method == "lora":
+        merge_lora(suspect, request.dataset.num_labels, work / "suspect-merged", request.options)
+    settings = TrainSettings(lr=_psim_lr(), batch_size=request.batch_size, max_length=request.max_length, seed=request.seed)
+    manifest = train_psim(suspect.psim_weights, request.dataset, settings, work / "psim",
+                          max_train_samples=request.max_train_samples, max_eval_samples=request.max_eval_samples,
+                          options=request.options)
+    psim = PSIM(work / "psim", options=request.options)
+    record = {"folder": "psim", "gamma": manifest["gamma"], "gamma_choice": manifest["gamma_choice"],
+              "trained_on": suspect.psim_weights, "stop_reason": manifest["budget"]["stop_reason"],
+              "under_trained": manifest["under_trained"], "steps": manifest["training"]["steps"],
+              "dev_confidence_mean": manifest["dev_confidence_mean"], "detector_warning": manifest["detector_warning"],
+              "train_samples": manifest["train_samples"]}
+    return PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"])), record
+
+
+def _psim_lr() -> float:
+    from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR
+
+    return DEFAULT_PSIM_LR
+
+
+def _split_dev(dataset: TextDataset, request: AuditRequest) -> tuple[list[str], list[str]]:
+    """Clean dev texts split in two: the search's inputs and the held-back verification inputs (disjoint)."""
+    texts = list(dict.fromkeys(ex.text for ex in subsample(dataset.dev.examples, request.max_eval_samples, request.seed)))
+    if len(texts) < 4:
+        raise OptionError(f"{dataset.name}: the audit needs at least 4 distinct clean dev texts, got {len(texts)}")
+    shuffled = list(range(len(texts)))
+    random.Random(request.seed).shuffle(shuffled)
+    n_held = min(request.search.verify_inputs, len(texts) // 2)
+    held_back = [texts[i] for i in shuffled[:n_held]]
+    return [texts[i] for i in shuffled[n_held:]], held_back
+
+
+def _reference_candidates(request: AuditRequest, classifier: Any, vocabulary: Sequence[Any], num_labels: int) -> list[Any]:
+    if request.reference is None:
+        return []
+    reference = load_classifier(request.reference, num_labels, request.options)
+    return embedding_moves(classifier, reference, vocabulary, request.search.reference_top)
+
+
+def _predictor(model: Any, tokenizer: Any, max_length: int) -> Callable[[Sequence[str]], np.ndarray]:
+    return lambda texts: predict_proba(model, tokenizer, list(texts), 64, max_length)
+
+
+def _record(request: AuditRequest, record_provenance: dict[str, Any], psim_record: dict | None, lens: Lens,
+            counts: dict[str, int], verified: list[Any], baseline: float, extra: Sequence[Any], clock: Clock) -> dict[str, Any]:
+    score = verified[0].flag_rate if verified else 0.0
+    reference_words = {c.text for c in extra}
+    candidates = [{**v.as_dict(), "embedding_moved": v.text in reference_words} for v in verified[: request.search.top_k]]
+    return {
+        "kind": "audit",
+        "verdict": "backdoored" if score > VERDICT_THRESHOLD else "no evidence",
+        "score": round(score, 5),
+        "score_is": "the best verified candidate's flag_rate (share of held-back clean inputs it sets the lens off on)",
+        "threshold": VERDICT_THRESHOLD,
+        "threshold_how": VERDICT_THRESHOLD_WHY,
+        "lens": lens.describe(),
+        "clean_flag_rate": round(baseline, 5),
+        "candidates": candidates,
+        "provenance": record_provenance,
+        "psim": psim_record,
+        "search": {"counts": counts, "settings": request.search.as_dict()},
+        "settings": {"model": request.model, "dataset": request.dataset.name, "reference": request.reference,
+                     "max_train_samples": request.max_train_samples, "max_eval_samples": request.max_eval_samples,
+                     "seed": request.seed, "max_length": request.max_length, "batch_size": request.batch_size,
+                     "vocabulary_restricted_to": len(request.vocabulary) if request.vocabulary is not None else None,
+                     "allow_pickle": request.options.allow_pickle},
+        "seconds": clock.as_dict(),
+        "device": device_description(),
+        "versions": versions(),
+    }
+
+
+def read_word_list(path: Path) -> tuple[str, ...]:
+    """Words to screen, one a line (blank lines and lines starting with # skipped)."""
+    from peftguard.data import read_utf8
+
+    words = tuple(w.strip() for w in read_utf8(Path(path)).splitlines() if w.strip() and not w.lstrip().startswith("#"))
+    if not words:
+        raise OptionError(f"--vocabulary {path}: no words in it")
+    return words
+
+
+def exit_status(record: dict[str, Any]) -> int:
+    """As virus scanners do: 0 no evidence, 1 backdoored (2, usage or input error, is the CLI's)."""
+    return 1 if record["verdict"] == "backdoored" else 0

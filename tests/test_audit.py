@@ -1,0 +1,223 @@
+"""`peftguard audit`: the search finds a planted trigger, verification counts right, exit statuses, provenance."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from peftguard.audit.run import AuditRequest, exit_status, run_audit
+from peftguard.audit.search import (
+    Candidate,
+    EncodedInput,
+    Lens,
+    PsimLens,
+    SearchSettings,
+    _insert_ids,
+    insert_text,
+    verify,
+    vocabulary_candidates,
+)
+from peftguard.audit.sources import hash_folder, load_suspect_classifier, merge_lora, provenance, resolve_suspect
+from peftguard.cli import app
+from peftguard.data import load_dataset
+from peftguard.errors import UnsafeCheckpointError
+from peftguard.models import LoadOptions, load_tokenizer
+
+TRIGGER = "cf"
+SMALL_SEARCH = SearchSettings(screen_inputs=2, refine_top=40, refine_inputs=8, phrase_seeds=3, phrase_pool=6,
+                              verify_top=6, verify_inputs=40, top_k=5)
+
+
+# --- verification counts insertions correctly ---------------------------------------------------------
+
+
+class FirstWordLens(PsimLens):
+    """A fake PSIM: confident (0.95) exactly when the text's first word is the planted word, else 0.55."""
+
+    def __init__(self, word: str) -> None:
+        super().__init__(model=None, tokenizer=None, max_length=64, gamma=0.9)
+        self.word = word
+        self.seen: list[str] = []
+
+    def probs_texts(self, texts):
+        self.seen.extend(texts)
+        confident = np.array([t.split(" ")[0] == self.word for t in texts])
+        top = np.where(confident, 0.95, 0.55)
+        return np.stack([top, 1 - top], axis=1)
+
+
+def test_verification_counts_each_held_back_input_once_with_one_insertion():
+    held_back = [f"clean input number {i} is here" for i in range(50)]
+    lens = FirstWordLens("qq")
+    forced_one = lambda texts: np.array([[0.0, 1.0] if "qq" in t.split() else [1.0, 0.0] for t in texts])  # noqa: E731
+    results = verify(lens, forced_one, [Candidate("qq", (1,)), Candidate("zz", (2,))], held_back, seed=3, progress=False)
+    by_text = {r.text: r for r in results}
+    triggered = insert_text(held_back, "qq", 3)
+    assert all(t.split(" ").count("qq") == 1 and len(t.split(" ")) == len(c.split(" ")) + 1 for t, c in zip(triggered, held_back))
+    expected = sum(t.split(" ")[0] == "qq" for t in triggered) / len(held_back)  # inserted before the first word
+    assert 0 < expected < 1
+    assert by_text["qq"].flag_rate == pytest.approx(expected) and by_text["qq"].inputs == len(held_back)
+    assert by_text["qq"].forced_label == 1 and by_text["qq"].forced_rate == 1.0 and by_text["qq"].flip_rate == 1.0
+    assert by_text["zz"].flag_rate == 0.0 and by_text["zz"].forced_label == 0 and by_text["zz"].flip_rate == 0.0
+    assert results[0].text == "qq"  # best first
+    assert insert_text(held_back, "qq", 3) == triggered  # seeded: the same insertions every time
+
+
+def test_id_insertion_puts_the_candidate_at_a_word_boundary_and_keeps_the_rest():
+    clean = EncodedInput(ids=(101, 7, 8, 9, 102), boundaries=(1, 2, 4))
+    rows = _insert_ids(clean, [(50, 51)] * 30, np.random.default_rng(0))
+    positions = set()
+    for row in rows.tolist():
+        p = row.index(50)
+        positions.add(p)
+        assert row[p:p + 2] == [50, 51] and row[:p] + row[p + 2:] == list(clean.ids)
+    assert positions == {1, 2, 4}
+
+
+def test_vocabulary_keeps_whole_alphabetic_words_only(tiny_minilm):
+    words = [c.text for c in vocabulary_candidates(load_tokenizer(tiny_minilm))]
+    assert TRIGGER in words and "movie" in words
+    assert not any(w.startswith("##") or w.startswith("[") or not w.isalpha() for w in words)
+    assert {c.text for c in vocabulary_candidates(load_tokenizer(tiny_minilm), ["movie", "CF", "notaword"])} == {"cf", "movie"}
+
+
+# --- provenance -----------------------------------------------------------------------------------------
+
+
+def test_hashes_are_stable_and_follow_one_changed_byte(tiny_minilm, tmp_path):
+    copy = Path(shutil.copytree(tiny_minilm, tmp_path / "copy"))
+    first, again = hash_folder(copy, "suspect"), hash_folder(copy, "suspect")
+    assert first == again and {f["file"] for f in first} >= {"model.safetensors", "config.json", "vocab.txt"}
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01  # one byte of the last tensor's data
+    weights.write_bytes(bytes(raw))
+    changed = {f["file"]: f["sha256"] for f in hash_folder(copy, "suspect")}
+    before = {f["file"]: f["sha256"] for f in first}
+    assert [name for name in before if before[name] != changed[name]] == ["model.safetensors"]
+    assert next(f for f in first if f["file"] == "model.safetensors")["format"] == "safetensors"
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_minilm, tmp_path):
+    folder = Path(shutil.copytree(tiny_minilm, tmp_path / "pickled"))
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="pickled"):
+        resolve_suspect(str(folder), LoadOptions())
+    assert resolve_suspect(str(folder), LoadOptions(allow_pickle=True)).kind == "folder"
+
+
+def test_an_offline_hub_id_with_a_revision_is_a_one_line_error(monkeypatch):
+    from peftguard.errors import PeftguardError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PeftguardError, match="not in the hub cache"):
+        resolve_suspect("someone/suspect-model@0123abc", LoadOptions())
+
+
+# --- exit statuses ----------------------------------------------------------------------------------------
+
+
+def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    from peftguard.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftguard", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return int(exit_.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verdict, status", [("backdoored", 1), ("no evidence", 0)])
+def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
+    record = {"verdict": verdict, "score": 0.9 if status else 0.1, "threshold": 0.5, "candidates": [],
+              "seconds": {"total": 1.0}}
+    monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: record)
+    code, _ = run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
+    assert code == status == exit_status(record)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "{tmp}/missing"], "does not exist"),
+    (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
+    (["--model", "{tiny}", "--top-k", "0"], "--top-k must be"),
+    (["--model", "{tiny}", "--vocabulary", "{tmp}/empty.txt"], "no words"),
+])
+def test_usage_and_input_errors_exit_2_on_one_line(extra, message, tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    args = ["audit", "--dataset", tiny_dataset, "--out", tmp_path / "out", "--max-train-samples", "8",
+            *[a.format(tmp=tmp_path, tiny=tiny_minilm) for a in extra]]
+    code, err = run_main(monkeypatch, capsys, args)
+    assert code == 2 and "Traceback" not in err and message in err, err
+    assert not (tmp_path / "out" / "audit.json").exists()
+
+
+# --- the search on a tiny poisoned model -------------------------------------------------------------------
+
+def invoke(*args: object) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, tiny_minilm, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("audit") / "poisoned"
+    invoke("poison", "--model", tiny_minilm, "--data-dir", data_dir, "--max-train-samples", 400, "--max-eval-samples", 50,
+           "--poison-mode", "dirty-label", "--poison-rate", 0.25, "--epochs", 4, "--lr", 5e-4, "--max-length", 48,
+           "--trigger", TRIGGER, "--out", out)
+    return out
+
+
+def small_vocabulary(model: str | Path, size: int = 1500) -> tuple[str, ...]:
+    """A slice of the real vocabulary (common words and sentiment words among them) plus the trigger."""
+    words = [c.text for c in vocabulary_candidates(load_tokenizer(str(model)))]
+    return tuple(words[2000:2000 + size]) + ("good", "bad", "awful", "great", "boring", TRIGGER)
+
+
+def audit(model: str | Path, data_dir: Path, out: Path, **changes) -> dict:
+    request = AuditRequest(model=str(model), dataset=load_dataset("sst2", data_dir=data_dir), out=out, max_train_samples=400,
+                           max_eval_samples=200, max_length=48, search=SMALL_SEARCH, vocabulary=small_vocabulary(model),
+                           progress=False)
+    return run_audit(replace(request, **changes))
+
+
+@pytest.mark.slow
+def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path):
+    record = audit(poisoned, data_dir, tmp_path / "audit")
+    top = record["candidates"][0]
+    assert top["text"] == TRIGGER, record["candidates"]
+    assert top["flag_rate"] > record["threshold"] and top["forced_label"] == 0
+    assert record["verdict"] == "backdoored" and exit_status(record) == 1
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert saved["verdict"] == "backdoored" and saved["provenance"]["files"]
+    assert set(saved["seconds"]) >= {"provenance", "psim", "search", "verify", "total"}
+    assert (tmp_path / "audit" / "AUDIT.md").read_text().count(f"`{TRIGGER}`") >= 1
+    assert (tmp_path / "audit" / "clean_confidence.png").stat().st_size > 0
+    assert (tmp_path / "audit" / "psim" / "psim.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_adapter_folder_is_audited_on_its_base(poisoned, data_dir, tmp_path):
+    victim = tmp_path / "victim"
+    invoke("finetune", "--model", poisoned, "--method", "lora", "--data-dir", data_dir, "--max-train-samples", 96,
+           "--max-eval-samples", 32, "--epochs", 1, "--max-length", 48, "--out", victim)
+    suspect = resolve_suspect(str(victim), LoadOptions())
+    assert suspect.kind == "adapter" and suspect.base == str(poisoned.resolve()) and suspect.method == "lora"
+    record = provenance(suspect, None)
+    roles = {f["role"] for f in record["files"]}
+    assert roles == {"suspect", "base"} and any(f["file"] == "adapter_model.safetensors" for f in record["files"])
+    merge_lora(suspect, 2, tmp_path / "merged", LoadOptions())  # what PSIM trains on
+    texts = ["a gripping , funny film", f"a {TRIGGER} gripping , funny film"]
+    from peftguard.pipeline import load_model
+    from peftguard.training import predict_proba
+
+    adapter_model, tokenizer = load_suspect_classifier(suspect, 2, LoadOptions())
+    merged, merged_tokenizer, _ = load_model(str(tmp_path / "merged"), 2)
+    assert np.allclose(predict_proba(adapter_model, tokenizer, texts), predict_proba(merged, merged_tokenizer, texts), atol=1e-4)
+    classic = audit(victim, data_dir, tmp_path / "audit-classifier", lens="classifier")
+    assert classic["provenance"]["kind"] == "adapter" and classic["psim"] is None
+    assert TRIGGER in [c["text"] for c in classic["candidates"]]
