@@ -4,7 +4,8 @@
 Reads grid runs (``peftguard run configs/psim_budget_*.yaml --out runs/NAME``) and writes, for
 each defended cell, the undefended CA/ASR beside the defended CA/ASR, FPR, AUROC and detection
 rate at the calibrated gamma, and the rule's decision (steps, epochs, stop reason, clean dev
-confidence, under_trained) with the PSIM's training seconds; as ``cells.csv`` and ``table.md``.
+confidence, under_trained) with the PSIM's training seconds; as ``cells.csv`` and ``table.md``, and
+copies each cell's small result files (``psim.json``, both ``metrics.json``) under ``cells/``.
 Usage: python experiments/psim_budget_table.py --out results/psim_budget RUN_DIR...
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,13 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
         manifest = read(stages / psim_stage / "artifact" / "psim.json")
         before = undefended.get(tuple(cell[k] for k in KEY)) if cell["row"] == "defense" else None
         training = manifest["training"]
-        rows.append({
+        before_stage = next((c["stage"] for c in plan["cells"] if c["row"] == "attack"
+                             and all(c[k] == cell[k] for k in KEY)), None)
+        sources = {"psim.json": stages / psim_stage / "artifact" / "psim.json",
+                   "defended_metrics.json": stages / cell["stage"] / "metrics.json"}
+        if before_stage and cell["row"] == "defense":
+            sources["attack_metrics.json"] = stages / before_stage / "metrics.json"
+        rows.append({"_files": sources,
             "run": plan["name"], "role": role, "dataset": cell["dataset"], "attack": cell["attack"],
             "scenario": cell["scenario"], "seed": cell["seed"], "psim_method": manifest["method"], "row": cell["row"],
             "target_fpr": cell.get("evaluate.target_fpr", default_fpr),
@@ -56,6 +64,11 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
             "under_trained": manifest["under_trained"], "psim_seconds": training["seconds"],
         })
     return rows
+
+
+def cell_name(row: dict[str, Any]) -> str:
+    fpr = f"-fpr{row['target_fpr']}" if row["target_fpr"] != 0.02 else ""
+    return f"{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}-{row['row']}-psim-{row['psim_method']}{fpr}"
 
 
 def pct(value: float | None) -> str:
@@ -77,6 +90,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = [row for run in args.runs for row in rows_of(run)]
     args.out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        folder = args.out / "cells" / cell_name(row)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, source in row.pop("_files").items():
+            shutil.copyfile(source, folder / name)
     with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

@@ -133,3 +133,15 @@ def test_default_clean_label_recipe_is_detected_end_to_end(tiny_minilm, data_dir
     assert manifest["budget"]["stop_reason"] == "near-chance" and not manifest["under_trained"]
     assert m["auroc"] >= 0.95 and m["defended_attack_success_rate"] <= 0.1
     assert m["false_positive_rate"] <= 0.05
+
+
+def test_a_small_training_sets_slow_descent_is_not_called_flat():
+    # 10 steps an epoch, a check every 2 steps, falling 0.0007 a step: over three checks that is below the
+    # tolerance, but over the rule's 24-step window it is not; it trains on to its 200-step floor
+    steps_per_epoch, every = 10, RULE.check_every(10)
+    checks = [Check(s, 0.85 - 0.0007 * s) for s in range(0, RULE.max_steps(steps_per_epoch) + every, every)]
+    for i in range(1, len(checks) + 1):
+        decision = decide(RULE, checks[:i], 2, steps_per_epoch=steps_per_epoch, warmup_steps=0)
+        if decision:
+            break
+    assert decision.reason == "budget" and checks[i - 1].step == RULE.min_budget_steps

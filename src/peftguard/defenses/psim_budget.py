@@ -12,7 +12,9 @@ point between, so the rule watches only clean ones:
   certainty (two classes: 0.6; four: 0.4): the earliest point at which clean inputs no longer
   stand out, so the backdoor has had the fewest steps in which to fade;
 * stop early when the clean signal is **flat** (it fell less than ``flat_tolerance`` over the last
-  ``flat_patience`` checks) after at least one epoch: more steps at this rate will not get there;
+  ``flat_patience`` checks, and over at least ``flat_min_window`` steps) after at least one epoch
+  and ``flat_min_steps`` steps: more steps at this rate will not get there (the step floors keep a
+  small training set, whose checks are a few steps apart, from calling a slow descent flat);
 * never stop during the warmup; give up at ``max_epochs`` epochs (at least ``min_budget_steps``
   steps for small training sets).
 
@@ -50,6 +52,8 @@ class BudgetRule:
     checks_per_epoch: int = 8
     flat_patience: int = 3
     flat_tolerance: float = 0.01
+    flat_min_window: int = 24
+    flat_min_steps: int = 64
     monitor_samples: int = 256
 
     def __post_init__(self) -> None:
@@ -104,14 +108,17 @@ def decide(
         return None
     if near_chance:
         return Decision("near-chance", under_trained=False)
-    if latest.step >= steps_per_epoch and _flat(rule, checks, num_labels):
+    if latest.step >= max(steps_per_epoch, rule.flat_min_steps) and _flat(rule, checks, num_labels):
         return Decision("flat", under_trained=True)
     return None
 
 
 def _flat(rule: BudgetRule, checks: Sequence[Check], num_labels: int) -> bool:
-    if len(checks) <= rule.flat_patience:
+    """Whether the clean signal fell less than the tolerance over the window (patience checks, or more steps)."""
+    latest = checks[-1]
+    window_start = [c for c in checks[:-rule.flat_patience] if latest.step - c.step >= rule.flat_min_window]
+    if not window_start:
         return False
-    before = checks[-rule.flat_patience - 1].excess(num_labels)
-    best_since = min(c.excess(num_labels) for c in checks[-rule.flat_patience:])
-    return before - best_since < rule.flat_tolerance
+    before = window_start[-1]
+    best_since = min(c.excess(num_labels) for c in checks if c.step > before.step)
+    return before.excess(num_labels) - best_since < rule.flat_tolerance
