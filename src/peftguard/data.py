@@ -252,6 +252,7 @@ def _delimited_rows(
 
 
 def _jsonl_rows(path: Path, content: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, object]]]:
+    check_nul(content, path)  # before parsing: a NUL is named as such, at its line, whatever JSON surrounds it
     rows = []
     # JSON Lines ends records at \n only: U+2028 and friends are legal inside JSON strings
     for line, raw in enumerate(content.split("\n"), start=1):
