@@ -88,7 +88,7 @@ SWEEPABLE = {f"psim.{name}" for name in PSIMConfig.model_fields} | {f"evaluate.{
 
 
 class ExperimentConfig(Strict):
-    name: str
+    name: str = Field(min_length=1, description="names the run and its report")
     description: str = ""
     table: Optional[str] = Field(None, description="report layout: which paper table this reproduces")
     grid: GridConfig = GridConfig()
