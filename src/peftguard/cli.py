@@ -633,9 +633,9 @@ def main() -> None:
     except click.ClickException as exc:  # a malformed option (--batch-size abc): one line, not a usage panel
         hint = f" (see {exc.ctx.command_path} --help)" if isinstance(exc, click.UsageError) and exc.ctx else ""
         _fail(exc.format_message() + hint, exc.exit_code)
-    except click.Abort:
+    except KeyboardInterrupt:  # typer's click has no Abort: Ctrl-C arrives as itself
         typer.echo("Aborted!", err=True)
-        sys.exit(1)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
