@@ -23,10 +23,11 @@ def write_plots(cells: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG atomically (temporary name, then rename) and close it."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -53,7 +54,7 @@ def confidence_histograms(cells: list[dict[str, Any]], out_dir: Path) -> Path | 
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("share of samples")
         ax.legend(fontsize=7)
-    return _save(fig, out_dir / "confidence_histograms.png")
+    return save_figure(fig, out_dir / "confidence_histograms.png")
 
 
 def threshold_sweep(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
@@ -75,7 +76,7 @@ def threshold_sweep(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
         ax.set_xlabel("gamma")
         ax.set_ylabel(name)
         ax.legend(fontsize=7)
-    return _save(fig, out_dir / "threshold_sweep.png")
+    return save_figure(fig, out_dir / "threshold_sweep.png")
 
 
 def roc_curves(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
@@ -97,7 +98,7 @@ def roc_curves(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
     ax.set_xlabel("false-positive rate (clean flagged)")
     ax.set_ylabel("detection rate (triggered flagged)")
     ax.legend(fontsize=6)
-    return _save(fig, out_dir / "roc_curves.png")
+    return save_figure(fig, out_dir / "roc_curves.png")
 
 
 def attack_asr_per_method(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
@@ -117,4 +118,4 @@ def attack_asr_per_method(cells: list[dict[str, Any]], out_dir: Path) -> Path | 
     ax.set_ylabel("ASR (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    return _save(fig, out_dir / "attack_asr_per_method.png")
+    return save_figure(fig, out_dir / "attack_asr_per_method.png")

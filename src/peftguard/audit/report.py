@@ -30,12 +30,9 @@ def write_histogram(path: Path, confidence: np.ndarray, lens: dict[str, Any]) ->
     ax.set_xlabel(f"{lens['name']} confidence (largest softmax probability)")
     ax.set_ylabel("inputs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from peftguard.plots import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 def card(record: dict[str, Any], histogram: str) -> str:
