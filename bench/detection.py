@@ -68,10 +68,10 @@ def model_folders(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def cold(psim: Any) -> None:
     """Forget tokenizations and memoized scores so that a timed call pays for its own."""
-    from peftguard import inference
+    from peftguard import caches
 
-    inference._ENCODING_CACHE.clear()
-    psim._memo.clear()
+    caches.clear()
+    caches.forget(psim)
 
 
 def psim_cases(psims: dict[str, Any], texts: list[str], gamma: float) -> dict[str, Any]:
@@ -136,6 +136,7 @@ def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 
 def onion_figures(texts: list[str], repeats: int) -> dict[str, Any]:
+    from peftguard import caches
     from peftguard.defenses.onion import OnionConfig, OnionDefense
 
     fast = OnionDefense(OnionConfig())
@@ -143,7 +144,7 @@ def onion_figures(texts: list[str], repeats: int) -> dict[str, Any]:
 
     def run(defense: OnionDefense) -> Any:
         def screen() -> list[str]:
-            defense._memo.clear()
+            caches.forget(defense)
             return defense.screen(texts).texts
         return screen
 

@@ -72,9 +72,9 @@ def scan_case(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> 
 
 
 def cold() -> None:
-    from peftguard import training
+    from peftguard import caches
 
-    training._ENCODING_CACHE.clear()
+    caches.clear()
 
 
 def exact_length_texts(tokenizer: Any, length: int, count: int) -> list[str]:

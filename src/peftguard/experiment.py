@@ -11,13 +11,11 @@ killed run resumes where it stopped.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,26 +27,11 @@ from tqdm.auto import tqdm
 
 from peftguard.artifacts import read_json, write_json
 from peftguard.config import ExperimentConfig
+from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
 
+__all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray", "stage_dir"]
 log = logging.getLogger(__name__)
-STAGE_FILE = "stage.json"
 CELLS_FILE = "cells.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    kind: str  # poison | victim | psim | evaluate
-    settings: dict[str, Any]
-    deps: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        blob = json.dumps({"kind": self.kind, "settings": self.settings, "deps": self.deps}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}-{self.key}"
 
 
 @dataclass
@@ -62,14 +45,6 @@ class Plan:
 
 
 # --- planning --------------------------------------------------------------------------------
-
-_STAGE_NAME = re.compile(r"^(poison|victim|psim|evaluate)-[0-9a-f]{12}$")
-
-
-def is_stage_name(reference: str) -> bool:
-    """True for a stage's name (as opposed to a model reference such as 'minilm')."""
-    return bool(_STAGE_NAME.match(reference))
-
 
 def plan_grid(config: ExperimentConfig) -> Plan:
     """Expand a config into stages and result cells."""
@@ -151,8 +126,20 @@ def _psim_stage(config: ExperimentConfig, base: str, dataset: str, seed: int, ov
     deps = (base,) if is_stage_name(base) else ()
     settings = {**config.psim.model_dump(), **overrides}
     return Stage("psim", {"base": base, "dataset": dataset, "seed": seed, "data": config.data.model_dump(),
-                          "psim": settings, "evaluate": config.evaluate.model_dump(),
+                          "psim": settings, "calibration": _psim_calibration(config),
                           "instruction": config.poison.instruction}, deps)
+
+
+def _psim_calibration(config: ExperimentConfig) -> dict[str, Any]:
+    """The only evaluation settings a PSIM's training reads: how its manifest's gamma is chosen.
+
+    Every evaluation recalibrates gamma from its own settings (``defenses/registry.py``), so
+    evaluation batch sizes, lengths and swept gammas do not retrain the PSIM; the base section's
+    fixed gamma is kept so that a PSIM meant for a fixed gamma is not refused for a calibration
+    it will never use.
+    """
+    gamma = config.evaluate.gamma
+    return {"gamma": gamma, "target_fpr": None if gamma is not None else config.evaluate.target_fpr}
 
 
 def _add_eval(plan: Plan, config: ExperimentConfig, victim: str, psim: str | None, defense: str,
@@ -183,10 +170,6 @@ def link_stage_cache(run_dir: Path, cache: Path) -> None:
         raise OptionError(f"{link} already exists and is not a link to {cache}; use a new --out")
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(cache, target_is_directory=True)
-
-
-def stage_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / name
 
 
 def is_done(run_dir: Path, stage: Stage) -> bool:

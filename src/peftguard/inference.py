@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from peftguard import caches
 from peftguard.errors import OptionError, PeftguardError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ENCODING_CACHE_ENTRIES = 64  # text sets kept (oldest dropped first)
 _ENCODING_CACHE: dict[tuple[str, int, str], tuple[list[list[int]], int]] = {}
+caches.register("inference.encodings", _ENCODING_CACHE.clear)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:

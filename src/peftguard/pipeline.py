@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftguard import caches
 from peftguard.data import TextDataset, subsample
 from peftguard.defenses.base import DefenseContext, InputDefense, ModelDefense
 from peftguard.defenses.registry import DefenseOptions
@@ -69,6 +70,7 @@ def build_defense(
 
 # Input defenses already built in this process (a grid evaluates many victims with the same one).
 _DEFENSES: dict[tuple, InputDefense] = {}
+caches.register("pipeline.defenses", _DEFENSES.clear)
 _KEEP_DEFENSES = 4
 
 

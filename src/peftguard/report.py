@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from peftguard.artifacts import read_json, write_text
-from peftguard.experiment import CELLS_FILE, stage_dir
+from peftguard.experiment import CELLS_FILE
+from peftguard.stage_names import stage_dir
 
 ROW_ORDER = {"normal": 0, "attack": 1, "defense": 2, "defense_clean": 3}
 GROUP_KEYS = ("model", "dataset", "attack", "scenario")

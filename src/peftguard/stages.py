@@ -10,10 +10,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from peftguard import caches
 from peftguard.artifacts import write_json
 from peftguard.data import TextDataset, load_dataset
 from peftguard.errors import OptionError
 from peftguard.instruction import template_by_name
+from peftguard.stage_names import is_stage_name, stage_dir
 from peftguard.training import TrainSettings
 from peftguard.triggers import Trigger, build_triggers
 from peftguard.tuning import method_config
@@ -26,10 +28,11 @@ def _dataset(name: str, data_dir: str | None) -> TextDataset:
     return load_dataset(name, data_dir=data_dir)  # loaded once per process, shared by stages
 
 
+caches.register("stages.datasets", _dataset.cache_clear)
+
+
 def _ref(run_dir: Path, base: str) -> str:
     """An upstream stage's artifact folder, or a model reference as given."""
-    from peftguard.experiment import is_stage_name, stage_dir
-
     return str(stage_dir(run_dir, base) / ARTIFACT) if is_stage_name(base) else base
 
 
@@ -66,8 +69,6 @@ def run_victim(run_dir: Path, stage: Any, folder: Path) -> None:
 
 def _clean_model_template(settings: dict[str, Any]) -> Any:
     """The instruction template for a stage on a clean model (a poisoned folder carries its own)."""
-    from peftguard.experiment import is_stage_name
-
     clean = not is_stage_name(settings["base"])
     return template_by_name(settings["instruction"]) if settings["instruction"] and clean else None
 
@@ -76,15 +77,14 @@ def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
     from peftguard.defenses.psim import train_psim
     from peftguard.defenses.psim_budget import BudgetRule
 
-    s, p, e, data = stage.settings, stage.settings["psim"], stage.settings["evaluate"], stage.settings["data"]
+    s, p, e, data = stage.settings, stage.settings["psim"], stage.settings["calibration"], stage.settings["data"]
     overrides = {"num_virtual_tokens": p["num_virtual_tokens"], "encoder_hidden_size": p["encoder_hidden_size"]}
     config = method_config(p["method"], **_known(p["method"], overrides))
     settings = TrainSettings(epochs=p["epochs"] or 1, lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"],
                              seed=s["seed"])
     budget = None if p["epochs"] else BudgetRule(max_epochs=p["max_epochs"])
-    gamma = e["gamma"]
     train_psim(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), settings, folder / ARTIFACT,
-               config=config, budget=budget, reset_rate=p["reset_rate"], gamma=gamma, target_fpr=None if gamma else e["target_fpr"],
+               config=config, budget=budget, reset_rate=p["reset_rate"], gamma=e["gamma"], target_fpr=e["target_fpr"],
                max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
                template=_clean_model_template(s))
 
