@@ -14,7 +14,7 @@ Inputs: N SST-2 test sentences, every other one with a BadNet trigger inserted (
 4. ``psim serve`` on loopback: concurrent clients, bounded requests (``serve_load.py``).
 5. ``peftguard psim scan`` of one input in a fresh process: time to first result, and its imports alone.
 
-Models: ``--psim``/``--victim`` (e.g. the demo's ``runs/demo/psim`` and ``runs/demo/attack/lora``), else a
+Models: ``--psim``/``--victim`` (e.g. the demo's PSIM and LoRA victim, ``runs/demo/stages/*/artifact``), else a
 small poisoned MiniLM, PSIM and LoRA victim built once and cached (``bench_models.py``, about 5 minutes).
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Determinism and interruption on a tiny demo (2-layer MiniLM, 120 SST-2 samples, LoRA only).
 
+The demo is a grid run (configs/demo.yaml), so these are the grid runner's guarantees:
 * The same command with the same seed gives byte-identical metrics, manifests and weights, timings
   and the output folder's own path aside, in another process with another hash seed.
 * A run killed with SIGKILL in the middle of a training stage resumes: finished stages are reused
@@ -25,7 +26,7 @@ from peftguard.cli import app
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"timing", "defense_timing", "seconds", "wall_seconds", "samples_per_second"}
-POISON_TRAINING_STARTED = re.compile(r"poison epoch \d+/\d+:[^\r\n]*loss=")
+VICTIM_TRAINING_STARTED = re.compile(r"finetune lora epoch \d+/\d+:[^\r\n]*loss=")
 STAGE_TIMEOUT_S = 300
 
 
@@ -91,31 +92,42 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_minilm: str, da
     return out
 
 
+def stages_of(out: Path, kind: str) -> list[Path]:
+    return sorted((out / "stages").glob(f"{kind}-*"))
+
+
+def finished(stage: Path) -> bool:
+    return (stage / "stage.json").is_file()
+
+
 def test_same_command_and_seed_give_identical_metrics(uninterrupted: Path, tiny_minilm: str, data_dir: Path) -> None:
     again = uninterrupted.parent / "again"
     log = uninterrupted.parent / "again.log"
     process = start_cli(demo_args(again, tiny_minilm, data_dir), log)
     assert process.wait(timeout=STAGE_TIMEOUT_S * 2) == 0, log.read_text()[-3000:]
     first, second = comparable_files(uninterrupted), comparable_files(again)
+    # Poisoned, Normal, Attack, Defense at the calibrated and at the paper's gamma
     assert sum(name.endswith("metrics.json") for name in first) == 5 and first.keys() == second.keys()
     for name in first:
         assert first[name] == second[name], name
-    manifest = json.loads((again / "normal" / "lora" / "finetune.json").read_text())
+    normal = next(v for v in stages_of(again, "victim") if json.loads((v / "stage.json").read_text())["deps"] == [])
+    manifest = json.loads((normal / "artifact" / "finetune.json").read_text())
     assert manifest["training"]["truncated_texts"] > 0  # --max-length 32 cuts some SST-2 sentences, counted
 
 
-def wait_for_poison_training(process: subprocess.Popen, out: Path, log: Path) -> None:
-    """Until the normal/lora stage is finished and the poisoning stage has taken a training step."""
+def wait_for_victim_training(process: subprocess.Popen, out: Path, log: Path) -> Path:
+    """Until the poisoning stage is finished and a victim's fine-tuning has taken a step; that victim's stage."""
     deadline = time.monotonic() + STAGE_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the demo ended before it could be interrupted:\n{log.read_text()[-3000:]}")
-        finished = (out / "normal" / "lora" / "finetune.json").is_file()
-        if finished and POISON_TRAINING_STARTED.search(log.read_text(errors="replace")):
-            return
+        poisoned = [s for s in stages_of(out, "poison") if finished(s)]
+        running = [s for s in stages_of(out, "victim") if not finished(s)]
+        if poisoned and running and VICTIM_TRAINING_STARTED.search(log.read_text(errors="replace")):
+            return running[0]
         time.sleep(0.05)
     process.kill()
-    pytest.fail("the poisoning stage did not start in time")
+    pytest.fail("no victim's training started in time")
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -126,21 +138,21 @@ def test_killed_run_resumes_with_the_same_results(uninterrupted: Path, tiny_mini
     out = uninterrupted.parent / "interrupted"
     log = uninterrupted.parent / "interrupted.log"
     process = start_cli(demo_args(out, tiny_minilm, data_dir), log)
-    wait_for_poison_training(process, out, log)
+    interrupted = wait_for_victim_training(process, out, log)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    assert not (out / "poisoned" / "poisoning.json").exists()  # killed in the middle of training
-    finished = mtimes(out / "normal" / "lora")
+    assert not finished(interrupted)  # killed in the middle of training
+    poisoned = stages_of(out, "poison")[0]
+    before = mtimes(poisoned)
     # what a kill during the save itself would leave: the writer's temporary folder, half full
-    half_written = out / f".poisoned.tmp-{process.pid}-killed"
+    half_written = interrupted / f".artifact.tmp-{process.pid}-killed"
     half_written.mkdir()
     (half_written / "model.safetensors").write_bytes(b"\0" * 64)
 
     output = run_in_process(demo_args(out, tiny_minilm, data_dir))
 
-    assert "fine-tuning normal/lora" not in output and "poisoning the model" in output
-    now = mtimes(out / "normal" / "lora")
-    assert {name: now[name] for name in finished} == finished  # reused, not rewritten (metrics.json is new)
+    assert f"reused {poisoned.name}" in output and f"ran {interrupted.name}" in output
+    assert mtimes(poisoned) == before  # reused, not rewritten
     assert leftovers(out) == []
     expected, resumed = comparable_files(uninterrupted), comparable_files(out)
     assert expected.keys() == resumed.keys()
@@ -149,16 +161,16 @@ def test_killed_run_resumes_with_the_same_results(uninterrupted: Path, tiny_mini
 
 
 def test_demo_adds_a_defense_row_per_baseline_without_redoing_its_stages(tmp_path, tiny_minilm, data_dir):
+    from peftguard.report import load_cells
+
     out = tmp_path / "demo"
     run_in_process(demo_args(out, tiny_minilm, data_dir))
-    victim_weights = out / "attack" / "lora" / "adapter_model.safetensors"
-    before = victim_weights.stat().st_mtime_ns
+    before = {stage.name: mtimes(stage) for stage in (out / "stages").iterdir()}
     output = run_in_process(demo_args(out, tiny_minilm, data_dir) + ["--defense", "scpd", "--defense", "fine-mixing"])
-    assert victim_weights.stat().st_mtime_ns == before
-    results = json.loads((out / "results.json").read_text())
-    assert results["baselines"] == ["scpd", "fine-mixing"]
+    assert {stage: mtimes(out / "stages" / stage) for stage in before} == before  # nothing redone
+    _, cells = load_cells(out)
     for name in ("scpd", "fine-mixing"):
-        measured = results["metrics"][f"defense-{name}"]["lora"]
+        measured = next(c["metrics"] for c in cells if c.get("defense") == name)
         assert 0 <= measured["defended_clean_accuracy"] <= 1 and 0 <= measured["defended_attack_success_rate"] <= 1
         ca, asr = (f"{100 * measured[k]:.2f}" for k in ("defended_clean_accuracy", "defended_attack_success_rate"))
         assert f"| Defense ({name}) | {ca} | {asr} |" in output

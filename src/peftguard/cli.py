@@ -469,38 +469,42 @@ def audit(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Output folder for every artifact and results.md/json.")] = Path("runs/demo"),
-    dataset: DatasetOpt = "sst2",
-    attack: Annotated[str, typer.Option("--attack", help="Trigger kind: badnet (rare word) or insent (sentence).")] = "badnet",
-    model: ModelOpt = "minilm",
+    out: Annotated[Path, typer.Option("--out", help="Run folder (as `peftguard run` writes it): stages/, cells.json, report/.")] = Path("runs/demo"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="The demo's grid config [configs/demo.yaml]; the options below override its keys.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="grid.datasets: sst2|cr|cola|mr|imdb|agnews or a folder [config: sst2].")] = None,
+    attack: Annotated[Optional[str], typer.Option("--attack", help="grid.attacks: badnet (rare word) or insent (sentence) [config: badnet].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="grid.models: 'minilm', a local model folder, or a hub id [config: minilm].")] = None,
     data_dir: DataDirOpt = None,
-    max_train_samples: Annotated[int, typer.Option("--max-train-samples", help="Training subset (keeps the demo within 45 minutes on 2 cores).")] = 2000,
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="data.max_train_samples [config: 2000, within 45 minutes on 2 cores].")] = None,
     max_eval_samples: MaxEvalOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Victim fine-tuning epochs.")] = 2,
-    poison_epochs: Annotated[int, typer.Option("--poison-epochs", help="Weight-poisoning epochs.")] = 3,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="victim.epochs: victim fine-tuning epochs [config: 2].")] = None,
+    poison_epochs: Annotated[Optional[int], typer.Option("--poison-epochs", help="poison.epochs: weight-poisoning epochs [config: 3].")] = None,
     psim_epochs: Annotated[Optional[int], typer.Option(
-        "--psim-epochs", help="PSIM: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--method", help="Fine-tuning method to include (repeat; default all five).")] = None,
+        "--psim-epochs", help="psim.epochs: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--method", help="grid.methods: fine-tuning method to include (repeat) [config: all five].")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option(
         "--defense", "--defenses",
         help="Baseline defense to add as a Defense row beside PSIM (repeat): onion, back-translation, scpd, fine-mixing, "
              "or all. Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
              "takes hours on 2 cores (use --max-eval-samples).")] = None,
-    max_length: MaxLenOpt = 128,
-    seed: SeedOpt = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a demo folder (files of the same names are replaced; never an input).")] = False,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text in every stage [config: 128].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="grid.seeds: one seed [config: 0].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a run folder (files of the same names are replaced; never an input).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 1."""
-    from peftguard.demo import DEMO_MARKER, METHODS, run_demo
+    from peftguard.demo import demo_config, run_demo
+    from peftguard.experiment import CELLS_FILE
 
     check_options(locals())
-    _output_folder(out, DEMO_MARKER, "demo run", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
+    experiment = demo_config(config, tuple(defenses or ()), dataset=dataset, attack=attack, model=model, data_dir=data_dir,
+                             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs,
+                             poison_epochs=poison_epochs, psim_epochs=psim_epochs, methods=tuple(methods or ()),
+                             max_length=max_length, seed=seed)
+    _output_folder(out, CELLS_FILE, "run folder", inputs=(config, *experiment.grid.datasets, data_dir),
+                   models=tuple(experiment.grid.models), overwrite=overwrite)
     _setup_logging(verbose)
-    run_demo(out, dataset=dataset, attack=attack, model=model, data_dir=data_dir,
-             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, epochs=epochs,
-             poison_epochs=poison_epochs, psim_epochs=psim_epochs, methods=tuple(methods or METHODS),
-             max_length=max_length, seed=seed, baselines=tuple(defenses or ()))
+    typer.echo(run_demo(out, experiment, echo=lambda message: typer.echo(f"demo: {message}", err=True)))
 
 
 @defend_app.command("fine-mixing")

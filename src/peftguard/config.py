@@ -1,7 +1,9 @@
 """Experiment configs: one YAML file describes a grid; validated into typed objects.
 
 A grid crosses models × datasets × attacks × scenarios × victim methods × defenses × seeds, and
-``sweep`` crosses any PSIM or evaluation setting with a list of values (the paper's ablations).
+``sweep`` crosses any victim, PSIM or evaluation setting with a list of values (the paper's
+ablations); a null value stands for the setting's default (``evaluate.gamma: [null, 0.7]``:
+calibrated, then the paper's fixed gamma).
 Unknown keys, wrong types and impossible combinations are rejected with the key's path.
 """
 from __future__ import annotations
@@ -52,6 +54,14 @@ class VictimConfig(Strict):
     batch_size: int = bounded("batch_size", 32)
     max_length: int = bounded("max_length", 128)
     normal: bool = Field(True, description="also fine-tune the clean model (the paper's Normal row)")
+    num_virtual_tokens: Optional[int] = bounded("num_virtual_tokens", None, description=(
+        "prompt, P-tuning and prefix victims: virtual tokens; null: the method's default (other methods ignore it)"))
+    encoder_hidden_size: Optional[int] = bounded("encoder_hidden_size", None, description=(
+        "P-tuning v1 victims: prompt encoder width; null: the method's default (other methods ignore it)"))
+
+
+# Victim settings that belong to some fine-tuning methods only (a victim stage keeps those its method has).
+METHOD_SETTINGS = ("num_virtual_tokens", "encoder_hidden_size")
 
 
 class PSIMConfig(Strict):
@@ -84,7 +94,9 @@ class GridConfig(Strict):
     seeds: list[Annotated[int, bounded("seed")]] = Field([0], min_length=1)
 
 
-SWEEPABLE = {f"psim.{name}" for name in PSIMConfig.model_fields} | {f"evaluate.{name}" for name in EvalConfig.model_fields}
+SWEEP_SECTIONS: dict[str, type[BaseModel]] = {"psim": PSIMConfig, "evaluate": EvalConfig, "victim": VictimConfig}
+UNSWEEPABLE = {"victim.normal"}  # decides which rows exist, not a setting of one
+SWEEPABLE = {f"{section}.{name}" for section, model in SWEEP_SECTIONS.items() for name in model.model_fields} - UNSWEEPABLE
 
 
 class ExperimentConfig(Strict):
@@ -101,6 +113,7 @@ class ExperimentConfig(Strict):
                                                             description="dotted key → values, e.g. psim.reset_rate")
     proxies: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROXIES))
     clean_model: bool = Field(False, description="also run every defense on the never-poisoned model (Table 9)")
+    poisoned_model: bool = Field(False, description="also evaluate the poisoned weights before fine-tuning (a Poisoned row)")
 
     @field_validator("sweep")
     @classmethod
@@ -130,13 +143,87 @@ class ExperimentConfig(Strict):
 DECODER_MODELS = {"smollm2"}
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config; errors name the file and the key path."""
+INCLUDE_KEY = "include"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; errors name the file and the key path.
+
+    ``include:`` (a path or a list, relative to the including file) names files whose keys this one
+    inherits, in the spirit of lm-evaluation-harness; what the file itself says wins, mapping by
+    mapping. ``overrides`` (dotted keys, ``data.max_train_samples``) win over both: the demo maps
+    its command-line options onto its config this way.
+    """
     path = Path(path)
+    raw = read_config_layers(path)
+    for key, value in (overrides or {}).items():
+        raw = merge_config(raw, _nested(key, value))
+    return parse_config(raw, str(path))
+
+
+def read_config_layers(path: Path) -> dict[str, Any]:
+    """The mapping ``path`` holds with what it includes merged under it (not yet validated)."""
+    return _read_with_includes(Path(path), ())
+
+
+def included_values(path: Path) -> dict[str, Any]:
+    """What ``path`` inherits from its includes (without its own keys)."""
+    merged: dict[str, Any] = {}
+    for target in _includes(Path(path), read_yaml_mapping(Path(path)), ()):
+        merged = merge_config(merged, read_config_layers(target))
+    return merged
+
+
+def _read_with_includes(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    own = read_yaml_mapping(path)
+    merged: dict[str, Any] = {}
+    for target in _includes(path, own, chain):
+        merged = merge_config(merged, _read_with_includes(target, (*chain, path.resolve())))
+    return merge_config(merged, {k: v for k, v in own.items() if k != INCLUDE_KEY})
+
+
+def _includes(path: Path, own: dict[str, Any], chain: tuple[Path, ...]) -> list[Path]:
+    """The files ``own`` includes, checked: each exists and none includes its includer."""
+    names = own.get(INCLUDE_KEY) or []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(path, f"{INCLUDE_KEY}: a file name or a list of file names, relative to this file")
+    targets = []
+    for name in names:
+        target = path.parent / name
+        if target.resolve() in (*chain, path.resolve()):
+            cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), target.resolve()))
+            raise DataError(path, f"{INCLUDE_KEY}: '{name}' includes itself in a cycle ({cycle})")
+        if not target.is_file():
+            raise DataError(path, f"{INCLUDE_KEY}: '{name}' is not a file (looked for {target})")
+        targets.append(target)
+    return targets
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    section, _, rest = dotted.partition(".")
+    return {section: _nested(rest, value) if rest else value}
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file as a mapping; every failure is a one-line error naming the file."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(path, "missing file") from None
+    except IsADirectoryError:
+        raise DataError(path, "a folder, not a config file") from None
     except UnicodeDecodeError:
         raise DataError(path, "not valid UTF-8") from None
     except yaml.YAMLError as exc:
@@ -148,7 +235,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise DataError(path, "invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise DataError(path, "a config must be a mapping of keys (name, grid, poison, ...)")
-    return parse_config(raw, str(path))
+    return raw
 
 
 def parse_config(raw: dict, source: str = "config") -> ExperimentConfig:
@@ -177,7 +264,7 @@ def _where_and_what(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
 def _sweep_values(key: str) -> TypeAdapter:
     """A validator for a list of values of the setting ``key`` (``psim.lr``): the field's own type and range."""
     section, name = key.split(".", 1)
-    model = {"psim": PSIMConfig, "evaluate": EvalConfig}[section]
+    model = SWEEP_SECTIONS[section]
     field = model.model_fields[name]
     item = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
     return TypeAdapter(list[item], config=ConfigDict(allow_inf_nan=False))

@@ -19,14 +19,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from peftguard.artifacts import read_json, write_json
-from peftguard.config import ExperimentConfig
+from peftguard.config import METHOD_SETTINGS, ExperimentConfig
 from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
 
 __all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray", "stage_dir"]
@@ -51,30 +51,40 @@ def plan_grid(config: ExperimentConfig) -> Plan:
     plan = Plan()
     psim_variants = _variants(config, "psim")
     eval_variants = _variants(config, "evaluate")
+    victim_variants = _variants(config, "victim")
     g = config.grid
     for model, dataset, attack, scenario, seed in itertools.product(g.models, g.datasets, g.attacks, g.scenarios, g.seeds):
         attacks = [attack] if isinstance(attack, str) else list(attack)
         axes = {"model": model, "dataset": dataset, "attack": "+".join(attacks), "scenario": scenario, "seed": seed}
         poison = plan.add(_poison_stage(config, model, dataset, attacks, scenario, seed))
+        if config.poisoned_model:  # the poisoned weights themselves, before anyone fine-tunes them
+            _add_eval(plan, config, poison, None, "none", attacks, {}, {**axes, "method": None, "row": "poisoned"})
         psims = {tuple(v.items()): plan.add(_psim_stage(config, poison, dataset, seed, v)) for v in psim_variants}
-        for method in g.methods:
-            victim = plan.add(_victim_stage(config, poison, dataset, method, seed))
+        for method, victim_v in itertools.product(g.methods, victim_variants):
+            method_axes = {**axes, "method": method, **_swept("victim", victim_v)}
+            victim = plan.add(_victim_stage(config, poison, dataset, method, seed, victim_v))
             if config.victim.normal:
-                normal = plan.add(_victim_stage(config, model, dataset, method, seed))
-                _add_eval(plan, config, normal, None, "none", attacks, {}, {**axes, "method": method, "row": "normal"})
+                normal = plan.add(_victim_stage(config, model, dataset, method, seed, victim_v))
+                _add_eval(plan, config, normal, None, "none", attacks, {}, {**method_axes, "row": "normal"})
             for defense in g.defenses:
                 for psim_v, psim_name in (psims.items() if defense == "psim" else [((), None)]):
                     for eval_v in (eval_variants if defense != "none" else [{}]):
                         row = "attack" if defense == "none" else "defense"
-                        cell = {**axes, "method": method, "row": row, "defense": defense,
-                                **{f"psim.{k}": v for k, v in psim_v}, **{f"evaluate.{k}": v for k, v in eval_v.items()}}
+                        cell = {**method_axes, "row": row, "defense": defense,
+                                **_swept("psim", dict(psim_v)), **_swept("evaluate", eval_v)}
                         _add_eval(plan, config, victim, psim_name, defense, attacks, eval_v, cell)
-            if config.clean_model and config.victim.normal:
+            if config.clean_model and config.victim.normal:  # the first PSIM setting, every evaluation setting
                 clean_psim = plan.add(_psim_stage(config, model, dataset, seed, psim_variants[0]))
-                normal = _victim_stage(config, model, dataset, method, seed).name
-                _add_eval(plan, config, normal, clean_psim, "psim", attacks, eval_variants[0],
-                          {**axes, "method": method, "row": "defense_clean", "defense": "psim"})
+                normal = _victim_stage(config, model, dataset, method, seed, victim_v).name
+                for eval_v in eval_variants:
+                    _add_eval(plan, config, normal, clean_psim, "psim", attacks, eval_v,
+                              {**method_axes, "row": "defense_clean", "defense": "psim", **_swept("evaluate", eval_v)})
     return plan
+
+
+def _swept(section: str, variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant's values as cell axes (``victim.lr``)."""
+    return {f"{section}.{k}": v for k, v in variant.items()}
 
 
 def grid_size(config: ExperimentConfig) -> tuple[int, int]:
@@ -84,9 +94,10 @@ def grid_size(config: ExperimentConfig) -> tuple[int, int]:
     psims, evals = _variant_count(config, "psim"), _variant_count(config, "evaluate")
     per_defense = {"none": 1, "psim": psims * evals}
     per_method = sum(per_defense.get(defense, evals) for defense in g.defenses)
-    clean = int(config.clean_model and config.victim.normal)  # Table 9: every defense on the clean model too
-    per_method += int(config.victim.normal) + clean
-    return combos * len(g.methods) * per_method, combos * (psims + clean)
+    clean = int(config.clean_model and config.victim.normal)  # Table 9: PSIM on the clean model too
+    per_method += int(config.victim.normal) + clean * evals
+    victims = len(g.methods) * _variant_count(config, "victim")
+    return combos * (victims * per_method + int(config.poisoned_model)), combos * (psims + clean)
 
 
 def check_grid_size(config: ExperimentConfig, max_cells: int) -> None:
@@ -115,11 +126,26 @@ def _poison_stage(config: ExperimentConfig, model: str, dataset: str, attacks: l
                             "seed": seed, "data": config.data.model_dump(), "poison": config.poison.model_dump()})
 
 
-def _victim_stage(config: ExperimentConfig, base: str, dataset: str, method: str, seed: int) -> Stage:
+def _victim_stage(config: ExperimentConfig, base: str, dataset: str, method: str, seed: int,
+                  overrides: dict[str, Any]) -> Stage:
     deps = (base,) if is_stage_name(base) else ()
     return Stage("victim", {"base": base, "dataset": dataset, "method": method, "seed": seed,
-                            "data": config.data.model_dump(), "victim": config.victim.model_dump(exclude={"normal"}),
+                            "data": config.data.model_dump(), "victim": _victim_settings(config, method, overrides),
                             "instruction": config.poison.instruction}, deps)
+
+
+def _victim_settings(config: ExperimentConfig, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The victim section as ``method`` reads it: a method setting (``num_virtual_tokens``) is kept
+    only where the method has it and it is given, so a LoRA victim's key ignores a prompt-length sweep
+    and stages made before these settings existed keep their keys."""
+    from peftguard.tuning import method_config  # torch and peft: not for planning alone
+
+    settings = {**config.victim.model_dump(exclude={"normal"}), **overrides}
+    method_fields = {f.name for f in fields(method_config(method))}
+    for name in METHOD_SETTINGS:
+        if settings[name] is None or name not in method_fields:
+            del settings[name]
+    return settings
 
 
 def _psim_stage(config: ExperimentConfig, base: str, dataset: str, seed: int, overrides: dict[str, Any]) -> Stage:

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 def write_plots(cells: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
-    for plot in (confidence_histograms, threshold_sweep, roc_curves, attack_asr_per_method):
+    for plot in (confidence_histograms, psim_confidence, threshold_sweep, roc_curves, attack_asr_per_method):
         path = plot(cells, out_dir)
         if path is not None:
             written.append(path)
@@ -57,9 +57,40 @@ def confidence_histograms(cells: list[dict[str, Any]], out_dir: Path) -> Path | 
     return save_figure(fig, out_dir / "confidence_histograms.png")
 
 
+def psim_confidence(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Each sample's PSIM confidence, clean vs triggered, with every gamma the grid used (calibrated
+    and fixed): where the threshold falls between the two populations (one panel per attack)."""
+    panels: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        if cell["row"] == "defense" and cell.get("defense") == "psim" and cell.get("scores") and "gamma" in cell["metrics"]:
+            panels[f"{cell['model']} {cell['dataset']} {cell['attack']}"].append(cell)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, (title, group) in zip(axes[0], panels.items()):
+        clean, triggered = (np.asarray(group[0]["scores"][part], dtype=float) for part in ("clean", "triggered"))
+        low = min([0.5, *clean, *triggered])
+        bins = np.linspace(low, 1.0, 41)
+        ax.hist(clean, bins=bins, alpha=0.6, label=f"clean (n={len(clean)})")
+        ax.hist(triggered, bins=bins, alpha=0.6, label=f"triggered (n={len(triggered)})")
+        gammas = {cell["metrics"]["gamma"]: _gamma_label(cell) for cell in group}
+        for style, (gamma, label) in zip(("--", ":", "-.", "-"), sorted(gammas.items())):
+            ax.axvline(gamma, color="k", linestyle=style, label=f"{label} {gamma:.3f}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PSIM confidence (max softmax probability)")
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=7)
+    return save_figure(fig, out_dir / "psim_confidence.png")
+
+
+def _gamma_label(cell: dict[str, Any]) -> str:
+    choice = cell["metrics"].get("defense", {}).get("gamma_choice", {})
+    return "fixed gamma" if choice.get("how") == "fixed" else "calibrated gamma"
+
+
 def threshold_sweep(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
     """Defended CA and ASR against a swept gamma (paper Figure 3(d)), one line per method."""
-    swept = [c for c in cells if c["row"] == "defense" and "evaluate.gamma" in c]
+    swept = [c for c in cells if c["row"] == "defense" and c.get("evaluate.gamma") is not None]  # null: calibrated
     if not swept:
         return None
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)

@@ -19,8 +19,13 @@ from peftguard.artifacts import read_json, write_text
 from peftguard.experiment import CELLS_FILE
 from peftguard.stage_names import stage_dir
 
-ROW_ORDER = {"normal": 0, "attack": 1, "defense": 2, "defense_clean": 3}
+ROW_ORDER = {"normal": 0, "attack": 1, "defense": 2, "defense_clean": 3, "poisoned": 4}
+ROW_LABELS = {"normal": "Normal", "attack": "Attack", "defense": "Defense", "defense_clean": "Defense_clean",
+              "poisoned": "Poisoned (before fine-tuning)"}
 GROUP_KEYS = ("model", "dataset", "attack", "scenario")
+SWEPT_SECTIONS = ("victim.", "psim.", "evaluate.")  # cell axes that a config's sweep adds
+# What a swept null stands for, where "default" would not say it.
+NULL_LABELS = {"evaluate.gamma": "calibrated", "psim.epochs": "budget rule", "victim.lr": "method default"}
 
 
 def load_cells(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -49,22 +54,36 @@ def cell_values(cell: dict[str, Any]) -> tuple[float, float | None] | None:
 
 
 def row_label(cell: dict[str, Any]) -> str:
-    label = {"normal": "Normal", "attack": "Attack", "defense": "Defense", "defense_clean": "Defense_clean"}[cell["row"]]
+    label = ROW_LABELS[cell["row"]]
     if cell["row"] == "defense" and cell.get("defense") not in (None, "psim"):
         label += f" ({cell['defense']})"
-    extras = [f"{k.split('.', 1)[1]}={v}" for k, v in cell.items() if k.startswith(("psim.", "evaluate."))]
+    extras = [f"{k.split('.', 1)[1]}={_swept_value(k, v)}" for k, v in cell.items() if k.startswith(SWEPT_SECTIONS)]
     return label + (f" [{', '.join(extras)}]" if extras else "")
 
 
+def _swept_value(key: str, value: Any) -> str:
+    return NULL_LABELS.get(key, "default") if value is None else str(value)
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    """Swept values in order, a null (the default) first."""
+    return (0, "") if value is None else (1, value)
+
+
 def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: group keys, row label, then CA and ASR per method (mean ± sd over seeds)."""
-    methods = sorted({c["method"] for c in cells}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
+    """Header and rows: group keys, row label, then CA and ASR per method (mean ± sd over seeds).
+
+    A cell without a method (the poisoned model before fine-tuning) fills its row's every column:
+    each method's victim starts from those weights.
+    """
+    methods = sorted({c["method"] for c in cells if c["method"]}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
     values: dict[tuple, dict[str, list[tuple[float, float | None] | None]]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, tuple] = {}
     for cell in cells:
         key = (*(cell[k] for k in GROUP_KEYS), row_label(cell))
-        values[key][cell["method"]].append(cell_values(cell))
-        swept = tuple(cell[k] for k in sorted(cell) if k.startswith(("psim.", "evaluate.")))
+        for method in [cell["method"]] if cell["method"] else methods:
+            values[key][method].append(cell_values(cell))
+        swept = tuple(_sortable(cell[k]) for k in sorted(cell) if k.startswith(SWEPT_SECTIONS))
         order.setdefault(key, (*(str(cell[k]) for k in GROUP_KEYS), ROW_ORDER[cell["row"]], cell.get("defense") or "", swept))
     header = [*GROUP_KEYS, "row"] + [f"{m} {what}" for m in methods for what in ("CA", "ASR")]
     rows = []

@@ -12,6 +12,7 @@ from typing import Any
 
 from peftguard import caches
 from peftguard.artifacts import write_json
+from peftguard.config import METHOD_SETTINGS
 from peftguard.data import TextDataset, load_dataset
 from peftguard.errors import OptionError
 from peftguard.instruction import template_by_name
@@ -59,7 +60,8 @@ def run_victim(run_dir: Path, stage: Any, folder: Path) -> None:
     from peftguard.victims import finetune
 
     s, v, data = stage.settings, stage.settings["victim"], stage.settings["data"]
-    config = method_config(s["method"])
+    # method settings (num_virtual_tokens, ...) are in the stage only where the method has them
+    config = method_config(s["method"], **{k: v[k] for k in METHOD_SETTINGS if k in v})
     settings = TrainSettings(epochs=v["epochs"], lr=v["lr"] or config.lr, batch_size=v["batch_size"],
                              max_length=v["max_length"], seed=s["seed"])
     finetune(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), config, settings, folder / ARTIFACT,
