@@ -470,25 +470,25 @@ def audit(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder (as `peftguard run` writes it): stages/, cells.json, report/.")] = Path("runs/demo"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="The demo's grid config [configs/demo.yaml]; the options below override its keys.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="grid.datasets: sst2|cr|cola|mr|imdb|agnews or a folder [config: sst2].")] = None,
-    attack: Annotated[Optional[str], typer.Option("--attack", help="grid.attacks: badnet (rare word) or insent (sentence) [config: badnet].")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="grid.models: 'minilm', a local model folder, or a hub id [config: minilm].")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="The demo's grid config (default configs/demo.yaml); the options below override its keys.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="grid.datasets: sst2|cr|cola|mr|imdb|agnews or a folder.")] = None,
+    attack: Annotated[Optional[str], typer.Option("--attack", help="grid.attacks: badnet (rare word) or insent (sentence).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="grid.models: 'minilm', a local model folder, or a hub id.")] = None,
     data_dir: DataDirOpt = None,
-    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="data.max_train_samples [config: 2000, within 45 minutes on 2 cores].")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="data.max_train_samples: training subset per stage (the demo's keeps it within 45 minutes on 2 cores).")] = None,
     max_eval_samples: MaxEvalOpt = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="victim.epochs: victim fine-tuning epochs [config: 2].")] = None,
-    poison_epochs: Annotated[Optional[int], typer.Option("--poison-epochs", help="poison.epochs: weight-poisoning epochs [config: 3].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="victim.epochs: victim fine-tuning epochs.")] = None,
+    poison_epochs: Annotated[Optional[int], typer.Option("--poison-epochs", help="poison.epochs: weight-poisoning epochs.")] = None,
     psim_epochs: Annotated[Optional[int], typer.Option(
         "--psim-epochs", help="psim.epochs: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--method", help="grid.methods: fine-tuning method to include (repeat) [config: all five].")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--method", help="grid.methods: fine-tuning method to include (repeat).")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option(
         "--defense", "--defenses",
         help="Baseline defense to add as a Defense row beside PSIM (repeat): onion, back-translation, scpd, fine-mixing, "
              "or all. Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
              "takes hours on 2 cores (use --max-eval-samples).")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text in every stage [config: 128].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="grid.seeds: one seed [config: 0].")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text in every stage.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="grid.seeds: one seed.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a run folder (files of the same names are replaced; never an input).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
