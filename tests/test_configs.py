@@ -120,3 +120,13 @@ def test_the_demo_config_is_the_demo() -> None:
     assert config.grid.methods == ["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
     assert (config.grid.models, config.grid.datasets, config.grid.attacks, config.grid.scenarios) == (
         ["minilm"], ["sst2"], ["badnet"], ["full-data"])
+
+
+def test_a_gamma_sweep_does_not_repeat_another_defenses_evaluation() -> None:
+    config = parse_config({"name": "x", "grid": {"defenses": ["none", "psim", "onion"]}, "victim": {"normal": False},
+                           "sweep": {"evaluate.gamma": [None, 0.7], "evaluate.batch_size": [16, 64]}})
+    plan = plan_grid(config)
+    onion = [c for c in plan.cells if c.get("defense") == "onion"]
+    assert [c.get("evaluate.batch_size") for c in onion] == [16, 64] and all("evaluate.gamma" not in c for c in onion)
+    assert sum(c.get("defense") == "psim" for c in plan.cells) == 4
+    assert len(plan.cells) == grid_size(config)[0] == 7

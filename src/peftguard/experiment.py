@@ -68,7 +68,7 @@ def plan_grid(config: ExperimentConfig) -> Plan:
                 _add_eval(plan, config, normal, None, "none", attacks, {}, {**method_axes, "row": "normal"})
             for defense in g.defenses:
                 for psim_v, psim_name in (psims.items() if defense == "psim" else [((), None)]):
-                    for eval_v in (eval_variants if defense != "none" else [{}]):
+                    for eval_v in _eval_variants_for(defense, eval_variants):
                         row = "attack" if defense == "none" else "defense"
                         cell = {**method_axes, "row": row, "defense": defense,
                                 **_swept("psim", dict(psim_v)), **_swept("evaluate", eval_v)}
@@ -82,6 +82,21 @@ def plan_grid(config: ExperimentConfig) -> Plan:
     return plan
 
 
+# Evaluation settings only the PSIM reads: another defense's cells do not cross their sweep.
+PSIM_THRESHOLD_SETTINGS = ("gamma", "target_fpr")
+
+
+def _eval_variants_for(defense: str, eval_variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation settings a defense's cells cross: none undefended, PSIM every one, another
+    defense those it reads (a gamma sweep would only repeat its evaluation)."""
+    if defense == "none":
+        return [{}]
+    if defense == "psim":
+        return eval_variants
+    reduced = [{k: v for k, v in variant.items() if k not in PSIM_THRESHOLD_SETTINGS} for variant in eval_variants]
+    return [dict(items) for items in dict.fromkeys(tuple(v.items()) for v in reduced)]
+
+
 def _swept(section: str, variant: dict[str, Any]) -> dict[str, Any]:
     """A variant's values as cell axes (``victim.lr``)."""
     return {f"{section}.{k}": v for k, v in variant.items()}
@@ -92,8 +107,9 @@ def grid_size(config: ExperimentConfig) -> tuple[int, int]:
     g = config.grid
     combos = math.prod(len(axis) for axis in (g.models, g.datasets, g.attacks, g.scenarios, g.seeds))
     psims, evals = _variant_count(config, "psim"), _variant_count(config, "evaluate")
+    others = _variant_count(config, "evaluate", skip=PSIM_THRESHOLD_SETTINGS)
     per_defense = {"none": 1, "psim": psims * evals}
-    per_method = sum(per_defense.get(defense, evals) for defense in g.defenses)
+    per_method = sum(per_defense.get(defense, others) for defense in g.defenses)
     clean = int(config.clean_model and config.victim.normal)  # Table 9: PSIM on the clean model too
     per_method += int(config.victim.normal) + clean * evals
     victims = len(g.methods) * _variant_count(config, "victim")
@@ -110,8 +126,9 @@ def check_grid_size(config: ExperimentConfig, max_cells: int) -> None:
                           f"{max_cells}; shrink grid/sweep, or pass --max-cells {max(cells, psims)} to run it anyway")
 
 
-def _variant_count(config: ExperimentConfig, section: str) -> int:
-    return math.prod(len(values) for key, values in config.sweep.items() if key.startswith(section + "."))
+def _variant_count(config: ExperimentConfig, section: str, skip: tuple[str, ...] = ()) -> int:
+    return math.prod(len(values) for key, values in config.sweep.items()
+                     if key.startswith(section + ".") and key.split(".", 1)[1] not in skip)
 
 
 def _variants(config: ExperimentConfig, section: str) -> list[dict[str, Any]]:
