@@ -151,9 +151,26 @@ def context_lines(run_dir: Path, plan: dict[str, Any], cells: list[dict[str, Any
         f"PSIM {config['psim']}; evaluation {config['evaluate']}; sweep {config['sweep'] or 'none'}.",
         f"Versions {versions or stage_versions}.",
         *(f"n/a: {c['defense']} refused {c['attack']}: {c['metrics']['refused']}" for c in cells if "refused" in c["metrics"]),
+        *detection_lines(cells),
         f"{len(cells)} of {len(plan['cells'])} cells finished. CA/ASR in percent; Defense rows are the paper's "
         "defended figures (a flagged clean sample counts as wrong, a flagged triggered sample as a failed attack).",
     ]
+
+
+def detection_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """Per detector row, its first cell's threshold and detection figures (the table shows CA/ASR only)."""
+    firsts: dict[tuple, dict[str, Any]] = {}
+    for cell in cells:
+        if cell["row"] in ("defense", "defense_clean") and "false_positive_rate" in cell["metrics"]:
+            firsts.setdefault((*(cell[k] for k in GROUP_KEYS), row_label(cell)), cell)
+    lines = []
+    for key, cell in firsts.items():
+        m = cell["metrics"]
+        gamma = f"gamma {m['gamma']:.4f}, " if m.get("gamma") is not None else ""
+        auroc = f", AUROC {m['auroc']:.4f}" if m.get("auroc") is not None else ""
+        lines.append(f"{key[-1]} ({' '.join(str(k) for k in key[:-1])}, {cell['method']}): {gamma}"
+                     f"FPR {100 * m['false_positive_rate']:.2f}, detection rate {100 * m.get('detection_rate', float('nan')):.2f}{auroc}.")
+    return lines
 
 
 def _any_stage_versions(run_dir: Path) -> Any:
