@@ -96,7 +96,8 @@ class GridConfig(Strict):
 
 SWEEP_SECTIONS: dict[str, type[BaseModel]] = {"psim": PSIMConfig, "evaluate": EvalConfig, "victim": VictimConfig}
 UNSWEEPABLE = {"victim.normal"}  # decides which rows exist, not a setting of one
-SWEEPABLE = {f"{section}.{name}" for section, model in SWEEP_SECTIONS.items() for name in model.model_fields} - UNSWEEPABLE
+SWEEPABLE = {f"{section}.{name}" for section, model in SWEEP_SECTIONS.items()
+             for name in model.model_fields} - UNSWEEPABLE
 
 
 class ExperimentConfig(Strict):
@@ -113,7 +114,8 @@ class ExperimentConfig(Strict):
                                                             description="dotted key → values, e.g. psim.reset_rate")
     proxies: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROXIES))
     clean_model: bool = Field(False, description="also run every defense on the never-poisoned model (Table 9)")
-    poisoned_model: bool = Field(False, description="also evaluate the poisoned weights before fine-tuning (a Poisoned row)")
+    poisoned_model: bool = Field(False, description=(
+        "also evaluate the poisoned weights before fine-tuning (a Poisoned row)"))
 
     @field_validator("sweep")
     @classmethod

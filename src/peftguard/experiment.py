@@ -29,7 +29,8 @@ from peftguard.artifacts import read_json, write_json
 from peftguard.config import METHOD_SETTINGS, ExperimentConfig
 from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
 
-__all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray", "stage_dir"]
+__all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray",
+           "stage_dir"]
 log = logging.getLogger(__name__)
 CELLS_FILE = "cells.json"
 

@@ -62,7 +62,8 @@ def psim_confidence(cells: list[dict[str, Any]], out_dir: Path) -> Path | None:
     and fixed): where the threshold falls between the two populations (one panel per attack)."""
     panels: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
-        if cell["row"] == "defense" and cell.get("defense") == "psim" and cell.get("scores") and "gamma" in cell["metrics"]:
+        psim_row = cell["row"] == "defense" and cell.get("defense") == "psim"
+        if psim_row and cell.get("scores") and "gamma" in cell["metrics"]:
             panels[f"{cell['model']} {cell['dataset']} {cell['attack']}"].append(cell)
     if not panels:
         return None

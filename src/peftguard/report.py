@@ -76,7 +76,8 @@ def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     A cell without a method (the poisoned model before fine-tuning) fills its row's every column:
     each method's victim starts from those weights.
     """
-    methods = sorted({c["method"] for c in cells if c["method"]}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
+    methods = sorted({c["method"] for c in cells if c["method"]},
+                     key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
     values: dict[tuple, dict[str, list[tuple[float, float | None] | None]]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, tuple] = {}
     for cell in cells:
@@ -168,8 +169,9 @@ def detection_lines(cells: list[dict[str, Any]]) -> list[str]:
         m = cell["metrics"]
         gamma = f"gamma {m['gamma']:.4f}, " if m.get("gamma") is not None else ""
         auroc = f", AUROC {m['auroc']:.4f}" if m.get("auroc") is not None else ""
+        detection = 100 * m.get("detection_rate", float("nan"))
         lines.append(f"{key[-1]} ({' '.join(str(k) for k in key[:-1])}, {cell['method']}): {gamma}"
-                     f"FPR {100 * m['false_positive_rate']:.2f}, detection rate {100 * m.get('detection_rate', float('nan')):.2f}{auroc}.")
+                     f"FPR {100 * m['false_positive_rate']:.2f}, detection rate {detection:.2f}{auroc}.")
     return lines
 
 
