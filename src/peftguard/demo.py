@@ -94,6 +94,6 @@ def run_demo(out: Path, config: ExperimentConfig, *, echo: Callable[[str], None]
     echo(f"{len(plan.stages)} stages, {len(plan.cells)} result cells; training on "
          f"{config.data.max_train_samples or 'all'} samples per stage (data.max_train_samples)")
     counts = run_local(out, plan, echo=echo)
-    echo(f"demo: {counts['ran']} stages run, {counts['reused']} reused")
+    echo(f"{counts['ran']} stages run, {counts['reused']} reused")
     write_report(out)
     return (out / "report" / "results.md").read_text(encoding="utf-8")
