@@ -305,8 +305,11 @@ def run_ray(run_dir: Path, plan: Plan, *, address: str | None = None, cpus_per_s
 
     ``run_dir`` must be on a path every Ray worker sees (a shared filesystem on a cluster).
     """
-    import ray
     import torch
+
+    from peftguard.extras import require
+
+    ray = require("ray", "--executor ray")
 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else os.cpu_count(), include_dashboard=False,

@@ -60,6 +60,10 @@ def _smollm2_path() -> str:
     package = Path(next(iter(spec.submodule_search_locations)))
     from transformers import AutoModelForCausalLM
 
+    from peftguard.extras import require
+
+    require("gguf", "the embedded model 'smollm2' (its weights are a GGUF file)")
+
     log.warning("converting %s to safetensors once (cached in %s)", SMOLLM2_GGUF, folder)
     model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)

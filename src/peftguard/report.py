@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 from peftguard.artifacts import read_json, write_text
 from peftguard.experiment import CELLS_FILE
 from peftguard.stage_names import stage_dir
+
+log = logging.getLogger(__name__)
 
 ROW_ORDER = {"normal": 0, "attack": 1, "defense": 2, "defense_clean": 3, "poisoned": 4}
 ROW_LABELS = {"normal": "Normal", "attack": "Attack", "defense": "Defense", "defense_clean": "Defense_clean",
@@ -205,6 +208,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
                        ("cells.csv", csv_text(*long_rows(cells)))):
         write_text(out_dir / name, text)
         written.append(out_dir / name)
+    from peftguard.extras import available, install_hint
+
+    if not available("matplotlib"):  # the tables are the results; the PNGs only draw them
+        log.warning("plots skipped: matplotlib is not installed (%s)", install_hint("matplotlib"))
+        return written
     from peftguard import plots
 
     written += plots.write_plots([c for c in cells if "refused" not in c["metrics"]], out_dir)

@@ -13,8 +13,10 @@ HISTOGRAM = "clean_confidence.png"
 
 
 def write_card(folder: Path, record: dict[str, Any], clean_confidence: np.ndarray) -> None:
-    histogram = write_histogram(folder / HISTOGRAM, clean_confidence, record["lens"])
-    write_text(folder / CARD, card(record, histogram.name))
+    from peftguard.extras import available
+
+    histogram = write_histogram(folder / HISTOGRAM, clean_confidence, record["lens"]) if available("matplotlib") else None
+    write_text(folder / CARD, card(record, histogram.name if histogram else None))
 
 
 def write_histogram(path: Path, confidence: np.ndarray, lens: dict[str, Any]) -> Path:
@@ -35,7 +37,7 @@ def write_histogram(path: Path, confidence: np.ndarray, lens: dict[str, Any]) ->
     return save_figure(fig, path, dpi=110)
 
 
-def card(record: dict[str, Any], histogram: str) -> str:
+def card(record: dict[str, Any], histogram: str | None) -> str:
     verdict = record["verdict"]
     lens = record["lens"]
     lines = [
@@ -59,7 +61,10 @@ def card(record: dict[str, Any], histogram: str) -> str:
         source = c["source"] + (" + embedding moved" if c.get("embedding_moved") and c["source"] != "reference" else "")
         lines.append(f"| {rank} | `{c['text']}` | {c['flag_rate']:.3f} | {c['forced_label']} | {c['forced_rate']:.3f} | "
                      f"{c['flip_rate']:.3f} | {c['mean_confidence']:.3f} | {source} |")
-    lines += ["", f"![clean confidence]({histogram})", ""]
+    from peftguard.extras import install_hint
+
+    lines += ["", f"![clean confidence]({histogram})" if histogram
+              else f"(histogram skipped: matplotlib is not installed; {install_hint('matplotlib')})", ""]
     psim = record.get("psim")
     if psim:
         lines += ["## PSIM", "",

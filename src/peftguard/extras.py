@@ -1,0 +1,37 @@
+"""Optional dependencies: each is an extra of the package (``pip install 'peftguard[ray]'``).
+
+The core commands never import them at module level: a feature that needs one imports it through
+:func:`require`, so a missing package stops that feature with one line naming the extra to install
+instead of an ImportError traceback (and nothing else breaks). ``pyproject.toml``'s
+``[project.optional-dependencies]`` lists the same extras; a test keeps the two in step.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from peftguard.errors import PeftguardError
+
+# importable module -> the extra that installs it
+EXTRAS: dict[str, str] = {"ray": "ray", "matplotlib": "plots", "gguf": "gguf"}
+
+
+def install_hint(module: str) -> str:
+    return f"pip install 'peftguard[{EXTRAS[module]}]'"
+
+
+def available(module: str) -> bool:
+    """Whether the optional ``module`` can be imported (it is imported, so a broken install reads as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import the optional ``module`` that ``feature`` needs, or stop with the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PeftguardError(f"{feature} needs the optional package '{module}': {install_hint(module)}") from None
