@@ -621,6 +621,14 @@ def report_command(
         typer.echo(f"wrote {path}")
 
 
+@app.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of experiment configs, for editors: `peftguard schema > experiment.schema.json`."""
+    from peftguard.schema import schema_text
+
+    typer.echo(schema_text(), nl=False)
+
+
 def main() -> None:
     """Entry point: user and usage errors print one line and exit 2; outputs are atomic, so Ctrl-C leaves none half-written."""
     from typer._click import exceptions as click  # typer's own copy of click (typer >= 0.24 vendors it)

@@ -2,8 +2,10 @@
 
 A dataset is three splits of :class:`Example` (text, integer label). Short names such as
 ``sst2`` resolve to sub-folders of the data directory (``--data-dir``, ``PEFTGUARD_DATA``, or
-``../shared/data`` when it exists). Every problem with a file is reported with the file, line and
-column; empty texts are skipped and counted, never silently.
+``../shared/data`` when it exists). Anything else is a hub dataset, written
+``name[:config][@revision]`` (``nyu-mll/glue:sst2@<commit>``): a config picks one of a dataset's
+subsets, a revision (branch, tag or commit) pins what is read. Every problem with a file is reported
+with the file, line and column; empty texts are skipped and counted, never silently.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peftguard.errors import DataError, PeftguardError
@@ -35,6 +37,9 @@ _SPLIT_ALIASES = {"dev": ("dev", "validation", "valid")}
 # Names the `datasets` library takes as a file-format builder that globs the current folder, not a hub dataset.
 FILE_FORMAT_NAMES = {"csv", "tsv", "json", "jsonl", "text", "txt", "parquet", "arrow", "pandas", "sql", "xml",
                      "webdataset", "imagefolder", "audiofolder", "videofolder", "pdffolder", "generator", "cache"}
+_HUB_SPEC = re.compile(r"(?P<name>[^:@]+)(?::(?P<config>[^:@]+))?(?:@(?P<revision>[^:@]+))?")
+UNLABELED = -1  # the label of a split published without labels (GLUE's test splits)
+DEV_CARVE_SEED = 0  # seed of the dev split carved from train when the test split has no labels
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,29 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path | str:
-    """Map a short name or folder to a local folder; anything else is taken as a hub name.
+@dataclass(frozen=True)
+class HubSpec:
+    """A hub dataset as ``name[:config][@revision]``."""
+
+    name: str
+    config: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.config}" if self.config else "") + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hub_spec(spec: str) -> HubSpec:
+    """``name[:config][@revision]`` as its parts; an empty or repeated part is an error."""
+    match = _HUB_SPEC.fullmatch(spec)
+    if match is None:
+        raise PeftguardError(f"dataset '{spec}': a hub dataset is written name[:config][@revision], "
+                             "such as nyu-mll/glue:sst2@main")
+    return HubSpec(match["name"], match["config"], match["revision"])
+
+
+def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path | HubSpec:
+    """Map a short name or folder to a local folder; anything else is taken as a hub dataset.
 
     A short name may name a subset folder inside it, such as ``imdb/psim`` (the paper's IMDB subset).
     """
@@ -110,10 +136,14 @@ def resolve_dataset_path(name: str, data_dir: str | Path | None = None) -> Path 
         return path
     if path.exists():
         raise PeftguardError(f"dataset '{name}' is a file; give the folder holding train/dev/test")
-    if name.lower() in FILE_FORMAT_NAMES:
+    spec = parse_hub_spec(name)
+    if spec.name.lower() in FILE_FORMAT_NAMES:
         raise PeftguardError(f"dataset '{name}' names a file format, not a dataset (the hub would read every such file "
                              "in the current folder); give the folder holding train/dev/test files")
-    return name
+    if spec.name.split("/")[0] in SHORT_NAMES:
+        raise PeftguardError(f"dataset '{name}': '{spec.name}' is the short name of a local folder; a config or "
+                             "revision is for hub datasets (give the hub id, such as stanfordnlp/sst2@main)")
+    return spec
 
 
 def load_dataset(
@@ -125,7 +155,7 @@ def load_dataset(
 ) -> TextDataset:
     """Load a dataset by short name, folder or hub name, validating every row."""
     location = resolve_dataset_path(name, data_dir)
-    if isinstance(location, str):
+    if isinstance(location, HubSpec):
         return _load_hub_dataset(location, columns, num_labels)
     splits = {split: read_split_file(find_split_file(location, split), columns, split) for split in SPLITS}
     return _assemble(name, splits, num_labels)
@@ -356,37 +386,80 @@ def _check_label_range(split: Split, num_labels: int) -> None:
             )
 
 
-def _load_hub_dataset(name: str, columns: Columns, num_labels: int | None) -> TextDataset:
+def _load_hub_dataset(spec: HubSpec, columns: Columns, num_labels: int | None) -> TextDataset:
     try:
         import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a pinned dependency
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise PeftguardError("hub datasets need the 'datasets' package") from exc
     try:
-        hub = datasets.load_dataset(name)
+        hub = datasets.load_dataset(spec.name, spec.config, revision=spec.revision)
     except Exception as exc:  # the hub raises many kinds; all mean "cannot get it"
         raise PeftguardError(
-            f"dataset '{name}' is neither a short name ({', '.join(SHORT_NAMES)}), a folder, "
+            f"dataset '{spec}' is neither a short name ({', '.join(SHORT_NAMES)}), a folder, "
             f"nor a loadable hub dataset: {exc}"
         ) from None
-    splits = {}
-    for split in SPLITS:
-        hub_name = next((alias for alias in _SPLIT_ALIASES.get(split, (split,)) if alias in hub), None)
-        if hub_name is None:
-            raise PeftguardError(f"hub dataset '{name}' has no {split} split (has {list(hub)})")
-        rows = hub[hub_name]
-        source = f"hub:{name}/{hub_name}"
-        for column in (columns.text, columns.label):
-            if column not in rows.column_names:
-                raise DataError(source, f"missing column; has {rows.column_names}", column=column)
-        examples, skipped = [], 0
-        for index, row in enumerate(rows):
-            text = str(row[columns.text]).strip()
-            if not text:
-                skipped += 1
-                continue
-            examples.append(Example(text, parse_label(row[columns.label], Path(source), index + 1, columns.label)))
-        splits[split] = Split(split, examples, source, skipped, list(range(1, len(examples) + 1)), columns.label)
-    return _assemble(name, splits, num_labels)
+    names = {split: _hub_split_name(hub, split, spec) for split in SPLITS}
+    for hub_name in names.values():
+        if (missing := [c for c in (columns.text, columns.label) if c not in hub[hub_name].column_names]):
+            raise DataError(f"hub:{spec}/{hub_name}", f"missing column; has {hub[hub_name].column_names}", column=missing[0])
+    if not is_unlabeled(hub[names["test"]][columns.label]):
+        splits = {split: _hub_split(hub[names[split]], split, f"hub:{spec}/{names[split]}", columns) for split in SPLITS}
+        return _assemble(str(spec), splits, num_labels)
+    train = _hub_split(hub[names["train"]], "train", f"hub:{spec}/{names['train']}", columns)
+    labelled = _hub_split(hub[names["dev"]], "test", f"hub:{spec}/{names['dev']}", columns)
+    train, dev, test, note = remap_unlabeled_test(train, labelled)
+    dataset = _assemble(str(spec), {"train": train, "dev": dev, "test": test}, num_labels)
+    dataset.notes.insert(0, note)
+    return dataset
+
+
+def _hub_split_name(hub: object, split: str, spec: HubSpec) -> str:
+    hub_name = next((alias for alias in _SPLIT_ALIASES.get(split, (split,)) if alias in hub), None)
+    if hub_name is None:
+        raise PeftguardError(f"hub dataset '{spec}' has no {split} split (has {list(hub)})")
+    return hub_name
+
+
+def _hub_split(rows: object, split: str, source: str, columns: Columns) -> Split:
+    examples, skipped = [], 0
+    for index, row in enumerate(rows):
+        text = str(row[columns.text]).strip()
+        if not text:
+            skipped += 1
+            continue
+        examples.append(Example(text, parse_label(row[columns.label], Path(source), index + 1, columns.label)))
+    return Split(split, examples, source, skipped, list(range(1, len(examples) + 1)), columns.label)
+
+
+def is_unlabeled(labels: object) -> bool:
+    """Whether a split was published without labels: every label is missing or -1 (GLUE's test splits)."""
+    values = list(labels)
+    return bool(values) and all(value is None or (not isinstance(value, bool) and value == UNLABELED) for value in values)
+
+
+def remap_unlabeled_test(train: Split, labelled: Split, seed: int = DEV_CARVE_SEED) -> tuple[Split, Split, Split, str]:
+    """Train, dev and test when the published test split has no labels.
+
+    The labelled validation split becomes the test split (it is what papers report on GLUE), and
+    dev, which picks epochs and calibrates thresholds, is carved from train: as many examples as
+    validation has, at most a tenth of train, drawn from ``seed`` so every run carves the same rows.
+    """
+    if len(train) < 2:
+        raise DataError(train.source, "too few training examples to carve a dev split from")
+    size = min(len(labelled), max(1, len(train) // 10))
+    carved = set(random.Random(seed).sample(range(len(train)), size))
+    dev = _take(train, sorted(carved), "dev")
+    kept = _take(train, [i for i in range(len(train)) if i not in carved], "train")
+    note = (f"test: the published test split has no labels, so the labelled {labelled.source} ({len(labelled)}) "
+            f"is the test split; dev: {size} examples carved from train (seed {seed}), train keeps {len(kept)}")
+    return kept, dev, replace(labelled, name="test"), note
+
+
+def _take(split: Split, indices: list[int], name: str) -> Split:
+    """The rows ``indices`` of ``split`` (in order) as a split called ``name`` (its skipped count stays with train)."""
+    return replace(split, name=name, examples=[split.examples[i] for i in indices],
+                   lines=[split.lines[i] for i in indices] if split.lines else [],
+                   skipped_empty=split.skipped_empty if name == split.name else 0)
 
 
 def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
