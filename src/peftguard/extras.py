@@ -20,10 +20,19 @@ def install_hint(module: str) -> str:
     return f"pip install 'peftguard[{EXTRAS[module]}]'"
 
 
+def _import(module: str) -> ModuleType:
+    """Import ``module``; a bare folder of that name (a namespace package, such as Ray's /tmp/ray
+    seen from the current folder) is not the package, so it counts as missing."""
+    imported = importlib.import_module(module)
+    if getattr(imported, "__file__", None) is None:
+        raise ImportError(f"'{module}' is a folder without the package ({list(imported.__path__)})")
+    return imported
+
+
 def available(module: str) -> bool:
     """Whether the optional ``module`` can be imported (it is imported, so a broken install reads as missing)."""
     try:
-        importlib.import_module(module)
+        _import(module)
     except ImportError:
         return False
     return True
@@ -32,6 +41,6 @@ def available(module: str) -> bool:
 def require(module: str, feature: str) -> ModuleType:
     """Import the optional ``module`` that ``feature`` needs, or stop with the extra to install."""
     try:
-        return importlib.import_module(module)
+        return _import(module)
     except ImportError:
         raise PeftguardError(f"{feature} needs the optional package '{module}': {install_hint(module)}") from None
