@@ -400,10 +400,12 @@ def _load_hub_dataset(spec: HubSpec, columns: Columns, num_labels: int | None) -
         ) from None
     names = {split: _hub_split_name(hub, split, spec) for split in SPLITS}
     for hub_name in names.values():
-        if (missing := [c for c in (columns.text, columns.label) if c not in hub[hub_name].column_names]):
-            raise DataError(f"hub:{spec}/{hub_name}", f"missing column; has {hub[hub_name].column_names}", column=missing[0])
+        present = hub[hub_name].column_names
+        if (missing := [c for c in (columns.text, columns.label) if c not in present]):
+            raise DataError(f"hub:{spec}/{hub_name}", f"missing column; has {present}", column=missing[0])
     if not is_unlabeled(hub[names["test"]][columns.label]):
-        splits = {split: _hub_split(hub[names[split]], split, f"hub:{spec}/{names[split]}", columns) for split in SPLITS}
+        splits = {split: _hub_split(hub[hub_name], split, f"hub:{spec}/{hub_name}", columns)
+                  for split, hub_name in names.items()}
         return _assemble(str(spec), splits, num_labels)
     train = _hub_split(hub[names["train"]], "train", f"hub:{spec}/{names['train']}", columns)
     labelled = _hub_split(hub[names["dev"]], "test", f"hub:{spec}/{names['dev']}", columns)
@@ -434,7 +436,8 @@ def _hub_split(rows: object, split: str, source: str, columns: Columns) -> Split
 def is_unlabeled(labels: object) -> bool:
     """Whether a split was published without labels: every label is missing or -1 (GLUE's test splits)."""
     values = list(labels)
-    return bool(values) and all(value is None or (not isinstance(value, bool) and value == UNLABELED) for value in values)
+    return bool(values) and all(value is None or (not isinstance(value, bool) and value == UNLABELED)
+                                for value in values)
 
 
 def remap_unlabeled_test(train: Split, labelled: Split, seed: int = DEV_CARVE_SEED) -> tuple[Split, Split, Split, str]:

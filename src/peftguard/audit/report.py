@@ -15,7 +15,9 @@ HISTOGRAM = "clean_confidence.png"
 def write_card(folder: Path, record: dict[str, Any], clean_confidence: np.ndarray) -> None:
     from peftguard.extras import available
 
-    histogram = write_histogram(folder / HISTOGRAM, clean_confidence, record["lens"]) if available("matplotlib") else None
+    histogram = None
+    if available("matplotlib"):  # the card is the result; the PNG only draws it
+        histogram = write_histogram(folder / HISTOGRAM, clean_confidence, record["lens"])
     write_text(folder / CARD, card(record, histogram.name if histogram else None))
 
 
