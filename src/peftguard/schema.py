@@ -13,10 +13,19 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # the dial
 
 
 def experiment_schema() -> dict[str, Any]:
-    """The schema of :class:`peftguard.config.ExperimentConfig`, as a config file is validated."""
-    from peftguard.config import ExperimentConfig
+    """The schema of a config file: :class:`peftguard.config.ExperimentConfig` plus ``include:``.
 
-    return {"$schema": JSON_SCHEMA_DIALECT, **ExperimentConfig.model_json_schema(mode="validation")}
+    ``include:`` is read before validation (``config.load_config``), so the model has no field for it;
+    a file that includes others still says its own ``name``, so ``name`` stays required (the shared
+    ``configs/_*.yaml`` fragments are included, never run, and carry no schema hint).
+    """
+    from peftguard.config import INCLUDE_KEY, ExperimentConfig
+
+    schema = ExperimentConfig.model_json_schema(mode="validation")
+    include = {"description": "files (relative to this one) whose keys this file inherits; its own keys win",
+               "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    schema["properties"] = {INCLUDE_KEY: include, **schema["properties"]}
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
 
 
 def schema_text() -> str:
