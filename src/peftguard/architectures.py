@@ -145,7 +145,7 @@ def lora_target_names(given: str | Sequence[str] | None) -> tuple[str, ...] | No
     cleaned = tuple(name.strip() for name in names)
     if not cleaned or not all(cleaned):
         raise OptionError(f"{LORA_TARGETS_FLAG}: expected layer names separated by commas (e.g. query,value), got {given!r}")
-    return cleaned
+    return tuple(sorted(set(cleaned)))  # sorted, as adapter_config.json records them
 
 
 def _fit_lora(model: PreTrainedModel, config: LoraConfig) -> None:
