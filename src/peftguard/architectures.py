@@ -123,9 +123,9 @@ def _takes(module: torch.nn.Module, argument: str) -> bool:
 def lora_target_modules(model: PreTrainedModel) -> list[str]:
     """The modules LoRA adapts on ``model``: peft's table for its model type, else the query/value projections by name."""
     known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model.config, "model_type", None))
-    if known:
-        return sorted(known)
     names = _linear_layer_names(model)
+    if known and set(known) <= names:  # a remote-code model may reuse a model type with other layer names
+        return sorted(known)
     for query, value in ATTENTION_PROJECTIONS:
         if query in names and value in names:
             return sorted((query, value))
