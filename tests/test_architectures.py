@@ -238,3 +238,26 @@ def test_lora_target_modules_override_reaches_the_adapter_and_the_manifest(tiny_
 def test_a_lora_setting_given_to_another_method_is_refused():
     with pytest.raises(PeftguardError, match="has no setting"):
         method_config("ptuning-v1", target_modules="q,v")
+
+
+def test_prompt_methods_need_inputs_embeds_and_a_hidden_size():
+    from peft import PromptTuningConfig
+
+    from peftguard.architectures import NO_HIDDEN_SIZE, NO_INPUTS_EMBEDS, unsupported_reason
+
+    class IdsOnly(torch.nn.Module):
+        def __init__(self, config: transformers.PretrainedConfig) -> None:
+            super().__init__()
+            self.config = config
+
+        def forward(self, input_ids=None):  # noqa: ANN201 - a stand-in architecture
+            return input_ids
+
+    class Embeds(IdsOnly):
+        def forward(self, input_ids=None, inputs_embeds=None):  # noqa: ANN201
+            return inputs_embeds
+
+    prompt = PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5)
+    assert unsupported_reason(IdsOnly(transformers.PretrainedConfig(hidden_size=8)), prompt) == NO_INPUTS_EMBEDS
+    assert unsupported_reason(Embeds(transformers.PretrainedConfig()), prompt) == NO_HIDDEN_SIZE
+    assert unsupported_reason(Embeds(transformers.PretrainedConfig(hidden_size=8)), prompt) is None

@@ -56,6 +56,7 @@ PEFT_HEAD_MODULES = ("classifier", "score")
 NO_PAST_KEY_VALUES = "its forward takes no past key values, which P-tuning v2 (peft prefix tuning) needs"
 NO_POOLER = "its encoder has no pooler output, which peft's prefix tuning classifies from"
 NO_INPUTS_EMBEDS = "its forward takes no inputs_embeds, which prompt methods feed"
+NO_HIDDEN_SIZE = "its config gives no hidden size, which prompt methods size their prompts by"
 
 
 class UnsupportedMethodError(OptionError):
@@ -111,7 +112,13 @@ def unsupported_reason(model: PreTrainedModel, peft_config: PeftConfig) -> str |
         return None
     if peft_config.is_prompt_learning and not _takes(model, "inputs_embeds"):
         return NO_INPUTS_EMBEDS
+    if peft_config.is_prompt_learning and peft_config.token_dim is None and _hidden_size(model) is None:
+        return NO_HIDDEN_SIZE
     return None
+
+
+def _hidden_size(model: PreTrainedModel) -> int | None:
+    return getattr(model.config, "hidden_size", None)
 
 
 def _takes(module: torch.nn.Module, argument: str) -> bool:
@@ -181,7 +188,7 @@ def _fit_prompt_sizes(model: PreTrainedModel, config: PeftConfig) -> None:
     """
     spelled = model.config.to_dict()
     if config.token_dim is None and not {"hidden_size", "n_embd", "d_model"} & spelled.keys():
-        config.token_dim = getattr(model.config, "hidden_size", None)
+        config.token_dim = _hidden_size(model)
     if config.num_attention_heads is None and not {"num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"} & spelled.keys():
         config.num_attention_heads = getattr(model.config, "num_attention_heads", None)
 
