@@ -49,6 +49,7 @@ RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run mo
 GammaOpt = Annotated[Optional[float], typer.Option("--gamma", help="Fixed PSIM threshold, as in the paper (0.7); flagged when confidence > gamma.")]
 FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate gamma on clean dev data to flag at most this share [default 0.02].")]
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
+LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-target-modules", help="LoRA: layers to adapt, by name, comma-separated (e.g. query,value) [derived from the architecture].")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU. See BENCHMARKS.md.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds even if it is not an output of this kind made by peftguard (kept until the new one is complete; never an input).")]
@@ -181,6 +182,7 @@ def finetune(
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prompt methods: virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1: prompt encoder width [128].")] = None,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank [8].")] = None,
+    lora_target_modules: LoraTargetsOpt = None,
     instruction: InstructionOpt = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
@@ -204,7 +206,8 @@ def finetune(
     check_options(locals())
     _output_folder(out, MANIFEST, "fine-tuned model", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
-    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, lora_r)
+    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, lora_r, lora_target_modules)
+    _check_architecture(model, method, config, trust_remote_code, instruction=instruction is not None)
     data = _dataset(dataset, data_dir, text_column, label_column)
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=2, default_lr=config.lr)
     manifest = run_finetune(
@@ -215,7 +218,8 @@ def finetune(
     typer.echo(f"{manifest['method']}: best dev accuracy {max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}; saved to {out}")
 
 
-def _method_config(method: str, num_virtual_tokens: int | None, encoder_hidden_size: int | None, lora_r: int | None):
+def _method_config(method: str, num_virtual_tokens: int | None, encoder_hidden_size: int | None, lora_r: int | None,
+                   lora_target_modules: str | None = None):
     from peftguard.errors import OptionError
     from peftguard.tuning import METHOD_CONFIGS, Method, method_config
 
@@ -223,8 +227,16 @@ def _method_config(method: str, num_virtual_tokens: int | None, encoder_hidden_s
         kind = Method(method)
     except ValueError:
         raise OptionError(f"unknown method '{method}'; choose from {', '.join(m.value for m in METHOD_CONFIGS)}") from None
-    overrides = {"num_virtual_tokens": num_virtual_tokens, "encoder_hidden_size": encoder_hidden_size, "r": lora_r}
+    overrides = {"num_virtual_tokens": num_virtual_tokens, "encoder_hidden_size": encoder_hidden_size, "r": lora_r,
+                 "target_modules": lora_target_modules}
     return method_config(kind, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _check_architecture(model: str, method: str, config, trust_remote_code: bool, instruction: bool = False) -> None:
+    """Refuse a method the model's architecture cannot support before any data is read."""
+    from peftguard.architectures import check_model_supports
+
+    check_model_supports(model, method, config, trust_remote_code, instruction)
 
 
 @app.command()
@@ -313,6 +325,7 @@ def psim_train(
     reset_rate: Annotated[float, typer.Option("--reset-rate", help="Share of training labels reset at random (paper: 1.0).")] = 1.0,
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1 encoder width [128].")] = None,
+    lora_target_modules: LoraTargetsOpt = None,
     gamma: GammaOpt = None,
     target_fpr: FprOpt = None,
     data_dir: DataDirOpt = None,
@@ -348,7 +361,8 @@ def psim_train(
     _setup_logging(verbose)
     if epochs is not None and max_epochs is not None:
         raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
-    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None)
+    config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None, lora_target_modules)
+    _check_architecture(model, method, config, trust_remote_code)
     data = _dataset(dataset, data_dir, text_column, label_column)
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=1, default_lr=DEFAULT_PSIM_LR)
     budget = None if epochs is not None else BudgetRule(**({"max_epochs": max_epochs} if max_epochs is not None else {}))

@@ -40,6 +40,7 @@ from peft import (
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from peftguard.architectures import LORA_TARGETS_FLAG, fit_peft_config, lora_target_names
 from peftguard.artifacts import atomic_dir, read_json, write_json
 from peftguard.bounds import BOUNDS, flag
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
@@ -81,11 +82,17 @@ class LoraMethodConfig(MethodConfig):
     r: int = field(default=8, metadata={"help": "rank of the update matrices (paper: 8)"})
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path (paper: 0.1)"})
+    target_modules: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "layers LoRA adapts, by name (e.g. query,value); default: derived from the architecture "
+                "(peftguard.architectures); the adapter's adapter_config.json lists the ones used"})
+
+    def __post_init__(self) -> None:
+        self.target_modules = lora_target_names(self.target_modules)
 
     def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
-        # target_modules=None lets peft pick the attention projections per architecture
-        # (query/value for BERT, q_proj/v_proj for LLaMA).
-        return LoraConfig(task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout)
+        # target_modules=None: fit_peft_config derives them per architecture (make_tunable).
+        return LoraConfig(task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules) if self.target_modules else None)
 
 
 @dataclass
@@ -142,7 +149,7 @@ METHOD_CONFIGS: dict[Method, type[MethodConfig]] = {
 
 
 # The command-line flag of a method setting, where it is not simply --<name>.
-SETTING_FLAGS = {"r": "--lora-r"}
+SETTING_FLAGS = {"r": "--lora-r", "target_modules": LORA_TARGETS_FLAG}
 
 
 def method_config(method: Method | str, **overrides: Any) -> MethodConfig:
@@ -163,7 +170,8 @@ def make_tunable(model: PreTrainedModel, config: MethodConfig) -> PreTrainedMode
     """Wrap ``model`` for training with ``config``'s method (full: every weight trains)."""
     label_words = isinstance(model, LabelWordClassifier)
     # A label-word classifier's PEFT module goes on the causal LM inside it; its LM head scores the words.
-    peft_config = config.peft_config(TaskType.CAUSAL_LM if label_words else TaskType.SEQ_CLS)
+    peft_config = fit_peft_config(model.lm if label_words else model,
+                                  config.peft_config(TaskType.CAUSAL_LM if label_words else TaskType.SEQ_CLS), method_name(config))
     if label_words and peft_config is not None:
         model.lm = get_peft_model(model.lm, peft_config)
         return model
