@@ -23,7 +23,7 @@ from peftguard.artifacts import read_json, write_json, write_text
 from peftguard.data import TextDataset, load_dataset, subsample
 from peftguard.defenses.psim import PAPER_GAMMA, PSIM, PSIMDefense, train_psim
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
-from peftguard.defenses.registry import DEFENSES, DefenseOptions
+from peftguard.defenses.registry import DEFENSES, make_options
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.pipeline import evaluate_model, load_model
@@ -32,11 +32,12 @@ from peftguard.poisoning import PoisonSpec, poison_weights
 from peftguard.provenance import versions
 from peftguard.training import TrainSettings
 from peftguard.triggers import build_triggers, triggered_test_set
-from peftguard.tuning import Method, method_config
+from peftguard.tuning import METHODS as METHOD_REGISTRY
+from peftguard.tuning import method_config
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 from peftguard.victims import finetune
 
-METHODS = [m.value for m in Method]
+METHODS = list(METHOD_REGISTRY.names())
 BASELINES = [name for name in DEFENSES if name != "psim"]
 
 
@@ -151,10 +152,10 @@ def _evaluate_baseline(out: Path, name: str, victim: str, data: TextDataset, tri
     path = out / f"defense-{name}" / Path(victim).name / "metrics.json"
     if path.is_file():
         return read_json(path)
-    options = {
-        "onion": DefenseOptions(onion_cache=out / "onion_perplexities.json"),  # the LM pass is shared by all victims
-        "fine-mixing": DefenseOptions(fine_mixed=path.parent / "fine-mixed", max_train_samples=config.max_train_samples),
-    }.get(name, DefenseOptions())
+    options = make_options(name, {
+        "onion": {"cache": out / "onion_perplexities.json"},  # the LM pass is shared by all victims
+        "fine-mixing": {"fine_mixed": path.parent / "fine-mixed", "max_train_samples": config.max_train_samples},
+    }.get(name, {}))
     typer.echo(f"demo: {name} in front of attack/{Path(victim).name}")
     try:
         result = evaluate_model(victim, data, triggers, target_label=config.target_label, defense=name,

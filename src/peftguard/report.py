@@ -55,9 +55,17 @@ def row_label(cell: dict[str, Any]) -> str:
     return label + (f" [{', '.join(extras)}]" if extras else "")
 
 
+def method_order(method: str) -> tuple[int, str]:
+    """Columns follow the method registry's order; a method no longer registered goes last."""
+    from peftguard.methods import METHODS
+
+    names = METHODS.names()
+    return (names.index(method) if method in names else len(names), method)
+
+
 def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: group keys, row label, then CA and ASR per method (mean ± sd over seeds)."""
-    methods = sorted({c["method"] for c in cells}, key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
+    methods = sorted({c["method"] for c in cells}, key=method_order)
     values: dict[tuple, dict[str, list[tuple[float, float | None] | None]]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, tuple] = {}
     for cell in cells:
