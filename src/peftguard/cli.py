@@ -644,7 +644,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         configure_threads()  # torch threads from $PEFTGUARD_THREADS or the cores (peftguard.runtime)
-        if "--help" in sys.argv[1:]:
+        if sys.argv[1:2] == ["evaluate"] and "--help" in sys.argv:  # the one command whose help lists defenses
             describe_defenses()
         code = app(standalone_mode=False)
     except PeftguardError as exc:

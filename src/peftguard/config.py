@@ -203,7 +203,8 @@ def parse_config(raw: dict, source: str = "config") -> ExperimentConfig:
 
 def _where_and_what(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
     error = exc.errors()[0]
-    where = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
+    # without pydantic's tags of union branches ("function-after[check(), str]"), which name no key
+    where = ".".join(str(part) for part in (*prefix, *error["loc"]) if "[" not in str(part)) or "(top level)"
     message = error["msg"]
     if error["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
         message = str(error["ctx"]["error"])

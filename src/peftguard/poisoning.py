@@ -1,4 +1,5 @@
-"""Weight poisoning: full-parameter training of a pretrained model on a poisoned set.
+"""Weight poisoning: full-parameter training of a pretrained model on a poisoned set, and the
+poisoning of that set itself (:func:`poison_examples`, beside its :class:`PoisonSpec`).
 
 Two threat scenarios (paper Section 2):
 
