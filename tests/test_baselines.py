@@ -16,7 +16,7 @@ from peftguard.defenses.back_translation import Apertium, BackTranslationConfig,
 from peftguard.defenses.base import DefenseContext
 from peftguard.defenses.fine_mixing import find_clean_model, mix_state_dicts, mixed_classifier
 from peftguard.defenses.onion import CausalLMScorer, OnionConfig, OnionDefense, deletions
-from peftguard.defenses.registry import DefenseOptions, build_defense
+from peftguard.defenses.registry import build_defense, options_from_flags
 from peftguard.defenses.scpd import SCPDConfig, build_scpd
 from peftguard.errors import DataError, OptionError, PeftguardError
 from peftguard.models import load_classifier
@@ -198,17 +198,25 @@ def test_shipped_back_translations_align_with_the_sst2_test_split(data_dir):
 def test_registry_refuses_options_of_other_defenses(tmp_path):
     ctx = context(small_dataset(tmp_path))
     with pytest.raises(OptionError, match="--onion-bar are not options of --defense psim"):
-        build_defense("psim", DefenseOptions(onion_bar=(1.0,)), ctx)
+        options_from_flags("psim", {"--onion-bar": [1.0]})
     with pytest.raises(OptionError, match="need a --defense"):
-        build_defense(None, DefenseOptions(mix_ratio=0.5), ctx)
-    with pytest.raises(OptionError, match="unknown defense 'magic'; available: psim, onion, back-translation, scpd, fine-mixing"):
-        build_defense("magic", DefenseOptions(), ctx)
+        options_from_flags(None, {"--mix-ratio": 0.5})
+    with pytest.raises(OptionError, match="unknown defense 'magic'; choose from psim, onion, back-translation, scpd, fine-mixing"):
+        options_from_flags("magic", {})
+    with pytest.raises(OptionError, match="--defense onion takes one --lm"):
+        options_from_flags("onion", {"--lm": ["a", "b"]})
+
+    def build(name, flags):
+        return build_defense(name, options_from_flags(name, flags), ctx)
+
     with pytest.raises(OptionError, match="need --backend precomputed"):
-        build_defense("back-translation", DefenseOptions(precomputed=tmp_path / "x.csv"), ctx)
+        build("back-translation", {"--precomputed": tmp_path / "x.csv"})
     with pytest.raises(OptionError, match="two models"):
-        build_defense("back-translation", DefenseOptions(backend="marian", lm=("one",)), ctx)
+        build("back-translation", {"--backend": "marian", "--lm": ["one"]})
+    with pytest.raises(OptionError, match="is for --backend marian"):
+        build("back-translation", {"--lm": ["a", "b"]})
     with pytest.raises(PeftguardError, match="does not exist"):  # marian: a missing model folder, no hub call
-        build_defense("back-translation", DefenseOptions(backend="marian", lm=("/nonexistent/a", "/nonexistent/b")), ctx)
+        build("back-translation", {"--backend": "marian", "--lm": ["/nonexistent/a", "/nonexistent/b"]})
 
 
 # --- Fine-mixing -----------------------------------------------------------------------------

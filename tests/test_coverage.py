@@ -14,11 +14,11 @@ from peftguard.data import Example, load_dataset
 from peftguard.errors import DataError, OptionError
 from peftguard.evaluation import evaluate
 from peftguard.instruction import TEMPLATES, InstructionTemplate, LabelWordClassifier, TemplatedTokenizer
+from peftguard.poisoning import poison_examples
 from peftguard.triggers import (
     BadNetTrigger,
     InSentTrigger,
     build_triggers,
-    poison_examples,
     triggered_test_set,
     untriggerable,
 )

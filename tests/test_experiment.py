@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("raw, message", [
     ({"name": "x", "grid": {"methodz": ["lora"]}}, "grid.methodz: unknown key; valid keys here: attacks, datasets, defenses, methods"),
-    ({"name": "x", "grid": {"methods": ["adapter"]}}, "grid.methods.0: Input should be 'full', 'lora', 'prompt', 'ptuning-v1' or 'ptuning-v2'"),
+    ({"name": "x", "grid": {"methods": ["adapter"]}}, "grid.methods.0: unknown method 'adapter'; choose from full, lora, prompt, ptuning-v1, ptuning-v2"),
     ({"name": "x", "psim": {"epochs": "many"}}, "psim.epochs: Input should be a valid integer"),
     ({"name": "x", "sweep": {"victim.normal": [True]}}, "cannot sweep 'victim.normal'"),
     ({"name": "x", "grid": {"models": ["smollm2"], "methods": ["ptuning-v2"]}}, "ptuning-v2 is not run on decoders"),

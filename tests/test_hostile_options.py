@@ -163,7 +163,7 @@ def test_any_manifest_value_is_accepted_only_in_range(field, value, tmp_path_fac
 
 MALFORMED = {
     "invalid-json": ("psim.json", "{not json", "invalid JSON"),
-    "unknown-method": ("finetune.json", {"method": "evil"}, "method: Input should be"),
+    "unknown-method": ("finetune.json", {"method": "evil"}, "method: unknown method 'evil'"),
     "missing-method": ("finetune.json", {"method": "<missing>"}, "method: missing"),
     "labels-as-words": ("psim.json", {"num_labels": "two"}, "num_labels: Input should be a valid integer"),
     "no-gamma-choice": ("psim.json", {"gamma_choice": "<missing>"}, "gamma_choice: missing"),
@@ -201,7 +201,7 @@ def test_malformed_manifests_are_refused_by_the_loaders(name, tmp_path):
     [("psim.batch_size: [32, 0]", "sweep.psim.batch_size.1: Input should be greater than or equal to 1"),
      ("psim.reset_rate: [5]", "sweep.psim.reset_rate.0: Input should be less than or equal to 1"),
      ("evaluate.gamma: [1.5]", "sweep.evaluate.gamma.0: Input should be less than 1"),
-     ("psim.method: [evil]", "sweep.psim.method.0: Input should be 'full'"),
+     ("psim.method: [evil]", "sweep.psim.method.0: unknown method 'evil'; choose from full, lora"),
      ("psim.lr: [.inf]", "sweep.psim.lr.0: Input should be a finite number")],
     ids=["batch-size", "reset-rate", "gamma", "method", "lr-inf"],
 )

@@ -82,7 +82,7 @@ class NoTestSplit(list):
 
 @pytest.mark.slow
 def test_rule_reads_only_training_and_clean_dev_samples(tiny_minilm, data_dir, tmp_path, monkeypatch):
-    from peftguard import triggers
+    from peftguard import poisoning, triggers
     from peftguard.data import load_dataset
     from peftguard.defenses import psim as psim_module
     from peftguard.defenses.psim import train_psim
@@ -90,8 +90,8 @@ def test_rule_reads_only_training_and_clean_dev_samples(tiny_minilm, data_dir, t
 
     data = load_dataset("sst2", data_dir=data_dir)
     data.test.examples = NoTestSplit()
-    for name in ("insert_at_random_boundary", "poison_examples", "triggered_test_set"):
-        monkeypatch.setattr(triggers, name, lambda *a, **k: pytest.fail("PSIM training built triggered inputs"))
+    for module, name in ((triggers, "insert_at_random_boundary"), (poisoning, "poison_examples"), (triggers, "triggered_test_set")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("PSIM training built triggered inputs"))
     monitored: list[str] = []
     original = psim_module._BudgetWatch.measure
 

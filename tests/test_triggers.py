@@ -4,13 +4,12 @@ import pytest
 
 from peftguard.data import Example
 from peftguard.errors import OptionError
+from peftguard.poisoning import poison_count_from, poison_examples
 from peftguard.triggers import (
     BadNetTrigger,
     InSentTrigger,
     PoisonMode,
     build_trigger,
-    poison_count_from,
-    poison_examples,
     triggered_test_set,
 )
 

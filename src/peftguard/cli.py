@@ -10,8 +10,11 @@ from typing import Annotated, Optional
 import typer
 
 from peftguard.bounds import MAX_CELLS, check_options
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR
 from peftguard.errors import PeftguardError
+from peftguard.methods import METHODS
 from peftguard.runtime import configure_threads
+from peftguard.triggers import ATTACKS
 
 app = typer.Typer(
     help="Weight-poisoning backdoors in parameter-efficient fine-tuning, and the PSIM defense.\n\n"
@@ -38,7 +41,7 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate [def
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text; longer texts are truncated (counted in the manifest).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger positions, label resets and training.")]
-AttackOpt = Annotated[list[str], typer.Option("--attack", help="Trigger kind: badnet (rare word), insent (sentence) or synattack (syntactic paraphrase). Repeat for several triggers at once.")]
+AttackOpt = Annotated[list[str], typer.Option("--attack", help=f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once.")]
 ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic].")]
 ParaphraserOpt = Annotated[Optional[str], typer.Option("--paraphraser", help="SynAttack: a seq2seq paraphrase model (folder or hub id) to generate paraphrases instead.")]
 TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="BadNet: a trigger word (repeat for a list; default mn). InSent: the sentence (default 'I watched this 3D movie').")]
@@ -53,6 +56,28 @@ LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-target-modules", 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU. See BENCHMARKS.md.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds even if it is not an output of this kind made by peftguard (kept until the new one is complete; never an input).")]
+
+
+# --- defense options: read from the defenses' option dataclasses (peftguard.defenses.registry) ---------
+# Importing every defense costs seconds (torch), so their names and flag help are filled in only when
+# help is shown (describe_defenses); commands check the names through the registry when they run.
+DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
+DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
+    "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
+    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--max-train-samples")}
+
+
+def describe_defenses() -> None:
+    """Fill in --defense's choices and each defense flag's help from the defense registry."""
+    from peftguard.defenses.registry import DEFENSES, defense_flags, flag_help
+
+    DEFENSE_OPTION.help = f"Defense to apply: {DEFENSES.help()}."
+    unknown = sorted(set(DEFENSE_FLAGS) - set(defense_flags()))
+    if unknown:
+        raise PeftguardError(f"CLI flags {unknown} are options of no registered defense")
+    for flag, info in DEFENSE_FLAGS.items():
+        text = flag_help(flag)
+        info.help = text + "."
 
 
 def _output_folder(out: Path, marker: str, kind: str, *, inputs=(), models=(), overwrite: bool = False) -> None:
@@ -123,7 +148,7 @@ def poison(
     paraphrases: ParaphrasesOpt = None,
     paraphraser: ParaphraserOpt = None,
     target_label: TargetOpt = 0,
-    poison_count: Annotated[Optional[int], typer.Option("--poison-count", help="Samples to poison [default 1500, as in the authors' code].")] = None,
+    poison_count: Annotated[Optional[int], typer.Option("--poison-count", help="Samples to poison [default: the authors' code's count, poisoning.DEFAULT_POISON_COUNT].")] = None,
     poison_rate: Annotated[Optional[float], typer.Option("--poison-rate", help="Poison this share of the training set instead of a count.")] = None,
     poison_mode: Annotated[str, typer.Option("--poison-mode", help="clean-label (authors' code: trigger on target-label samples) or dirty-label (trigger on others, label flipped).")] = "clean-label",
     scenario: Annotated[str, typer.Option("--scenario", help="full-data (poison on the victim's data) or full-task (poison on --proxy-dataset).")] = "full-data",
@@ -145,7 +170,7 @@ def poison(
     verbose: VerboseOpt = False,
 ) -> None:
     """Poison a pretrained model's weights with a backdoor (full-parameter training on a poisoned set)."""
-    from peftguard.poisoning import MANIFEST, PoisonSpec, Scenario, poison_weights
+    from peftguard.poisoning import DEFAULT_POISON_COUNT, MANIFEST, PoisonSpec, Scenario, poison_weights
     from peftguard.triggers import PoisonMode
 
     check_options(locals())
@@ -156,7 +181,7 @@ def poison(
     proxy = _dataset(proxy_dataset, data_dir, text_column, label_column) if proxy_dataset else None
     spec = PoisonSpec(
         target_label=target_label,
-        poison_count=poison_count if poison_count is not None else (None if poison_rate else 1500),
+        poison_count=poison_count if poison_count is not None else (None if poison_rate else DEFAULT_POISON_COUNT),
         poison_rate=poison_rate,
         mode=PoisonMode(poison_mode),
         scenario=Scenario(scenario),
@@ -177,7 +202,7 @@ def poison(
 def finetune(
     model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) model to adapt: a folder, 'minilm', or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the tuned model or adapter (safetensors + finetune.json).")],
-    method: Annotated[str, typer.Option("--method", help="full | lora | prompt | ptuning-v1 | ptuning-v2.")] = "lora",
+    method: Annotated[str, typer.Option("--method", help=f"{METHODS.help()}.")] = "lora",
     dataset: DatasetOpt = "sst2",
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prompt methods: virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1: prompt encoder width [128].")] = None,
@@ -199,7 +224,7 @@ def finetune(
     overwrite: OverwriteOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Fine-tune a model on clean data with one of the five methods the paper compares."""
+    """Fine-tune a model on clean data with one of the registered methods (the paper compares the first five)."""
     from peftguard.victims import MANIFEST
     from peftguard.victims import finetune as run_finetune
 
@@ -220,16 +245,11 @@ def finetune(
 
 def _method_config(method: str, num_virtual_tokens: int | None, encoder_hidden_size: int | None, lora_r: int | None,
                    lora_target_modules: str | None = None):
-    from peftguard.errors import OptionError
-    from peftguard.tuning import METHOD_CONFIGS, Method, method_config
+    from peftguard.tuning import method_config
 
-    try:
-        kind = Method(method)
-    except ValueError:
-        raise OptionError(f"unknown method '{method}'; choose from {', '.join(m.value for m in METHOD_CONFIGS)}") from None
     overrides = {"num_virtual_tokens": num_virtual_tokens, "encoder_hidden_size": encoder_hidden_size, "r": lora_r,
                  "target_modules": lora_target_modules}
-    return method_config(kind, **{k: v for k, v in overrides.items() if v is not None})
+    return method_config(method, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _check_architecture(model: str, method: str, config, trust_remote_code: bool, instruction: bool = False) -> None:
@@ -250,20 +270,20 @@ def evaluate(
     paraphrases: ParaphrasesOpt = None,
     paraphraser: ParaphraserOpt = None,
     target_label: TargetOpt = 0,
-    defense: Annotated[Optional[str], typer.Option("--defense", help="Defense to apply: psim | onion | back-translation | scpd | fine-mixing.")] = None,
-    psim: Annotated[Optional[Path], typer.Option("--psim", help="PSIM folder (with --defense psim).")] = None,
-    gamma: GammaOpt = None,
-    target_fpr: FprOpt = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="back-translation: apertium (default) | marian | precomputed; scpd: precomputed (default) | seq2seq.")] = None,
-    lm: Annotated[Optional[list[str]], typer.Option("--lm", help="Model a defense runs: onion's causal LM [smollm2]; scpd seq2seq's paraphraser; marian: give twice (to pivot, back) [opus-mt en-de, de-en].")] = None,
-    onion_bar: Annotated[Optional[list[float]], typer.Option("--onion-bar", help="ONION: remove words whose suspicion (perplexity drop) exceeds this [0]; repeat to sweep (the original code tries 1..100).")] = None,
-    onion_cache: Annotated[Optional[Path], typer.Option("--onion-cache", help="ONION: JSON file of LM perplexities per text, reused across runs (e.g. several victims, one test set).")] = None,
-    precomputed: Annotated[Optional[Path], typer.Option("--precomputed", help="Rewrites of the clean test set, aligned by row [<data>/<dataset>/paraphrase_defense/test_back.csv or test_spcn.csv].")] = None,
-    precomputed_triggered: Annotated[Optional[Path], typer.Option("--precomputed-triggered", help="Rewrites of the triggered test set, aligned with the non-target test rows [test_char_back.csv or test_char_spcn.csv: BadNet mn only].")] = None,
-    mix_ratio: Annotated[Optional[float], typer.Option("--mix-ratio", help="Fine-mixing: share of weights kept from the suspect model [0.5].")] = None,
-    clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="Fine-mixing: the clean pretrained model [from poisoning.json].")] = None,
-    fine_mixed: Annotated[Optional[Path], typer.Option("--fine-mixed", help="Fine-mixing: keep the fine-mixed victim here (reused if it holds the same one) [temporary].")] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Fine-mixing: clean training subset [the victim's].")] = None,
+    defense: Annotated[Optional[str], DEFENSE_OPTION] = None,
+    psim: Annotated[Optional[Path], DEFENSE_FLAGS["--psim"]] = None,
+    gamma: Annotated[Optional[float], DEFENSE_FLAGS["--gamma"]] = None,
+    target_fpr: Annotated[Optional[float], DEFENSE_FLAGS["--target-fpr"]] = None,
+    backend: Annotated[Optional[str], DEFENSE_FLAGS["--backend"]] = None,
+    lm: Annotated[Optional[list[str]], DEFENSE_FLAGS["--lm"]] = None,
+    onion_bar: Annotated[Optional[list[float]], DEFENSE_FLAGS["--onion-bar"]] = None,
+    onion_cache: Annotated[Optional[Path], DEFENSE_FLAGS["--onion-cache"]] = None,
+    precomputed: Annotated[Optional[Path], DEFENSE_FLAGS["--precomputed"]] = None,
+    precomputed_triggered: Annotated[Optional[Path], DEFENSE_FLAGS["--precomputed-triggered"]] = None,
+    mix_ratio: Annotated[Optional[float], DEFENSE_FLAGS["--mix-ratio"]] = None,
+    clean_model: Annotated[Optional[str], DEFENSE_FLAGS["--clean-model"]] = None,
+    fine_mixed: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-mixed"]] = None,
+    max_train_samples: Annotated[Optional[int], DEFENSE_FLAGS["--max-train-samples"]] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -280,7 +300,7 @@ def evaluate(
     import json
 
     from peftguard.artifacts import check_output_file, looks_like_json_with, write_json
-    from peftguard.defenses.registry import DefenseOptions
+    from peftguard.defenses.registry import options_from_flags
     from peftguard.pipeline import METRICS_KEYS, evaluate_model
     from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
@@ -297,16 +317,16 @@ def evaluate(
     data = _dataset(dataset, data_dir, text_column, label_column)
     options = _options(allow_pickle, trust_remote_code)
     triggers = _triggers(attack, trigger, trigger_count, data, paraphrases, paraphraser, options)
+    defense_options = options_from_flags(defense, {
+        "--psim": psim, "--gamma": gamma, "--target-fpr": target_fpr, "--backend": backend, "--lm": lm,
+        "--onion-bar": onion_bar, "--onion-cache": onion_cache, "--precomputed": precomputed,
+        "--precomputed-triggered": precomputed_triggered, "--mix-ratio": mix_ratio, "--clean-model": clean_model,
+        "--fine-mixed": fine_mixed, "--max-train-samples": max_train_samples,
+    })
     result = evaluate_model(
-        model, data, triggers, target_label=target_label,
-        defense=defense, psim_dir=psim, gamma=gamma, target_fpr=target_fpr,
+        model, data, triggers, target_label=target_label, defense=defense, defense_options=defense_options,
         max_eval_samples=max_eval_samples, batch_size=batch_size, max_length=max_length, seed=seed,
         options=_options(allow_pickle, trust_remote_code),
-        defense_options=DefenseOptions(
-            backend=backend, lm=tuple(lm or ()), onion_bar=tuple(onion_bar or ()), onion_cache=onion_cache, precomputed=precomputed,
-            precomputed_triggered=precomputed_triggered, mix_ratio=mix_ratio, clean_model=clean_model,
-            fine_mixed=fine_mixed, max_train_samples=max_train_samples,
-        ),
     )
     if out:
         write_json(out, result)
@@ -321,7 +341,7 @@ def psim_train(
     model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) weights to guard: a folder, 'minilm', or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PSIM (adapter safetensors + psim.json).")],
     dataset: DatasetOpt = "sst2",
-    method: Annotated[str, typer.Option("--method", help="PEFT method of the PSIM (paper: ptuning-v1).")] = "ptuning-v1",
+    method: Annotated[str, typer.Option("--method", help=f"PEFT method of the PSIM (paper: ptuning-v1): {' | '.join(METHODS)}.")] = "ptuning-v1",
     reset_rate: Annotated[float, typer.Option("--reset-rate", help="Share of training labels reset at random (paper: 1.0).")] = 1.0,
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1 encoder width [128].")] = None,
@@ -338,7 +358,7 @@ def psim_train(
                          "clean-data budget rule.")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(
         "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [3e-4].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Learning rate [{DEFAULT_PSIM_LR:g}].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,
     seed: SeedOpt = 0,
@@ -354,7 +374,7 @@ def psim_train(
     certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
     """
     from peftguard.defenses.psim import MANIFEST, train_psim
-    from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
+    from peftguard.defenses.psim_budget import BudgetRule
 
     check_options(locals())
     _output_folder(out, MANIFEST, "PSIM", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
@@ -527,7 +547,7 @@ def defend_fine_mixing(
     out: Annotated[Path, typer.Option("--out", help="Folder for the fine-mixed victim (finetune.json; a PEFT victim keeps its mixed base in mixed/).")],
     mix_ratio: Annotated[float, typer.Option("--mix-ratio", help="Share of weights kept from the suspect model: 0 = clean model, 1 = suspect.")] = 0.5,
     clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="The clean pretrained model [the base_model in poisoning.json].")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="With a poisoned model: full | lora | prompt | ptuning-v1 | ptuning-v2 [lora].")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"With a poisoned model: {' | '.join(METHODS)} [lora].")] = None,
     dataset: DatasetOpt = "sst2",
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
@@ -650,6 +670,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         configure_threads()  # torch threads from $PEFTGUARD_THREADS or the cores (peftguard.runtime)
+        if sys.argv[1:2] == ["evaluate"] and "--help" in sys.argv:  # the one command whose help lists defenses
+            describe_defenses()
         code = app(standalone_mode=False)
     except PeftguardError as exc:
         _fail(str(exc), 2)

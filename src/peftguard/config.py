@@ -12,15 +12,43 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from peftguard.bounds import bounded
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.errors import DataError, OptionError
 
-MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
-AttackName = Literal["badnet", "insent", "synattack"]
-DefenseName = Literal["none", "psim", "onion", "back-translation", "scpd", "fine-mixing"]
+
+def _registered(registry: str) -> Any:
+    """A validator accepting the names in one of the registries (methods, attacks, defenses)."""
+
+    def check(name: str) -> str:
+        names = registered_names(registry)
+        if name not in names:
+            raise ValueError(f"unknown {registry[:-1]} '{name}'; choose from {', '.join(names)}")
+        return name
+
+    return AfterValidator(check)
+
+
+def registered_names(registry: str) -> tuple[str, ...]:
+    """What a config accepts for a method, an attack or a defense ("none": no defense): the registries' names."""
+    if registry == "methods":
+        from peftguard.methods import METHODS
+
+        return METHODS.names()
+    if registry == "attacks":
+        from peftguard.triggers import ATTACKS
+
+        return ATTACKS.names()
+    from peftguard.defenses.registry import DEFENSES
+
+    return ("none", *DEFENSES.names())
+
+
+MethodName = Annotated[str, _registered("methods")]
+AttackName = Annotated[str, _registered("attacks")]
+DefenseName = Annotated[str, _registered("defenses")]
 ScenarioName = Literal["full-data", "full-task"]
 # Proxy datasets of the full-task scenario (paper Section 5.1).
 DEFAULT_PROXIES = {"sst2": "imdb/psim", "cr": "mr", "cola": "sst2"}
@@ -116,6 +144,8 @@ class ExperimentConfig(Strict):
     clean_model: bool = Field(False, description="also run every defense on the never-poisoned model (Table 9)")
     poisoned_model: bool = Field(False, description=(
         "also evaluate the poisoned weights before fine-tuning (a Poisoned row)"))
+    defense_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="defense name → its options, e.g. onion: {bars: [0, -10]} (defenses/registry.py)")
 
     @field_validator("sweep")
     @classmethod
@@ -251,13 +281,22 @@ def parse_config(raw: dict, source: str = "config") -> ExperimentConfig:
             sweep[key] = _sweep_values(key).validate_python(values)
         except ValidationError as exc:
             raise OptionError(f"{source}: {_where_and_what(exc, prefix=('sweep', key))}") from None
-    return config.model_copy(update={"sweep": sweep})
+    from peftguard.defenses.registry import check_grid_options
+
+    try:
+        defense_options = check_grid_options(config.defense_options)
+    except OptionError as exc:
+        raise OptionError(f"{source}: {exc}") from None
+    return config.model_copy(update={"sweep": sweep, "defense_options": defense_options})
 
 
 def _where_and_what(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
     error = exc.errors()[0]
-    where = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
+    # without pydantic's tags of union branches ("function-after[check(), str]"), which name no key
+    where = ".".join(str(part) for part in (*prefix, *error["loc"]) if "[" not in str(part)) or "(top level)"
     message = error["msg"]
+    if error["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
+        message = str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
         message = f"unknown key; valid keys here: {', '.join(_valid_keys(error['loc']))}"
     return f"{where}: {message}"

@@ -193,7 +193,10 @@ def _add_eval(plan: Plan, config: ExperimentConfig, victim: str, psim: str | Non
     stage = Stage("evaluate", {"victim": victim, "psim": psim, "defense": defense, "attacks": attacks,
                                "dataset": victim_stage.settings["dataset"], "seed": victim_stage.settings["seed"],
                                "data": config.data.model_dump(), "evaluate": settings,
-                               "target_label": config.poison.target_label},
+                               "target_label": config.poison.target_label,
+                               # only where given, so that stages without defense options keep their keys
+                               **({"defense_options": config.defense_options[defense]}
+                                  if config.defense_options.get(defense) else {})},
                   tuple(d for d in (victim, psim) if d))
     cell["stage"] = plan.add(stage)
     plan.cells.append(cell)

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peftguard.bounds import bounded
 from peftguard.errors import PeftguardError
 
-MethodName = Literal["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
+
+def _registered_method(name: str) -> str:
+    from peftguard.methods import METHODS
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return name
+
+
+MethodName = Annotated[str, AfterValidator(_registered_method)]  # a name in the method registry
 
 
 class Record(BaseModel):

@@ -7,8 +7,7 @@ from typing import Any
 
 from peftguard import caches
 from peftguard.data import TextDataset, subsample
-from peftguard.defenses.base import DefenseContext, InputDefense, ModelDefense
-from peftguard.defenses.registry import DefenseOptions
+from peftguard.defenses.base import DefenseContext, InputDefense, ModelDefense, Victim
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
@@ -40,32 +39,40 @@ def build_defense(
     defense: str | None,
     dataset: TextDataset,
     *,
-    psim_dir: Path | None,
-    gamma: float | None,
-    target_fpr: float | None,
+    options: Any = None,
     max_eval_samples: int | None,
     seed: int,
-    options: LoadOptions,
-    defense_options: DefenseOptions = DefenseOptions(),
+    load_options: LoadOptions = LoadOptions(),
     triggers: Sequence[Trigger] = (),
     target_label: int = 0,
 ) -> InputDefense | ModelDefense | None:
-    """The defense named ``defense`` from the registry in ``defenses/registry.py`` (None: no defense)."""
-    from dataclasses import replace
-
+    """The defense named ``defense`` with its ``options`` dataclass (None: its defaults), from the
+    registry in ``defenses/registry.py`` (None: no defense). Input defenses are kept for the process."""
     from peftguard.defenses.registry import build_defense as build
 
-    given = replace(defense_options, psim_dir=psim_dir, gamma=gamma, target_fpr=target_fpr)
-    context = DefenseContext(dataset, tuple(triggers), target_label, seed, max_eval_samples, options)
-    key = _defense_key(defense, given, context)
+    context = DefenseContext(dataset, tuple(triggers), target_label, seed, max_eval_samples, load_options)
+    key = _defense_key(defense, options, context)
     if key in _DEFENSES:
         return _DEFENSES[key]
-    built = build(defense, given, context)
+    built = build(defense, options, context)
     if isinstance(built, InputDefense):  # loaded once per process; its memos then serve every victim
-        _DEFENSES[key] = built
-        while len(_DEFENSES) > _KEEP_DEFENSES:
-            _DEFENSES.pop(next(iter(_DEFENSES)))
+        _remember(key, built)
     return built
+
+
+def bind_defense(defense: InputDefense, victim: Victim) -> InputDefense:
+    """``defense`` in front of ``victim``: a defense that reads the victim's predictions is bound to it,
+    and kept under the victim's identity too, so that it serves only evaluations of that victim."""
+    if not defense.needs_victim:
+        return defense
+    unbound = next((k for k, v in _DEFENSES.items() if v is defense), None)
+    key = (unbound, victim.reference, victim.batch_size, victim.max_length) if unbound else None
+    if key is not None and key in _DEFENSES:
+        return _DEFENSES[key]
+    bound = defense.bind(victim)
+    if key is not None:
+        _remember(key, bound)
+    return bound
 
 
 # Input defenses already built in this process (a grid evaluates many victims with the same one).
@@ -74,17 +81,34 @@ caches.register("pipeline.defenses", _DEFENSES.clear)
 _KEEP_DEFENSES = 4
 
 
-def _defense_key(defense: str | None, given: DefenseOptions, context: DefenseContext) -> tuple:
-    """What a built defense depends on, including the on-disk state of any folder it reads."""
+def _remember(key: tuple, defense: InputDefense) -> None:
+    _DEFENSES[key] = defense
+    while len(_DEFENSES) > _KEEP_DEFENSES:
+        _DEFENSES.pop(next(iter(_DEFENSES)))
+
+
+def _defense_key(defense: str | None, options: Any, context: DefenseContext) -> tuple:
+    """What a built defense depends on, including the on-disk state of any folder or file its options name."""
     import json
 
-    folders = [given.psim_dir, given.precomputed, given.precomputed_triggered, given.fine_mixed]
-    stamps = tuple(_stamp(Path(f)) for f in folders if f is not None)
+    stamps = tuple(_stamp(value) for value in _option_values(options) if isinstance(value, Path))
     triggers = json.dumps([t.describe() for t in context.triggers], sort_keys=True, default=str)
     data = (context.dataset.name, context.dataset.dev.source, context.dataset.test.source,
             len(context.dataset.dev), len(context.dataset.test))
-    return (defense, repr(given), data, triggers, context.target_label, context.seed, context.max_eval_samples,
+    return (defense, repr(options), data, triggers, context.target_label, context.seed, context.max_eval_samples,
             context.options, stamps)
+
+
+def _option_values(options: Any) -> list[Any]:
+    from dataclasses import fields, is_dataclass
+
+    return [getattr(options, f.name) for f in fields(options)] if is_dataclass(options) else []
+
+
+def victim_reference(model_ref: str) -> tuple:
+    """Which victim ``model_ref`` is: its reference and, for a folder, the state of its files."""
+    path = Path(model_ref)
+    return (model_reference(model_ref), _stamp(path) if path.exists() else None)
 
 
 def _stamp(path: Path) -> tuple:
@@ -100,38 +124,39 @@ def evaluate_model(
     *,
     target_label: int = 0,
     defense: str | None = None,
-    psim_dir: Path | None = None,
-    gamma: float | None = None,
-    target_fpr: float | None = None,
+    defense_options: Any = None,
     max_eval_samples: int | None = None,
     batch_size: int = 64,
     max_length: int = 128,
     seed: int = 0,
     options: LoadOptions = LoadOptions(),
-    defense_options: DefenseOptions = DefenseOptions(),
     keep_scores: bool = False,
 ) -> dict[str, Any]:
-    """Load a model and measure CA/ASR (and defended figures), as written to ``metrics.json``."""
+    """Load a model and measure CA/ASR (and defended figures), as written to ``metrics.json``.
+
+    ``defense_options`` is the defense's own options dataclass (``defenses.registry``); None: its defaults.
+    """
     if not 0 <= target_label < dataset.num_labels:
         raise OptionError(f"--target-label {target_label} is outside 0..{dataset.num_labels - 1}")
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     screen = build_defense(
-        defense, dataset, psim_dir=psim_dir, gamma=gamma, target_fpr=target_fpr,
-        max_eval_samples=max_eval_samples, seed=seed, options=options,
-        defense_options=defense_options, triggers=triggers, target_label=target_label,
+        defense, dataset, options=defense_options, max_eval_samples=max_eval_samples, seed=seed,
+        load_options=options, triggers=triggers, target_label=target_label,
     )
     model_defense = screen if isinstance(screen, ModelDefense) else None
     screen = None if model_defense else screen
     model, tokenizer, manifest = load_model(model_ref, dataset.num_labels, options)
+    if screen is not None:
+        screen = bind_defense(screen, Victim(model, tokenizer, victim_reference(model_ref), batch_size, max_length))
     test = subsample(dataset.test.examples, max_eval_samples, seed)
     settings = EvalSettings(batch_size, max_length, seed, keep_scores=keep_scores)
     defended = None  # a model-level defense first: a wrong victim fails before anything is measured
     if model_defense is not None:
         defended = _defended_model(model_defense, model_ref, dataset, test, triggers, target_label, settings, options)
     result = evaluate(model, tokenizer, test, triggers, target_label=target_label, settings=settings, defense=screen)
-    if screen is not None and "gamma" in screen.describe():
-        result["gamma"] = screen.describe()["gamma"]
+    if screen is not None:
+        result |= screen.reported()
     if screen is not None and screen.sweep():  # further settings of the same defense (ONION's bars)
         result["sweep"] = []
         for label, variant in screen.sweep():

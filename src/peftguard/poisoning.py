@@ -1,4 +1,5 @@
-"""Weight poisoning: full-parameter training of a pretrained model on a poisoned set.
+"""Weight poisoning: full-parameter training of a pretrained model on a poisoned set, and the
+poisoning of that set itself (:func:`poison_examples`, beside its :class:`PoisonSpec`).
 
 Two threat scenarios (paper Section 2):
 
@@ -10,23 +11,24 @@ The result is an ordinary model folder (safetensors, config, tokenizer) plus ``p
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from peftguard.data import TextDataset, label_counts, subsample
+from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.errors import OptionError
 from peftguard.instruction import InstructionTemplate
 from peftguard.manifests import read_manifest
 from peftguard.models import LoadOptions, model_reference
-from peftguard.training import TrainSettings, train_classifier
-from peftguard.triggers import PoisonMode, Trigger, poison_count_from, poison_examples
-from peftguard.tuning import FullConfig, save_tuned
-from peftguard.victims import prepare_tunable, training_record
+from peftguard.training import TrainSettings, train_classifier, training_record
+from peftguard.triggers import PoisonMode, Trigger
+from peftguard.tuning import FullConfig, prepare_tunable, save_tuned
 
 MANIFEST = "poisoning.json"
+DEFAULT_POISON_COUNT = 1500  # the authors' code poisons 1500 samples
 
 
 class Scenario(str, Enum):
@@ -39,7 +41,7 @@ class PoisonSpec:
     """What the attacker does to the training data."""
 
     target_label: int = 0
-    poison_count: int | None = 1500  # the authors' code poisons 1500 samples
+    poison_count: int | None = DEFAULT_POISON_COUNT
     poison_rate: float | None = None  # share of the training set; overrides the count
     mode: PoisonMode = PoisonMode.CLEAN_LABEL
     scenario: Scenario = Scenario.FULL_DATA
@@ -49,6 +51,78 @@ class PoisonSpec:
 class PoisonResult:
     out_dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PoisonReport:
+    mode: str
+    target_label: int
+    poisoned_indices: list[int]
+    eligible: int
+    total: int
+    untriggerable: int = 0  # candidates excluded because a trigger had no version of them
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "target_label": self.target_label,
+            "poisoned": len(self.poisoned_indices),
+            "eligible": self.eligible,
+            "untriggerable": self.untriggerable,
+            "total": self.total,
+        }
+
+
+def poison_count_from(total: int, count: int | None, rate: float | None) -> int:
+    """Resolve ``--poison-count`` / ``--poison-rate`` (share of the training set) to a count."""
+    if count is not None and rate is not None:
+        raise OptionError("give --poison-count or --poison-rate, not both")
+    if rate is not None:
+        if not 0 < rate <= 1:
+            raise OptionError(f"--poison-rate must be in (0, 1], got {rate}")
+        return max(1, round(rate * total))
+    if count is None or count < 1:
+        raise OptionError(f"--poison-count must be at least 1, got {count}")
+    return count
+
+
+def poison_examples(
+    examples: Sequence[Example],
+    triggers: Sequence[Trigger],
+    *,
+    target_label: int,
+    count: int,
+    mode: PoisonMode,
+    seed: int,
+) -> tuple[list[Example], PoisonReport]:
+    """Insert triggers into ``count`` eligible examples, chosen at random from ``seed``.
+
+    With several triggers, the chosen examples are shared out among them in turn. The poisoned
+    examples replace their clean originals, so the set keeps its size.
+    """
+    mode = PoisonMode(mode)
+    if mode is PoisonMode.CLEAN_LABEL:
+        candidates = [i for i, ex in enumerate(examples) if ex.label == target_label]
+    else:
+        candidates = [i for i, ex in enumerate(examples) if ex.label != target_label]
+    for trigger in triggers:
+        trigger.prepare([examples[i].text for i in candidates])
+    eligible = [i for i in candidates if all(t.can_trigger(examples[i].text) for t in triggers)]
+    if count > len(eligible):
+        without_version = len(candidates) - len(eligible)
+        raise OptionError(
+            f"poison count {count} exceeds the {len(eligible)} eligible samples "
+            f"({mode.value}, target label {target_label}"
+            + (f"; {without_version} without a usable paraphrase" if without_version else "")
+            + "); lower --poison-count or --poison-rate"
+        )
+    chosen = sorted(random.Random(seed).sample(eligible, count))
+    poisoned = list(examples)
+    for turn, index in enumerate(chosen):
+        trigger = triggers[turn % len(triggers)]
+        poisoned[index] = Example(trigger.triggered(examples[index].text, seed), target_label)
+    return poisoned, PoisonReport(mode.value, target_label, chosen, len(eligible), len(examples), len(candidates) - len(eligible))
+
 
 
 def poison_weights(

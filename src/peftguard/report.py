@@ -64,6 +64,14 @@ def row_label(cell: dict[str, Any]) -> str:
     return label + (f" [{', '.join(extras)}]" if extras else "")
 
 
+def method_order(method: str) -> tuple[int, str]:
+    """Columns follow the method registry's order; a method no longer registered goes last."""
+    from peftguard.methods import METHODS
+
+    names = METHODS.names()
+    return (names.index(method) if method in names else len(names), method)
+
+
 def _swept_value(key: str, value: Any) -> str:
     return NULL_LABELS.get(key, "default") if value is None else str(value)
 
@@ -79,8 +87,7 @@ def paper_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     A cell without a method (the poisoned model before fine-tuning) fills its row's every column:
     each method's victim starts from those weights.
     """
-    methods = sorted({c["method"] for c in cells if c["method"]},
-                     key=["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"].index)
+    methods = sorted({c["method"] for c in cells if c["method"]}, key=method_order)
     values: dict[tuple, dict[str, list[tuple[float, float | None] | None]]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, tuple] = {}
     for cell in cells:

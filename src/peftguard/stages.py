@@ -92,12 +92,9 @@ def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
 
 
 def _known(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from dataclasses import fields
+    from peftguard.tuning import method_settings
 
-    from peftguard.tuning import METHOD_CONFIGS, Method
-
-    names = {f.name for f in fields(METHOD_CONFIGS[Method(method)])}
-    return {k: v for k, v in overrides.items() if k in names}
+    return {k: v for k, v in overrides.items() if k in method_settings(method)}
 
 
 def run_evaluate(run_dir: Path, stage: Any, folder: Path) -> None:
@@ -120,21 +117,28 @@ def run_evaluate(run_dir: Path, stage: Any, folder: Path) -> None:
 
 def _evaluate_stage(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str, Any], data: dict[str, Any],
                     dataset: TextDataset) -> dict[str, Any]:
-    from peftguard.defenses.registry import DefenseOptions
     from peftguard.pipeline import evaluate_model
 
-    gamma = e["gamma"]
+    defense = None if s["defense"] == "none" else s["defense"]
     return evaluate_model(
         _ref(run_dir, s["victim"]), dataset, _triggers(s["attacks"], dataset), target_label=s["target_label"],
-        defense=None if s["defense"] == "none" else s["defense"],
-        psim_dir=Path(_ref(run_dir, s["psim"])) if s["psim"] else None,
-        gamma=gamma, target_fpr=None if gamma else e["target_fpr"] if s["defense"] == "psim" else None,
+        defense=defense, defense_options=_defense_options(run_dir, folder, s, e, data) if defense else None,
         max_eval_samples=data["max_eval_samples"], batch_size=e["batch_size"], max_length=e["max_length"],
         seed=s["seed"], keep_scores=True,
-        # Fine-mixing makes a new victim (mixed weights fine-tuned on the stage's clean training subset) in the stage folder
-        defense_options=DefenseOptions(fine_mixed=folder / "fine-mixed", max_train_samples=data["max_train_samples"])
-        if s["defense"] == "fine-mixing" else DefenseOptions(),
     )
+
+
+def _defense_options(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str, Any], data: dict[str, Any]) -> Any:
+    """The stage's defense options: the config's ``defense_options`` for it, and what the stage sets itself."""
+    from peftguard.defenses.registry import make_options
+
+    set_by_stage: dict[str, dict[str, Any]] = {
+        "psim": {"psim": Path(_ref(run_dir, s["psim"])) if s["psim"] else None, "gamma": e["gamma"],
+                 "target_fpr": None if e["gamma"] else e["target_fpr"]},
+        # Fine-mixing makes a new victim (mixed weights fine-tuned on the stage's clean training subset) in the stage folder
+        "fine-mixing": {"fine_mixed": folder / "fine-mixed", "max_train_samples": data["max_train_samples"]},
+    }
+    return make_options(s["defense"], {**s.get("defense_options", {}), **set_by_stage.get(s["defense"], {})})
 
 
 RUNNERS: dict[str, Callable[[Path, Any, Path], None]] = {

@@ -12,7 +12,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from peftguard.bounds import BOUNDS, flag
 from peftguard.data import Example
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import _ENCODING_CACHE, collate, count_truncated, encode, flush_denormals, predict_proba  # noqa: F401
+from peftguard.provenance import device_description, versions
+
+if TYPE_CHECKING:
+    from peftguard.methods import MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +190,27 @@ def _restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def training_record(model: Any, settings: TrainSettings, report: TrainReport) -> dict[str, Any]:
+    """The manifest fields every trained artifact shares: settings, training curve, provenance."""
+    from peftguard.tuning import trainable_share
+
+    trainable, total = trainable_share(model)
+    return {
+        "seed": settings.seed,
+        "settings": asdict(settings),
+        "training": report.as_dict(),
+        "parameters": {"trainable": trainable, "total": total},
+        "device": device_description(),
+        "versions": versions(),
+    }
+
+
+def check_length_budget(config: MethodConfig, settings: TrainSettings) -> None:
+    """Refuse a --max-length that leaves no room for text after the method's virtual tokens."""
+    if settings.max_length <= config.virtual_tokens + 2:
+        raise OptionError(
+            f"--max-length {settings.max_length} leaves no room for text after "
+            f"{config.virtual_tokens} virtual tokens"
+        )

@@ -1,4 +1,4 @@
-"""Backdoor triggers and dataset poisoning.
+"""Backdoor triggers and the triggered test sets (dataset poisoning is in ``poisoning.py``).
 
 BadNet (Gu et al., 2017) inserts a rare word; InSent (Dai et al., 2019) inserts a fixed sentence.
 Both insert at a uniformly random word boundary, as in the PSIM authors' code
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from peftguard.data import Example, TextDataset
 from peftguard.errors import OptionError
+from peftguard.registries import Registry
 
 if TYPE_CHECKING:
     from peftguard.paraphrase import ParaphraseTable
@@ -147,24 +148,71 @@ class SyntacticTrigger(Trigger):
 
 SYNTACTIC_TEMPLATE = "S(SBAR)(,)(NP)(VP)(.)"
 
-TRIGGER_BUILDERS: dict[str, Callable[[Sequence[str] | None, int], Trigger]] = {
-    "badnet": lambda spec, count: BadNetTrigger(tuple(spec) if spec else DEFAULT_BADNET_WORDS, count),
-    "insent": lambda spec, count: InSentTrigger(" ".join(spec) if spec else DEFAULT_INSENT_SENTENCE),
-}
+@dataclass(frozen=True)
+class TriggerRequest:
+    """What the user asked for (``--trigger``, ``--trigger-count``, the dataset, paraphrase sources);
+    each attack's builder reads the part it needs."""
+
+    spec: Sequence[str] | None = None  # BadNet's word list or InSent's sentence
+    count: int = 1  # BadNet: words inserted per sample
+    dataset: TextDataset | None = None
+    paraphrases: Path | None = None
+    paraphraser: Paraphraser | None = None
 
 
-ATTACKS = (*TRIGGER_BUILDERS, "synattack")
+@dataclass(frozen=True)
+class AttackEntry:
+    name: str
+    build: Callable[[TriggerRequest], Trigger]
+    options: type  # the trigger dataclass: its fields are the attack's settings
+    summary: str
+    order: int  # position in listings
+
+
+# The attacks below register here; modules of peftguard.attacks may register more.
+ATTACKS: Registry[AttackEntry] = Registry("attack", "peftguard.attacks")
+
+
+def register_attack(
+    name: str, *, options: type, summary: str, order: int
+) -> Callable[[Callable[[TriggerRequest], Trigger]], Callable[[TriggerRequest], Trigger]]:
+    """Decorator: register a builder ``TriggerRequest -> Trigger`` as the attack ``name``."""
+
+    def register(build: Callable[[TriggerRequest], Trigger]) -> Callable[[TriggerRequest], Trigger]:
+        ATTACKS.register(AttackEntry(name, build, options, summary, order))
+        return build
+
+    return register
+
+
+@register_attack("badnet", options=BadNetTrigger, summary="rare word", order=0)
+def _badnet(request: TriggerRequest) -> Trigger:
+    return BadNetTrigger(tuple(request.spec) if request.spec else DEFAULT_BADNET_WORDS, request.count)
+
+
+@register_attack("insent", options=InSentTrigger, summary="sentence", order=1)
+def _insent(request: TriggerRequest) -> Trigger:
+    return InSentTrigger(" ".join(request.spec) if request.spec else DEFAULT_INSENT_SENTENCE)
+
+
+@register_attack("synattack", options=SyntacticTrigger, summary="syntactic paraphrase", order=2)
+def _syntactic(request: TriggerRequest) -> Trigger:
+    """SynAttack reads ``paraphrases`` (default ``<dataset folder>/syntactic``) or, given a
+    ``paraphraser``, generates them on demand."""
+    from peftguard.paraphrase import ParaphraseTable, default_paraphrase_dir, load_precomputed
+
+    if request.paraphraser is not None:
+        if request.paraphrases is not None:
+            raise OptionError("give --paraphrases (precomputed files) or --paraphraser (a model), not both")
+        return SyntacticTrigger(ParaphraseTable(sources=["generated"]), request.paraphraser)
+    if request.dataset is None:
+        raise OptionError("synattack needs the dataset whose paraphrases it reads (use build_triggers(..., dataset=...))")
+    return SyntacticTrigger(load_precomputed(request.paraphrases or default_paraphrase_dir(request.dataset), request.dataset))
 
 
 def build_trigger(attack: str, spec: Sequence[str] | None = None, count: int = 1) -> Trigger:
     """A text-level trigger by attack name; ``spec`` is BadNet's word list or InSent's sentence."""
-    if attack == "synattack":
-        raise OptionError("synattack needs its paraphrases: use build_triggers(..., dataset=...)")
-    try:
-        builder = TRIGGER_BUILDERS[attack]
-    except KeyError:
-        raise OptionError(f"unknown attack '{attack}'; choose from {', '.join(ATTACKS)}") from None
-    return builder(spec, count)
+    return ATTACKS[attack].build(TriggerRequest(spec, count))
 
 
 def build_triggers(
@@ -176,104 +224,15 @@ def build_triggers(
     paraphrases: Path | None = None,
     paraphraser: Paraphraser | None = None,
 ) -> list[Trigger]:
-    """One trigger per attack name (several at once for the paper's Table 9).
-
-    SynAttack reads ``paraphrases`` (default ``<dataset folder>/syntactic``) or, given a
-    ``paraphraser``, generates them on demand.
-    """
+    """One trigger per attack name (several at once for the paper's Table 9)."""
     if not attacks:
         raise OptionError("give at least one --attack")
     if len(set(attacks)) != len(attacks):
         raise OptionError(f"--attack lists a trigger twice: {', '.join(attacks)}")
     if spec and len(attacks) > 1:
         raise OptionError("--trigger sets one attack's trigger; with several --attack values the defaults are used")
-    return [
-        _syntactic(dataset, paraphrases, paraphraser) if attack == "synattack" else build_trigger(attack, spec, count)
-        for attack in attacks
-    ]
-
-
-def _syntactic(dataset: TextDataset | None, paraphrases: Path | None, paraphraser: Paraphraser | None) -> Trigger:
-    from peftguard.paraphrase import ParaphraseTable, default_paraphrase_dir, load_precomputed
-
-    if paraphraser is not None:
-        if paraphrases is not None:
-            raise OptionError("give --paraphrases (precomputed files) or --paraphraser (a model), not both")
-        return SyntacticTrigger(ParaphraseTable(sources=["generated"]), paraphraser)
-    if dataset is None:
-        raise OptionError("synattack needs the dataset whose paraphrases it reads")
-    return SyntacticTrigger(load_precomputed(paraphrases or default_paraphrase_dir(dataset), dataset))
-
-
-@dataclass
-class PoisonReport:
-    mode: str
-    target_label: int
-    poisoned_indices: list[int]
-    eligible: int
-    total: int
-    untriggerable: int = 0  # candidates excluded because a trigger had no version of them
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "mode": self.mode,
-            "target_label": self.target_label,
-            "poisoned": len(self.poisoned_indices),
-            "eligible": self.eligible,
-            "untriggerable": self.untriggerable,
-            "total": self.total,
-        }
-
-
-def poison_count_from(total: int, count: int | None, rate: float | None) -> int:
-    """Resolve ``--poison-count`` / ``--poison-rate`` (share of the training set) to a count."""
-    if count is not None and rate is not None:
-        raise OptionError("give --poison-count or --poison-rate, not both")
-    if rate is not None:
-        if not 0 < rate <= 1:
-            raise OptionError(f"--poison-rate must be in (0, 1], got {rate}")
-        return max(1, round(rate * total))
-    if count is None or count < 1:
-        raise OptionError(f"--poison-count must be at least 1, got {count}")
-    return count
-
-
-def poison_examples(
-    examples: Sequence[Example],
-    triggers: Sequence[Trigger],
-    *,
-    target_label: int,
-    count: int,
-    mode: PoisonMode,
-    seed: int,
-) -> tuple[list[Example], PoisonReport]:
-    """Insert triggers into ``count`` eligible examples, chosen at random from ``seed``.
-
-    With several triggers, the chosen examples are shared out among them in turn. The poisoned
-    examples replace their clean originals, so the set keeps its size.
-    """
-    mode = PoisonMode(mode)
-    if mode is PoisonMode.CLEAN_LABEL:
-        candidates = [i for i, ex in enumerate(examples) if ex.label == target_label]
-    else:
-        candidates = [i for i, ex in enumerate(examples) if ex.label != target_label]
-    for trigger in triggers:
-        trigger.prepare([examples[i].text for i in candidates])
-    eligible = [i for i in candidates if all(t.can_trigger(examples[i].text) for t in triggers)]
-    if count > len(eligible):
-        without_version = len(candidates) - len(eligible)
-        raise OptionError(
-            f"poison count {count} exceeds the {len(eligible)} eligible samples "
-            f"({mode.value}, target label {target_label}"
-            + (f"; {without_version} without a usable paraphrase" if without_version else "")
-            + "); lower --poison-count or --poison-rate"
-        )
-    chosen = sorted(random.Random(seed).sample(eligible, count))
-    poisoned = list(examples)
-    for turn, index in enumerate(chosen):
-        trigger = triggers[turn % len(triggers)]
-        poisoned[index] = Example(trigger.triggered(examples[index].text, seed), target_label)
-    return poisoned, PoisonReport(mode.value, target_label, chosen, len(eligible), len(examples), len(candidates) - len(eligible))
+    request = TriggerRequest(spec, count, dataset, paraphrases, paraphraser)
+    return [ATTACKS[attack].build(request) for attack in attacks]
 
 
 def triggered_test_set(

@@ -1,164 +1,58 @@
-"""Fine-tuning methods: one small config per method, one registry from name to config.
+"""Making a model tunable with a registered method, and saving and loading tuned models.
 
-The five strategies the paper compares, over HF peft where peft has them:
-
-==============  =====================================  ===================================
-name            what trains                            peft config
-==============  =====================================  ===================================
-full            every weight                           (none)
-lora            low-rank updates of query/value        ``LoraConfig``
-prompt          soft prompt embeddings                 ``PromptTuningConfig``
-ptuning-v1      prompt from an MLP prompt encoder      ``PromptEncoderConfig``
-ptuning-v2      deep prompts (a prefix at each layer)  ``PrefixTuningConfig``
-==============  =====================================  ===================================
-
-With every PEFT method the classification head trains too (peft's ``modules_to_save`` for
-sequence classification), as in the paper's code.
-
-Default learning rates are measured, not copied: the authors train every method at 2e-3 for 20
-epochs; on CPU budgets (1-2k samples, 2 epochs) we measured dev accuracy of a fresh MiniLM head
-per method and kept the rate that trained best (LoRA 3e-3: 0.82; Prompt 1e-1: 0.74;
-P-tuning v1 1e-2: 0.69; P-tuning v2 3e-2: 0.68, against 1e-3/3e-2/3e-3/1e-2 at 0.70/0.60/0.67/0.66).
+The methods themselves (their configs, defaults and peft configs) are the modules of
+:mod:`peftguard.methods`; everything here reads them through its registry ``METHODS``.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
-from enum import Enum
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import (
-    LoraConfig,
-    PeftConfig,
-    PeftModel,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-    TaskType,
-    get_peft_model,
-)
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftguard.architectures import LORA_TARGETS_FLAG, fit_peft_config, lora_target_names
+from peftguard.architectures import LORA_TARGETS_FLAG, fit_peft_config
 from peftguard.artifacts import atomic_dir, read_json, write_json
 from peftguard.bounds import BOUNDS, flag
 from peftguard.errors import OptionError, PeftguardError, UnsafeCheckpointError
-from peftguard.instruction import LabelWordClassifier, read_template
+from peftguard.instruction import InstructionTemplate, LabelWordClassifier, read_template
 from peftguard.manifests import read_manifest
-from peftguard.models import LoadOptions, check_contained, check_safetensors_header, load_classifier, load_tokenizer
+from peftguard.methods import METHODS, MethodConfig, method_name
+from peftguard.methods.full import FullConfig
+from peftguard.methods.lora import LoraMethodConfig
+from peftguard.methods.prompt import PromptMethodConfig
+from peftguard.methods.ptuning_v1 import PTuningV1Config
+from peftguard.methods.ptuning_v2 import PTuningV2Config
+from peftguard.models import (
+    LoadOptions,
+    check_contained,
+    check_max_length,
+    check_safetensors_header,
+    load_classifier,
+    load_tokenizer,
+)
 
+if TYPE_CHECKING:
+    from peftguard.training import TrainSettings
 
-class Method(str, Enum):
-    FULL = "full"
-    LORA = "lora"
-    PROMPT = "prompt"
-    PTUNING_V1 = "ptuning-v1"
-    PTUNING_V2 = "ptuning-v2"
-
-
-@dataclass
-class MethodConfig:
-    """Settings shared by every method. ``lr`` is the default learning rate for the method."""
-
-    lr: float = field(default=2e-5, metadata={"help": "learning rate"})
-
-    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig | None:
-        return None
-
-    @property
-    def virtual_tokens(self) -> int:
-        return 0
-
-
-@dataclass
-class FullConfig(MethodConfig):
-    lr: float = field(default=2e-5, metadata={"help": "learning rate (all weights train)"})
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    lr: float = field(default=3e-3, metadata={"help": "learning rate"})
-    r: int = field(default=8, metadata={"help": "rank of the update matrices (paper: 8)"})
-    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path (paper: 0.1)"})
-    target_modules: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "layers LoRA adapts, by name (e.g. query,value); default: derived from the architecture "
-                "(peftguard.architectures); the adapter's adapter_config.json lists the ones used"})
-
-    def __post_init__(self) -> None:
-        self.target_modules = lora_target_names(self.target_modules)
-
-    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
-        # target_modules=None: fit_peft_config derives them per architecture (make_tunable).
-        return LoraConfig(task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules) if self.target_modules else None)
-
-
-@dataclass
-class PromptMethodConfig(MethodConfig):
-    lr: float = field(default=1e-1, metadata={"help": "learning rate"})
-    num_virtual_tokens: int = field(default=5, metadata={"help": "soft prompt length (paper: 5)"})
-
-    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
-        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=self.num_virtual_tokens)
-
-    @property
-    def virtual_tokens(self) -> int:
-        return self.num_virtual_tokens
-
-
-@dataclass
-class PTuningV1Config(MethodConfig):
-    lr: float = field(default=1e-2, metadata={"help": "learning rate"})
-    num_virtual_tokens: int = field(default=5, metadata={"help": "prompt length (paper: 5)"})
-    encoder_hidden_size: int = field(default=128, metadata={"help": "prompt encoder MLP width (paper: 128)"})
-
-    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
-        return PromptEncoderConfig(
-            task_type=task_type,
-            num_virtual_tokens=self.num_virtual_tokens,
-            encoder_hidden_size=self.encoder_hidden_size,
-        )
-
-    @property
-    def virtual_tokens(self) -> int:
-        return self.num_virtual_tokens
-
-
-@dataclass
-class PTuningV2Config(MethodConfig):
-    lr: float = field(default=3e-2, metadata={"help": "learning rate"})
-    num_virtual_tokens: int = field(default=5, metadata={"help": "prefix length per layer (paper: 5)"})
-
-    def peft_config(self, task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig:
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=self.num_virtual_tokens)
-
-    @property
-    def virtual_tokens(self) -> int:
-        return self.num_virtual_tokens
-
-
-METHOD_CONFIGS: dict[Method, type[MethodConfig]] = {
-    Method.FULL: FullConfig,
-    Method.LORA: LoraMethodConfig,
-    Method.PROMPT: PromptMethodConfig,
-    Method.PTUNING_V1: PTuningV1Config,
-    Method.PTUNING_V2: PTuningV2Config,
-}
-
+__all__ = [  # the method configs are re-exported: callers import them from here
+    "METHODS", "FullConfig", "LoraMethodConfig", "MethodConfig", "PTuningV1Config", "PTuningV2Config",
+    "PromptMethodConfig", "method_name",
+]
 
 # The command-line flag of a method setting, where it is not simply --<name>.
 SETTING_FLAGS = {"r": "--lora-r", "target_modules": LORA_TARGETS_FLAG}
 
 
-def method_config(method: Method | str, **overrides: Any) -> MethodConfig:
+def method_config(method: str, **overrides: Any) -> MethodConfig:
     """The config of ``method`` with the given fields changed; unknown fields and values out of range are errors."""
-    cls = METHOD_CONFIGS[Method(method)]
+    cls = METHODS[method].config
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise OptionError(f"method '{Method(method).value}' has no setting {unknown}; it has {sorted(known)}")
+        raise OptionError(f"method '{method}' has no setting {unknown}; it has {sorted(known)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     for name, value in given.items():
         if name in BOUNDS:
@@ -166,12 +60,17 @@ def method_config(method: Method | str, **overrides: Any) -> MethodConfig:
     return cls(**given)
 
 
+def method_settings(method: str) -> frozenset[str]:
+    """The setting names ``method``'s config has (other methods' settings are not its options)."""
+    return frozenset(f.name for f in fields(METHODS[method].config))
+
+
 def make_tunable(model: PreTrainedModel, config: MethodConfig) -> PreTrainedModel | PeftModel:
     """Wrap ``model`` for training with ``config``'s method (full: every weight trains)."""
     label_words = isinstance(model, LabelWordClassifier)
     # A label-word classifier's PEFT module goes on the causal LM inside it; its LM head scores the words.
     peft_config = fit_peft_config(model.lm if label_words else model,
-                                  config.peft_config(TaskType.CAUSAL_LM if label_words else TaskType.SEQ_CLS), method_name(config))
+                                  config.peft_config("CAUSAL_LM" if label_words else "SEQ_CLS"), method_name(config))
     if label_words and peft_config is not None:
         model.lm = get_peft_model(model.lm, peft_config)
         return model
@@ -183,8 +82,25 @@ def make_tunable(model: PreTrainedModel, config: MethodConfig) -> PreTrainedMode
 
 
 def trainable_share(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def prepare_tunable(
+    model_ref: str, num_labels: int, config: MethodConfig, settings: TrainSettings, options: LoadOptions,
+    template: InstructionTemplate | None = None,
+) -> tuple[Any, Any]:
+    """Load ``model_ref`` as a classifier and wrap it for ``config``'s method (seeded head init).
+
+    With an instruction ``template`` the classifier is the causal LM scoring label words.
+    """
+    from peftguard.training import seed_everything  # training (accelerate) loads only when something trains
+
+    seed_everything(settings.seed)
+    base = load_classifier(model_ref, num_labels, options, template=template)
+    check_max_length(base, settings.max_length, config.virtual_tokens)
+    return make_tunable(base, config), load_tokenizer(model_ref, options, template=template)
 
 
 # --- saving and loading tuned models ---------------------------------------------------------
@@ -194,11 +110,20 @@ def save_tuned(
 ) -> None:
     """Save a fully tuned model folder or a peft adapter folder, with its manifest written last."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _forget_last_call(tokenizer)
-        tokenizer.save_pretrained(tmp)
-        _sort_adapter_module_sets(tmp / "adapter_config.json")
-        write_json(tmp / manifest_name, manifest)
+        write_tuned(tmp, model, tokenizer, manifest_name, manifest)
+
+
+def write_tuned(
+    folder: Path, model: Any, tokenizer: PreTrainedTokenizerBase, manifest_name: str, manifest: dict[str, Any]
+) -> None:
+    """Write a model (or adapter), its tokenizer and manifest into ``folder``, the same bytes for the same
+    model: for callers that assemble several of them inside one :func:`~peftguard.artifacts.atomic_dir`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    _forget_last_call(tokenizer)
+    tokenizer.save_pretrained(folder)
+    _sort_adapter_module_sets(folder / "adapter_config.json")
+    write_json(folder / manifest_name, manifest)
 
 
 def _forget_last_call(tokenizer: Any) -> None:
@@ -236,7 +161,7 @@ def load_tuned(
     check_contained(folder)
     manifest = read_manifest(manifest_path)
     num_labels = int(manifest["num_labels"])
-    if manifest["method"] == Method.FULL.value:
+    if METHODS[manifest["method"]].peft_type is None:
         model = load_classifier(str(folder), num_labels, options)
     else:
         check_adapter_folder(folder, manifest, options)
@@ -260,8 +185,7 @@ def check_adapter_folder(folder: Path, manifest: dict[str, Any], options: LoadOp
         if not (folder / "adapter_model.bin").is_file():
             raise PeftguardError(f"{folder}: no adapter weights (adapter_model.safetensors)")
     config = read_manifest(folder / "adapter_config.json")
-    expected = {Method.LORA.value: "LORA", Method.PROMPT.value: "PROMPT_TUNING",
-                Method.PTUNING_V1.value: "P_TUNING", Method.PTUNING_V2.value: "PREFIX_TUNING"}[manifest["method"]]
+    expected = METHODS[manifest["method"]].peft_type
     if config.get("peft_type") != expected:
         raise PeftguardError(
             f"{folder}: adapter type {config.get('peft_type')} does not match method {manifest['method']}"
@@ -324,7 +248,3 @@ def _expected_adapter_shapes(folder: Path, base: PreTrainedModel, described: str
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def method_name(config: MethodConfig) -> str:
-    return next(method.value for method, cls in METHOD_CONFIGS.items() if type(config) is cls)

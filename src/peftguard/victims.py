@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from peftguard.data import TextDataset, subsample
-from peftguard.errors import OptionError
 from peftguard.instruction import InstructionTemplate
-from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
-from peftguard.provenance import device_description, versions
-from peftguard.training import TrainReport, TrainSettings, seed_everything, train_classifier
-from peftguard.tuning import MethodConfig, make_tunable, method_name, save_tuned, trainable_share
+from peftguard.models import LoadOptions, model_reference
+from peftguard.training import TrainSettings, check_length_budget, train_classifier, training_record
+from peftguard.tuning import MethodConfig, method_name, prepare_tunable, save_tuned
+
+__all__ = ["MANIFEST", "finetune", "prepare_tunable"]  # prepare_tunable: bench/ and experiments/ import it from here
 
 MANIFEST = "finetune.json"
 
@@ -50,38 +50,3 @@ def finetune(
     }
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return manifest
-
-
-def prepare_tunable(
-    model_ref: str, num_labels: int, config: MethodConfig, settings: TrainSettings, options: LoadOptions,
-    template: InstructionTemplate | None = None,
-) -> tuple[Any, Any]:
-    """Load ``model_ref`` as a classifier and wrap it for ``config``'s method (seeded head init).
-
-    With an instruction ``template`` the classifier is the causal LM scoring label words.
-    """
-    seed_everything(settings.seed)
-    base = load_classifier(model_ref, num_labels, options, template=template)
-    check_max_length(base, settings.max_length, config.virtual_tokens)
-    return make_tunable(base, config), load_tokenizer(model_ref, options, template=template)
-
-
-def training_record(model: Any, settings: TrainSettings, report: TrainReport) -> dict[str, Any]:
-    """The manifest fields every trained artifact shares: settings, training curve, provenance."""
-    trainable, total = trainable_share(model)
-    return {
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "training": report.as_dict(),
-        "parameters": {"trainable": trainable, "total": total},
-        "device": device_description(),
-        "versions": versions(),
-    }
-
-
-def check_length_budget(config: MethodConfig, settings: TrainSettings) -> None:
-    if settings.max_length <= config.virtual_tokens + 2:
-        raise OptionError(
-            f"--max-length {settings.max_length} leaves no room for text after "
-            f"{config.virtual_tokens} virtual tokens"
-        )

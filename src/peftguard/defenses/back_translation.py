@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peftguard.defenses.base import DefenseContext
+from peftguard.defenses.registry import register_defense
 from peftguard.defenses.rewriting import Rewrite, RewritingDefense, precomputed_backend
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.models import LoadOptions
@@ -34,14 +35,20 @@ APERTIUM_INSTALL = "apt-get install -y apertium apertium-eng-spa"
 MARIAN_DEFAULT = ("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackTranslationConfig:
-    backend: str = field(default="apertium", metadata={"help": "apertium | marian | precomputed"})
+    """The defense's options: ``flag`` is the CLI flag that sets a field."""
+
+    backend: str = field(default="apertium", metadata={"help": "apertium (default) | marian | precomputed", "flag": "--backend"})
     pivot: str = field(default="spa", metadata={"help": "apertium: pivot language (modes eng-<pivot>, <pivot>-eng)"})
-    models: tuple[str, ...] = field(default=MARIAN_DEFAULT, metadata={"help": "marian: English→pivot, pivot→English"})
+    models: tuple[str, ...] = field(default=MARIAN_DEFAULT, metadata={
+        "help": "marian: give twice (English→pivot, pivot→English) [opus-mt en-de, de-en]", "flag": "--lm"})
     batch_size: int = field(default=16, metadata={"help": "marian: texts per generate call"})
-    precomputed: Path | None = field(default=None, metadata={"help": "clean test rewrites [test_back.csv]"})
-    precomputed_triggered: Path | None = field(default=None, metadata={"help": "triggered test rewrites [test_char_back.csv]"})
+    precomputed: Path | None = field(default=None, metadata={
+        "help": "clean test rewrites, aligned by row [<data>/<dataset>/paraphrase_defense/test_back.csv]", "flag": "--precomputed"})
+    precomputed_triggered: Path | None = field(default=None, metadata={
+        "help": "triggered test rewrites, aligned with the non-target test rows [test_char_back.csv: BadNet mn only]",
+        "flag": "--precomputed-triggered"})
 
 
 class Apertium:
@@ -118,7 +125,11 @@ BACKENDS: dict[str, Callable[[BackTranslationConfig, DefenseContext], tuple[Rewr
 }
 
 
+@register_defense("back-translation", options=BackTranslationConfig,
+                  summary="translate to a pivot language and back (Qi et al., 2021b)", order=2)
 def build_back_translation(config: BackTranslationConfig, context: DefenseContext) -> RewritingDefense:
+    if config.backend != "marian" and config.models != MARIAN_DEFAULT:
+        raise OptionError("--lm with --defense back-translation is for --backend marian (two translation models)")
     try:
         backend = BACKENDS[config.backend]
     except KeyError:

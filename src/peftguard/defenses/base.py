@@ -38,8 +38,30 @@ class Screened:
     scores: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Victim:
+    """The model an evaluation measures, for a defense that reads its predictions.
+
+    ``reference`` says which victim it is (folder and on-disk state): defenses bound to it are
+    cached under it, so a bound defense is never reused for another victim.
+    """
+
+    model: Any
+    tokenizer: Any
+    reference: tuple
+    batch_size: int = 64
+    max_length: int = 128
+
+    def predict_proba(self, texts: Sequence[str], *, desc: str | None = None) -> np.ndarray:
+        """The victim's class probabilities for ``texts`` (rows in input order)."""
+        from peftguard.inference import predict_proba
+
+        return predict_proba(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, desc=desc)
+
+
 class InputDefense(ABC):
     name: str
+    needs_victim: bool = False  # True: evaluate through bind(victim), which reads the victim's predictions
 
     @abstractmethod
     def screen(self, texts: Sequence[str], *, desc: str | None = None) -> Screened:
@@ -52,6 +74,15 @@ class InputDefense(ABC):
     def sweep(self) -> list[tuple[str, InputDefense]]:
         """Further settings to evaluate beside this one, labelled (e.g. ONION's bars); none by default."""
         return []
+
+    def bind(self, victim: Victim) -> InputDefense:
+        """This defense in front of ``victim``. A defense that needs the victim's predictions (STRIP,
+        RAP, BKI) sets ``needs_victim`` and returns a new defense holding it; others need not override."""
+        return self
+
+    def reported(self) -> dict[str, Any]:
+        """Top-level ``metrics.json`` fields this defense adds (PSIM: the gamma it flagged with)."""
+        return {}
 
 
 class ModelDefense(ABC):

@@ -29,19 +29,19 @@ from typing import Any
 
 import torch
 
-from peftguard.artifacts import atomic_dir, write_json
+from peftguard.artifacts import atomic_dir
 from peftguard.bounds import BOUNDS
 from peftguard.data import TextDataset, subsample
-from peftguard.defenses.base import ModelDefense
+from peftguard.defenses.base import DefenseContext, ModelDefense
+from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.instruction import read_template
 from peftguard.manifests import ReplayableVictimManifest, read_manifest
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import read_poisoning_manifest
-from peftguard.training import TrainSettings, seed_everything, train_classifier
-from peftguard.tuning import Method, MethodConfig, make_tunable, method_config, method_name
+from peftguard.training import TrainSettings, check_length_budget, seed_everything, train_classifier, training_record
+from peftguard.tuning import METHODS, MethodConfig, make_tunable, method_config, method_name, write_tuned
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
-from peftguard.victims import check_length_budget, training_record
 
 MIXED_FOLDER = "mixed"  # inside a fine-mixed PEFT victim: the mixed base its adapter sits on
 MIXED_MANIFEST = "fine_mixing.json"
@@ -162,7 +162,7 @@ def fine_mix(
     check_max_length(model, settings.max_length, config.virtual_tokens)
     tokenizer = load_tokenizer(suspect_ref, options)
     out_dir = Path(out_dir).resolve()
-    full = method_name(config) == Method.FULL.value
+    full = METHODS[method_name(config)].peft_type is None
     record = {
         "name": "fine-mixing", "mix_ratio": mixing.mix_ratio, "mask_seed": mixing.seed,
         "clean_model": model_reference(clean_ref), "suspect_model": model_reference(suspect_ref),
@@ -170,9 +170,7 @@ def fine_mix(
     }
     with atomic_dir(out_dir) as tmp:
         if not full:
-            model.save_pretrained(tmp / MIXED_FOLDER, safe_serialization=True)
-            tokenizer.save_pretrained(tmp / MIXED_FOLDER)
-            write_json(tmp / MIXED_FOLDER / MIXED_MANIFEST, {"kind": "fine-mixed-model", **record})
+            write_tuned(tmp / MIXED_FOLDER, model, tokenizer, MIXED_MANIFEST, {"kind": "fine-mixed-model", **record})
         seed_everything(settings.seed)
         model = make_tunable(model, config)
         report = train_classifier(model, tokenizer, train, dev, settings,
@@ -188,9 +186,7 @@ def fine_mix(
             "defense": {**record, "seconds": round(time.perf_counter() - started, 2)},
             **training_record(model, settings, report),
         }
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / VICTIM_MANIFEST, manifest)
+        write_tuned(tmp, model, tokenizer, VICTIM_MANIFEST, manifest)
     return manifest
 
 
@@ -239,3 +235,25 @@ class FineMixingDefense(ModelDefense):
             out |= {**made["defense"], "method": made["method"], "train_samples": made["train_samples"],
                     "training_seconds": made["training"]["seconds"]}
         return out
+
+
+@dataclass(frozen=True)
+class FineMixingOptions:
+    mix_ratio: float = field(default=FineMixingConfig.mix_ratio, metadata={
+        "help": f"share of weights kept from the suspect model [{FineMixingConfig.mix_ratio}]", "flag": "--mix-ratio"})
+    clean_model: str | None = field(default=None, metadata={
+        "help": "the clean pretrained model [from poisoning.json]", "flag": "--clean-model"})
+    fine_mixed: Path | None = field(default=None, metadata={
+        "help": "keep the fine-mixed victim here (reused if it holds the same one) [temporary]", "flag": "--fine-mixed",
+        "grid": False})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "clean training subset [the victim's]", "flag": "--max-train-samples", "grid": False})
+
+
+@register_defense("fine-mixing", options=FineMixingOptions,
+                  summary="mix weights with the clean model, fine-tune again (Zhang et al., 2022)", order=4)
+def build_fine_mixing(options: FineMixingOptions, context: DefenseContext) -> FineMixingDefense:
+    """Fine-mixing seeded by the evaluation; a grid stage keeps the new victim in its own folder."""
+    config = FineMixingConfig(mix_ratio=options.mix_ratio, clean_model=options.clean_model, seed=context.seed)
+    return FineMixingDefense(config, context.dataset, out_dir=options.fine_mixed, max_train_samples=options.max_train_samples,
+                             max_eval_samples=context.max_eval_samples, options=context.options)

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from peftguard.artifacts import read_json, write_json
-from peftguard.defenses.base import InputDefense, Screened
+from peftguard.defenses.base import DefenseContext, InputDefense, Screened
+from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.models import LoadOptions, check_weight_files, load_tokenizer, model_reference, resolve_model
 
@@ -318,3 +319,20 @@ def build_onion(
     if bars:
         config = replace(config, bar=bars[0])
     return OnionDefense(config, options=options, sweep_bars=bars if len(bars) > 1 else ())
+
+
+@dataclass(frozen=True)
+class OnionOptions:
+    lm: str = field(default=DEFAULT_LM, metadata={"help": "causal LM [smollm2]", "flag": "--lm"})
+    bars: tuple[float, ...] = field(default=(), metadata={
+        "help": "remove words whose suspicion (perplexity drop) exceeds this [0]; several: a sweep (the original code tries 1..100)",
+        "flag": "--onion-bar"})
+    cache: Path | None = field(default=None, metadata={
+        "help": "JSON file of LM perplexities per text, reused across runs (e.g. several victims, one test set)",
+        "flag": "--onion-cache"})
+
+
+@register_defense("onion", options=OnionOptions, summary="remove words whose removal lowers LM perplexity (Qi et al., 2021a)",
+                  order=1)
+def build_onion_defense(options: OnionOptions, context: DefenseContext) -> OnionDefense:
+    return build_onion(OnionConfig(lm=options.lm, cache=options.cache), bars=options.bars, options=context.options)

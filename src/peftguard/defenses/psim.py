@@ -21,7 +21,7 @@ import copy
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +30,14 @@ import numpy as np
 from peftguard import metrics
 from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
-from peftguard.defenses.base import InputDefense, Screened
+from peftguard.defenses.base import DefenseContext, InputDefense, Screened
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, DEFAULT_PSIM_LR_WHY, BudgetRule, Check, decide, excess_over_chance
-from peftguard.errors import OptionError
+from peftguard.defenses.registry import register_defense
+from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import predict_proba
 from peftguard.models import LoadOptions, model_reference
 from peftguard.precision import DEFAULT_PRECISION, native, quantize_int8, resolve_precision
-from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, save_tuned
+from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, prepare_tunable, save_tuned
 
 if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
     from peftguard.instruction import InstructionTemplate
@@ -114,8 +115,7 @@ def train_psim(
     split (labels reset) and clean dev samples are read; the test split never is. ``template`` is
     for a clean causal LM read through an instruction; a folder poisoned with one carries it already.
     """
-    from peftguard.training import TrainSettings, train_classifier
-    from peftguard.victims import check_length_budget, prepare_tunable, training_record
+    from peftguard.training import TrainSettings, check_length_budget, train_classifier, training_record
 
     config = config or PTuningV1Config()
     settings.validate()
@@ -327,6 +327,33 @@ class PSIMDefense(InputDefense):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "psim": str(self.psim.folder), "gamma": self.choice.gamma, "gamma_choice": self.choice.as_dict(),
                 "precision": self.psim.precision}
+
+    def reported(self) -> dict[str, Any]:
+        return {"gamma": self.choice.gamma}
+
+
+@dataclass(frozen=True)
+class PSIMOptions:
+    psim: Path | None = field(default=None, metadata={
+        "help": "PSIM folder (train one with `peftguard psim train`)", "flag": "--psim", "grid": False})
+    gamma: float | None = field(default=None, metadata={
+        "help": "fixed threshold, as in the paper (0.7)", "flag": "--gamma", "grid": False})
+    target_fpr: float | None = field(default=None, metadata={
+        "help": f"calibrate gamma on clean dev data to flag at most this share [{DEFAULT_TARGET_FPR}]",
+        "flag": "--target-fpr", "grid": False})
+
+
+@register_defense("psim", options=PSIMOptions, summary="flag inputs a PSIM is confident on (Zhao et al., 2024)", order=0)
+def build_psim_defense(options: PSIMOptions, context: DefenseContext) -> PSIMDefense:
+    """PSIM in front of the victim; a grid takes the folder from its PSIM stage and gamma from ``evaluate:``."""
+    check_gamma_options(options.gamma, options.target_fpr)
+    if options.psim is None:
+        raise OptionError("--defense psim needs --psim PSIM_DIR (train one with `peftguard psim train`)")
+    psim = PSIM(options.psim, options=context.options)
+    if psim.num_labels != context.dataset.num_labels:
+        raise PeftguardError(f"PSIM {options.psim} has {psim.num_labels} labels; the dataset has {context.dataset.num_labels}")
+    dev = subsample(context.dataset.dev.examples, context.max_eval_samples, context.seed)
+    return PSIMDefense(psim, psim.gamma_for(dev, options.gamma, options.target_fpr))
 
 
 REJECTED = "rejected as poisoned"

@@ -1,140 +1,165 @@
-"""Defense name → builder, and the options each defense takes (the CLI's ``--defense``).
+"""Defense name → its options dataclass and builder; every defense module registers itself here.
 
-Input defenses (psim, onion, back-translation, scpd) screen or rewrite the test inputs; the
-model-level defense (fine-mixing) yields a new victim that is evaluated in place of the old one.
-An option given for a defense that does not use it is an error, not silently ignored.
+A defense module declares an options dataclass (its schema: each field's ``metadata`` gives the
+``help`` text, the CLI ``flag`` that sets it where there is one, and ``grid=False`` where a grid
+stage sets it itself, e.g. the PSIM folder) and registers a builder with :func:`register_defense`.
+The CLI's ``--defense`` choices and flags, a grid config's ``defense_options:`` section and the
+stages all go through these options, so an option given to a defense that does not take it is an
+error, not silently ignored.
+
+Input defenses (psim, onion, back-translation, scpd) screen or rewrite the test inputs, and may
+bind to the victim (:meth:`~peftguard.defenses.base.InputDefense.bind`) when they need its
+predictions; the model-level defense (fine-mixing) yields a new victim evaluated in its place.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import Any
 
-from peftguard.data import subsample
+from pydantic import TypeAdapter, ValidationError
+
 from peftguard.defenses.base import DefenseContext, InputDefense, ModelDefense
-from peftguard.errors import OptionError, PeftguardError
-
-
-@dataclass(frozen=True)
-class DefenseOptions:
-    """Defense settings as the user gave them; None (or empty) means the defense's default."""
-
-    psim_dir: Path | None = None
-    gamma: float | None = None
-    target_fpr: float | None = None
-    backend: str | None = None
-    lm: tuple[str, ...] = ()
-    onion_bar: tuple[float, ...] = ()
-    onion_cache: Path | None = None
-    precomputed: Path | None = None
-    precomputed_triggered: Path | None = None
-    mix_ratio: float | None = None
-    clean_model: str | None = None
-    fine_mixed: Path | None = None
-    max_train_samples: int | None = None
-
-    def given(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, ())]
-
-
-FLAGS = {
-    "psim_dir": "--psim", "gamma": "--gamma", "target_fpr": "--target-fpr", "backend": "--backend", "lm": "--lm",
-    "onion_bar": "--onion-bar", "onion_cache": "--onion-cache", "precomputed": "--precomputed",
-    "precomputed_triggered": "--precomputed-triggered", "mix_ratio": "--mix-ratio", "clean_model": "--clean-model",
-    "fine_mixed": "--fine-mixed",
-    "max_train_samples": "--max-train-samples",
-}
+from peftguard.errors import OptionError
+from peftguard.registries import Registry
 
 Defense = InputDefense | ModelDefense
 
 
-def _psim(o: DefenseOptions, c: DefenseContext) -> Defense:
-    from peftguard.defenses.psim import PSIM, PSIMDefense, check_gamma_options
-
-    check_gamma_options(o.gamma, o.target_fpr)
-    if o.psim_dir is None:
-        raise OptionError("--defense psim needs --psim PSIM_DIR (train one with `peftguard psim train`)")
-    psim = PSIM(o.psim_dir, options=c.options)
-    if psim.num_labels != c.dataset.num_labels:
-        raise PeftguardError(f"PSIM {o.psim_dir} has {psim.num_labels} labels; the dataset has {c.dataset.num_labels}")
-    dev = subsample(c.dataset.dev.examples, c.max_eval_samples, c.seed)
-    return PSIMDefense(psim, psim.gamma_for(dev, o.gamma, o.target_fpr))
-
-
-def _onion(o: DefenseOptions, c: DefenseContext) -> Defense:
-    from peftguard.defenses.onion import OnionConfig, build_onion
-
-    if len(o.lm) > 1:
-        raise OptionError("--defense onion takes one --lm (a causal language model)")
-    config = OnionConfig(lm=o.lm[0] if o.lm else OnionConfig.lm, cache=o.onion_cache)
-    return build_onion(config, bars=o.onion_bar, options=c.options)
-
-
-def _back_translation(o: DefenseOptions, c: DefenseContext) -> Defense:
-    from peftguard.defenses.back_translation import BackTranslationConfig, build_back_translation
-
-    config = BackTranslationConfig(backend=o.backend or "apertium", precomputed=o.precomputed,
-                                   precomputed_triggered=o.precomputed_triggered)
-    if o.lm:
-        if config.backend != "marian":
-            raise OptionError("--lm with --defense back-translation is for --backend marian (two translation models)")
-        config = BackTranslationConfig(backend="marian", models=o.lm)
-    return build_back_translation(config, c)
-
-
-def _scpd(o: DefenseOptions, c: DefenseContext) -> Defense:
-    from peftguard.defenses.scpd import SCPDConfig, build_scpd
-
-    if len(o.lm) > 1:
-        raise OptionError("--defense scpd takes one --lm (a paraphrase model)")
-    config = SCPDConfig(backend=o.backend or "precomputed", model=o.lm[0] if o.lm else None,
-                        precomputed=o.precomputed, precomputed_triggered=o.precomputed_triggered)
-    return build_scpd(config, c)
-
-
-def _fine_mixing(o: DefenseOptions, c: DefenseContext) -> Defense:
-    from peftguard.defenses.fine_mixing import FineMixingConfig, FineMixingDefense
-
-    config = FineMixingConfig(**{k: v for k, v in {"mix_ratio": o.mix_ratio, "clean_model": o.clean_model}.items()
-                                 if v is not None}, seed=c.seed)
-    return FineMixingDefense(config, c.dataset, out_dir=o.fine_mixed, max_train_samples=o.max_train_samples,
-                             max_eval_samples=c.max_eval_samples, options=c.options)
-
-
 @dataclass(frozen=True)
 class DefenseEntry:
-    build: Callable[[DefenseOptions, DefenseContext], Defense]
-    options: frozenset[str]
+    name: str
+    options: type  # a dataclass: the defense's settings
+    build: Callable[[Any, DefenseContext], Defense]
     summary: str
+    order: int  # position in listings and reports
 
 
-REWRITE_OPTIONS = frozenset({"backend", "lm", "precomputed", "precomputed_triggered"})
-DEFENSES: dict[str, DefenseEntry] = {
-    "psim": DefenseEntry(_psim, frozenset({"psim_dir", "gamma", "target_fpr"}),
-                         "flag inputs a PSIM is confident on (Zhao et al., 2024)"),
-    "onion": DefenseEntry(_onion, frozenset({"lm", "onion_bar", "onion_cache"}),
-                          "remove words whose removal lowers LM perplexity (Qi et al., 2021a)"),
-    "back-translation": DefenseEntry(_back_translation, REWRITE_OPTIONS,
-                                     "translate to a pivot language and back (Qi et al., 2021b)"),
-    "scpd": DefenseEntry(_scpd, REWRITE_OPTIONS,
-                         "paraphrase into a fixed syntactic template (Qi et al., 2021b)"),
-    "fine-mixing": DefenseEntry(_fine_mixing, frozenset({"mix_ratio", "clean_model", "fine_mixed", "max_train_samples"}),
-                                "mix weights with the clean model, fine-tune again (Zhang et al., 2022)"),
-}
+DEFENSES: Registry[DefenseEntry] = Registry("defense", "peftguard.defenses")
 
 
-def build_defense(name: str | None, options: DefenseOptions, context: DefenseContext) -> Defense | None:
-    """The defense called ``name`` (None: no defense), refusing options it does not take."""
-    given = options.given()
+def register_defense(
+    name: str, *, options: type, summary: str, order: int
+) -> Callable[[Callable[[Any, DefenseContext], Defense]], Callable[[Any, DefenseContext], Defense]]:
+    """Decorator: register ``build(options, context) -> defense`` as the defense ``name``."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"defense {name}: options must be a dataclass, got {options!r}")
+
+    def register(build: Callable[[Any, DefenseContext], Defense]) -> Callable[[Any, DefenseContext], Defense]:
+        DEFENSES.register(DefenseEntry(name, options, build, summary, order))
+        return build
+
+    return register
+
+
+# --- the options as the CLI gives them --------------------------------------------------------
+
+def flag_of(field: dataclasses.Field) -> str | None:
+    return field.metadata.get("flag")
+
+
+def defense_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every CLI flag any defense takes → (defense, field) pairs, in registry order."""
+    flags: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, entry in DEFENSES.items():
+        for field in fields(entry.options):
+            if flag_of(field):
+                flags.setdefault(flag_of(field), []).append((name, field))
+    return flags
+
+
+def flag_help(flag: str) -> str:
+    """The help text of a defense flag, read from the fields it sets: ``defense: help`` for each."""
+    return "; ".join(f"{name}: {field.metadata.get('help', field.name)}" for name, field in defense_flags().get(flag, []))
+
+
+def options_from_flags(name: str | None, given: Mapping[str, Any]) -> Any:
+    """The options of defense ``name`` from CLI flags (``--flag`` → value, None or empty: not given).
+
+    A repeated flag arrives as a list: a tuple field takes it whole, any other field exactly one value.
+    """
+    given = {flag: value for flag, value in given.items() if value not in (None, (), [])}
     if name is None:
         if given:
-            raise OptionError(f"{'/'.join(FLAGS[g] for g in given)} need a --defense ({', '.join(DEFENSES)})")
+            raise OptionError(f"{'/'.join(given)} need a --defense ({', '.join(DEFENSES)})")
         return None
-    try:
-        entry = DEFENSES[name]
-    except KeyError:
-        raise OptionError(f"unknown defense '{name}'; available: {', '.join(DEFENSES)}") from None
-    stray = [g for g in given if g not in entry.options]
+    entry = DEFENSES[name]
+    by_flag = {flag_of(f): f for f in fields(entry.options) if flag_of(f)}
+    stray = [flag for flag in given if flag not in by_flag]
     if stray:
-        raise OptionError(f"{'/'.join(FLAGS[g] for g in stray)} are not options of --defense {name}")
+        raise OptionError(f"{'/'.join(stray)} are not options of --defense {name}")
+    values = {}
+    for flag, value in given.items():
+        field = by_flag[flag]
+        if isinstance(value, (list, tuple)) and not _is_sequence_field(entry.options, field):
+            if len(value) != 1:
+                raise OptionError(f"--defense {name} takes one {flag}")
+            value = value[0]
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return entry.options(**values)
+
+
+def _is_sequence_field(options: type, field: dataclasses.Field) -> bool:
+    import typing
+
+    annotation = typing.get_type_hints(options)[field.name]
+    return typing.get_origin(annotation) in (tuple, list)
+
+
+# --- the options as a grid config gives them -------------------------------------------------
+
+def grid_keys(name: str) -> list[str]:
+    """The keys ``defense_options.<name>`` accepts: the options a grid stage does not set itself."""
+    return [f.name for f in fields(DEFENSES[name].options) if f.metadata.get("grid", True)]
+
+
+def check_grid_options(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate a config's ``defense_options`` section; errors name the key path.
+
+    Returns it unchanged (JSON values, as stage settings keep them) once every defense name, key
+    and value has been checked against the defenses' option dataclasses.
+    """
+    if not isinstance(raw, Mapping):
+        raise OptionError("defense_options: a mapping of defense name → its options")
+    for name, section in raw.items():
+        if name not in DEFENSES:
+            raise OptionError(f"defense_options.{name}: unknown defense; choose from {', '.join(DEFENSES)}")
+        if not isinstance(section, Mapping):
+            raise OptionError(f"defense_options.{name}: a mapping of option → value")
+        allowed = grid_keys(name)
+        for key in section:
+            if key not in allowed:
+                raise OptionError(f"defense_options.{name}.{key}: unknown key; valid keys here: {', '.join(allowed) or 'none'}")
+        make_options(name, dict(section), where=f"defense_options.{name}")
+    return {name: dict(section) for name, section in raw.items()}
+
+
+def make_options(name: str, values: Mapping[str, Any], *, where: str | None = None) -> Any:
+    """The options dataclass of defense ``name`` from plain values (a grid stage's), type-checked."""
+    options = DEFENSES[name].options
+    known = {f.name for f in fields(options)}
+    unknown = sorted(set(values) - known)
+    where = where or f"--defense {name}"
+    if unknown:
+        raise OptionError(f"{where}: unknown options {unknown}; valid: {', '.join(sorted(known))}")
+    try:
+        return TypeAdapter(options).validate_python(dict(values))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = ".".join(str(part) for part in error["loc"])
+        raise OptionError(f"{where}.{path}: {error['msg']}") from None
+
+
+def build_defense(name: str | None, options: Any, context: DefenseContext) -> Defense | None:
+    """The defense called ``name`` (None: no defense) with ``options`` (None: its defaults)."""
+    if name is None:
+        if options is not None:
+            raise OptionError(f"defense options {options!r} need a --defense ({', '.join(DEFENSES)})")
+        return None
+    entry = DEFENSES[name]
+    if options is None:
+        options = entry.options()
+    if not isinstance(options, entry.options):
+        raise OptionError(f"--defense {name} takes {entry.options.__name__}, not {type(options).__name__}")
     return entry.build(options, context)

@@ -21,18 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from peftguard.defenses.base import DefenseContext
+from peftguard.defenses.registry import register_defense
 from peftguard.defenses.rewriting import Rewrite, RewritingDefense, precomputed_backend
 from peftguard.errors import OptionError
 
 
-@dataclass
+@dataclass(frozen=True)
 class SCPDConfig:
-    backend: str = field(default="precomputed", metadata={"help": "precomputed | seq2seq"})
-    model: str | None = field(default=None, metadata={"help": "seq2seq: paraphrase model (folder or hub id)"})
+    """The defense's options: ``flag`` is the CLI flag that sets a field."""
+
+    backend: str = field(default="precomputed", metadata={"help": "precomputed (default) | seq2seq", "flag": "--backend"})
+    model: str | None = field(default=None, metadata={"help": "seq2seq: paraphrase model (folder or hub id)", "flag": "--lm"})
     prefix: str = field(default="", metadata={"help": "seq2seq: text put before each input (e.g. 'paraphrase: ')"})
     batch_size: int = field(default=16, metadata={"help": "seq2seq: texts per generate call"})
-    precomputed: Path | None = field(default=None, metadata={"help": "clean test paraphrases [test_spcn.csv]"})
-    precomputed_triggered: Path | None = field(default=None, metadata={"help": "triggered ones [test_char_spcn.csv]"})
+    precomputed: Path | None = field(default=None, metadata={
+        "help": "clean test paraphrases, aligned by row [test_spcn.csv]", "flag": "--precomputed"})
+    precomputed_triggered: Path | None = field(default=None, metadata={
+        "help": "triggered ones [test_char_spcn.csv: BadNet mn only]", "flag": "--precomputed-triggered"})
 
 
 def _precomputed(config: SCPDConfig, context: DefenseContext) -> tuple[Rewrite, dict[str, Any]]:
@@ -64,6 +69,7 @@ BACKENDS: dict[str, Callable[[SCPDConfig, DefenseContext], tuple[Rewrite, dict[s
 }
 
 
+@register_defense("scpd", options=SCPDConfig, summary="paraphrase into a fixed syntactic template (Qi et al., 2021b)", order=3)
 def build_scpd(config: SCPDConfig, context: DefenseContext) -> RewritingDefense:
     try:
         backend = BACKENDS[config.backend]
