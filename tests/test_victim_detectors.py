@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -106,3 +107,25 @@ def test_dan_scores_a_planted_trigger_as_more_suspicious(victim):
     assert metrics.auroc(scorer.scores(clean), scorer.scores(triggered)) > 0.8
     threshold = calibrate(scorer, scorer.held_out_texts, 0.05)
     assert (scorer.scores(scorer.held_out_texts) > threshold.value).mean() <= 0.05
+
+
+def test_rap_settings_are_checked():
+    from peftguard.defenses.rap import RapConfig
+
+    with pytest.raises(OptionError, match="drop_min"):
+        RapConfig(drop_min=0.3, drop_max=0.1)
+    with pytest.raises(OptionError, match="train_share"):
+        RapConfig(train_share=1.0)
+
+
+@pytest.mark.slow
+def test_rap_scores_a_planted_trigger_as_more_suspicious_and_leaves_the_victim_unchanged(victim):
+    from peftguard.defenses.rap import RapConfig, RapScorer
+
+    model, tokenizer, dev, clean, triggered = victim
+    before = model.get_input_embeddings().weight.detach().clone()
+    scorer = RapScorer(model, tokenizer, [ex.text for ex in dev], RapConfig(word="bb"), max_length=48)
+    assert metrics.auroc(scorer.scores(clean), scorer.scores(triggered)) > 0.8
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert not torch.equal(scorer.rows[0], scorer.original)  # the row trained
+    assert set(scorer.settings()["trained"]) == {"0", "1"}  # rate and clean objective reached, per class
