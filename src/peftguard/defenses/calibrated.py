@@ -6,14 +6,20 @@ the threshold is the one that flags at most ``target_fpr`` of clean dev inputs
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from peftguard import metrics
-from peftguard.defenses.base import InputDefense, Screened
+from peftguard.data import subsample
+from peftguard.defenses.base import DefenseContext, InputDefense, Screened, Victim
+from peftguard.errors import PeftguardError
+
+# The operating point of every detector, fixed a priori: the share of clean inputs a user accepts to have withheld.
+DEFAULT_TARGET_FPR = 0.02
+TARGET_FPR_HELP = f"calibrate the threshold on clean dev data to flag at most this share [{DEFAULT_TARGET_FPR}]"
 
 
 class Scorer(Protocol):
@@ -52,3 +58,31 @@ class CalibratedDetector(InputDefense):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.threshold.as_dict(), **self.scorer.settings()}
+
+
+class VictimDetector(InputDefense):
+    """A detector that reads the victim: :meth:`bind` builds its scorer on the victim and calibrates
+    the threshold on clean dev inputs (those the scorer held out from its own fitting, if any)."""
+
+    needs_victim = True
+
+    def __init__(self, name: str, make_scorer: Callable[[Victim], Scorer], dev_texts: Sequence[str], target_fpr: float,
+                 settings: dict[str, Any]) -> None:
+        self.name, self.make_scorer, self.dev_texts = name, make_scorer, list(dev_texts)
+        self.target_fpr, self.settings = target_fpr, settings
+
+    def bind(self, victim: Victim) -> CalibratedDetector:
+        scorer = self.make_scorer(victim)
+        calibration = getattr(scorer, "held_out_texts", None) or self.dev_texts
+        return CalibratedDetector(self.name, scorer, calibrate(scorer, calibration, self.target_fpr))
+
+    def screen(self, texts: Sequence[str], *, desc: str | None = None) -> Screened:
+        raise PeftguardError(f"{self.name} reads the victim's predictions: bind it to a victim first")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "target_fpr": self.target_fpr, **self.settings}
+
+
+def clean_dev_texts(context: DefenseContext) -> list[str]:
+    """The clean dev inputs a detector fits and calibrates on: the evaluation's dev subset."""
+    return [ex.text for ex in subsample(context.dataset.dev.examples, context.max_eval_samples, context.seed)]

@@ -21,13 +21,17 @@ Departures from the paper:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from peftguard.data import subsample
+from peftguard.defenses.base import DefenseContext, Victim
+from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector
+from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import collate, encode, flush_denormals
 
@@ -35,7 +39,7 @@ from peftguard.inference import collate, encode, flush_denormals
 @dataclass(frozen=True)
 class DanConfig:
     fit_share: float = field(default=0.5, metadata={"help": "share of the clean dev set that fits the Gaussians; the rest normalises and calibrates"})
-    seed: int = field(default=0, metadata={"help": "seed of the dev split"})
+    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
 
     def __post_init__(self) -> None:
         if not 0 < self.fit_share < 1:
@@ -95,10 +99,10 @@ class DanScorer:
     """Scores inputs by their largest normalised per-layer distance to the clean dev features."""
 
     def __init__(self, model: Any, tokenizer: Any, clean_dev_texts: Sequence[str], clean_dev_labels: Sequence[int],
-                 config: DanConfig = DanConfig(), *, batch_size: int = 64, max_length: int = 128) -> None:
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+                 config: DanConfig = DanConfig(), *, seed: int = 0, batch_size: int = 64, max_length: int = 128) -> None:
+        self.model, self.tokenizer, self.config, self.seed = model, tokenizer, config, seed
         self.batch_size, self.max_length = batch_size, max_length
-        fit, held = split_indices(len(clean_dev_texts), config.fit_share, config.seed)
+        fit, held = split_indices(len(clean_dev_texts), config.fit_share, seed)
         texts, labels = list(clean_dev_texts), np.asarray(clean_dev_labels)
         if len(np.unique(labels[fit])) < 2 or len(held) < 2:
             raise OptionError(f"DAN needs clean dev samples of at least two labels; got {len(texts)} samples")
@@ -116,10 +120,21 @@ class DanScorer:
         return ((distances - self.layer_mean) / self.layer_std).max(axis=0)
 
     def settings(self) -> dict[str, Any]:
-        return {**asdict(self.config), "layers": int(self.layer_mean.shape[0])}
+        return {"fit_share": self.config.fit_share, "seed": self.seed, "layers": int(self.layer_mean.shape[0])}
 
 
 def split_indices(n: int, fit_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     cut = int(round(n * fit_share))
     return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+@register_defense("dan", options=DanConfig, summary="distance of hidden states to clean dev, all layers (Chen et al., 2022)", order=11)
+def build_dan(options: DanConfig, context: DefenseContext) -> VictimDetector:
+    dev = subsample(context.dataset.dev.examples, context.max_eval_samples, context.seed)
+
+    def scorer(victim: Victim) -> DanScorer:
+        return DanScorer(victim.model, victim.tokenizer, [ex.text for ex in dev], [ex.label for ex in dev], options,
+                         seed=context.seed, batch_size=victim.batch_size, max_length=victim.max_length)
+
+    return VictimDetector("dan", scorer, [ex.text for ex in dev], options.target_fpr, {"fit_share": options.fit_share})

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftguard.defenses.base import DefenseContext, Victim
+from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector, clean_dev_texts
+from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import collate, encode, predict_proba
 
@@ -45,7 +48,7 @@ class RapConfig:
     drop_min: float = field(default=0.1, metadata={"help": "smallest wanted probability drop on clean inputs (paper: 0.1)"})
     drop_max: float = field(default=0.3, metadata={"help": "largest wanted probability drop on clean inputs (paper: 0.3)"})
     train_share: float = field(default=0.5, metadata={"help": "share of clean dev that trains the rows; the rest calibrates"})
-    seed: int = field(default=0, metadata={"help": "seed of the dev split and batch order"})
+    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
     min_success: float = field(default=0.5, metadata={"help": "share of clean training inputs whose drop must land in range, else the rate grows"})
     lr_escalations: int = field(default=2, metadata={"help": "how many times the rate may grow tenfold"})
 
@@ -66,8 +69,8 @@ class RapScorer:
     """Scores inputs by how little the RAP word lowers the probability of their predicted class."""
 
     def __init__(self, model: Any, tokenizer: Any, clean_dev_texts: Sequence[str], config: RapConfig = RapConfig(),
-                 *, batch_size: int = 32, max_length: int = 128) -> None:
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+                 *, seed: int = 0, batch_size: int = 32, max_length: int = 128) -> None:
+        self.model, self.tokenizer, self.config, self.seed = model, tokenizer, config, seed
         self.batch_size, self.max_length = batch_size, max_length
         self.embeddings = model.get_input_embeddings()
         ids = tokenizer(config.word, add_special_tokens=False)["input_ids"]
@@ -75,7 +78,7 @@ class RapScorer:
             raise OptionError(f"the RAP word '{config.word}' is {len(ids)} tokens for this tokenizer; choose a single-token word")
         self.row = ids[0]
         self.original = self.embeddings.weight[self.row].detach().clone()
-        order = np.random.default_rng(config.seed).permutation(len(clean_dev_texts))
+        order = np.random.default_rng(seed).permutation(len(clean_dev_texts))
         cut = int(round(len(order) * config.train_share))
         texts = list(clean_dev_texts)
         self.held_out_texts = [texts[i] for i in np.sort(order[cut:])]
@@ -111,7 +114,7 @@ class RapScorer:
     def _train_row(self, texts: list[str], label: int, lr: float) -> torch.Tensor:
         weight = self.embeddings.weight
         norm = self.original.norm()
-        rng = np.random.default_rng(self.config.seed + label)
+        rng = np.random.default_rng(self.seed + label)
         was_trainable = weight.requires_grad
         weight.requires_grad_(True)
         try:
@@ -170,4 +173,16 @@ class RapScorer:
         return out
 
     def settings(self) -> dict[str, Any]:
-        return {**asdict(self.config), "trained": {str(k): v for k, v in self.trained.items()}}
+        settings = {k: v for k, v in asdict(self.config).items() if k != "target_fpr"}
+        return {**settings, "seed": self.seed, "trained": {str(k): v for k, v in self.trained.items()}}
+
+
+@register_defense("rap", options=RapConfig, summary="robustness-aware perturbation word (Yang et al., 2021)", order=12)
+def build_rap(options: RapConfig, context: DefenseContext) -> VictimDetector:
+    dev = clean_dev_texts(context)
+
+    def scorer(victim: Victim) -> RapScorer:
+        return RapScorer(victim.model, victim.tokenizer, dev, options, seed=context.seed,
+                         batch_size=victim.batch_size, max_length=victim.max_length)
+
+    return VictimDetector("rap", scorer, dev, options.target_fpr, {"word": options.word})

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from peftguard.defenses.base import DefenseContext, Victim
+from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector, clean_dev_texts
+from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import predict_proba
 
@@ -34,7 +37,7 @@ from peftguard.inference import predict_proba
 class StripConfig:
     repeat: int = field(default=5, metadata={"help": "perturbed copies per input (OpenBackdoor: 5)"})
     swap_ratio: float = field(default=0.5, metadata={"help": "share of word positions overwritten per copy (OpenBackdoor: 0.5)"})
-    seed: int = field(default=0, metadata={"help": "seed of the perturbations"})
+    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
 
     def __post_init__(self) -> None:
         if self.repeat < 1:
@@ -85,13 +88,13 @@ class StripScorer:
     """Scores inputs by the negative mean prediction entropy of the victim over perturbed copies."""
 
     def __init__(self, model: Any, tokenizer: Any, clean_dev_texts: Sequence[str], config: StripConfig = StripConfig(),
-                 *, batch_size: int = 64, max_length: int = 128) -> None:
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+                 *, seed: int = 0, batch_size: int = 64, max_length: int = 128) -> None:
+        self.model, self.tokenizer, self.config, self.seed = model, tokenizer, config, seed
         self.batch_size, self.max_length = batch_size, max_length
         self.words = SubstitutionWords(clean_dev_texts)
 
     def copies(self, text: str) -> list[str]:
-        rng = np.random.default_rng([self.config.seed, _text_seed(text)])
+        rng = np.random.default_rng([self.seed, _text_seed(text)])
         return [perturb(text, self.words, self.config, rng) for _ in range(self.config.repeat)]
 
     def scores(self, texts: Sequence[str], *, desc: str | None = None) -> np.ndarray:
@@ -101,8 +104,19 @@ class StripScorer:
         return -entropy.mean(axis=1)
 
     def settings(self) -> dict[str, Any]:
-        return asdict(self.config)
+        return {"repeat": self.config.repeat, "swap_ratio": self.config.swap_ratio, "seed": self.seed}
 
 
 def _text_seed(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:4], "little")
+
+
+@register_defense("strip", options=StripConfig, summary="low prediction entropy under word swaps (Gao et al., 2019)", order=10)
+def build_strip(options: StripConfig, context: DefenseContext) -> VictimDetector:
+    dev = clean_dev_texts(context)
+
+    def scorer(victim: Victim) -> StripScorer:
+        return StripScorer(victim.model, victim.tokenizer, dev, options, seed=context.seed,
+                           batch_size=victim.batch_size, max_length=victim.max_length)
+
+    return VictimDetector("strip", scorer, dev, options.target_fpr, {"repeat": options.repeat, "swap_ratio": options.swap_ratio})
