@@ -12,6 +12,7 @@ import typer
 from peftguard.bounds import MAX_CELLS, check_options
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR
 from peftguard.errors import PeftguardError
+from peftguard.metrics import DEFAULT_TARGET_FPR
 from peftguard.methods import METHODS
 from peftguard.runtime import configure_threads
 from peftguard.triggers import ATTACKS
@@ -50,7 +51,7 @@ TargetOpt = Annotated[int, typer.Option("--target-label", help="The label the ba
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) checkpoints, read with weights_only=True. Off by default: unpickling untrusted files can run code.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with a hub model. Never on by default.")]
 GammaOpt = Annotated[Optional[float], typer.Option("--gamma", help="Fixed PSIM threshold, as in the paper (0.7); flagged when confidence > gamma.")]
-FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help="Calibrate gamma on clean dev data to flag at most this share [default 0.02].")]
+FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help=f"Calibrate gamma on clean dev data to flag at most this share [default {DEFAULT_TARGET_FPR}].")]
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-target-modules", help="LoRA: layers to adapt, by name, comma-separated (e.g. query,value) [derived from the architecture].")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from peftguard.bounds import bounded
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
 from peftguard.errors import DataError, OptionError
+from peftguard.metrics import DEFAULT_TARGET_FPR
 
 
 def _registered(registry: str) -> Any:
@@ -115,7 +116,7 @@ class PSIMConfig(Strict):
 
 
 class EvalConfig(Strict):
-    target_fpr: Optional[float] = bounded("target_fpr", 0.02)
+    target_fpr: Optional[float] = bounded("target_fpr", DEFAULT_TARGET_FPR)
     gamma: Optional[float] = bounded("gamma", None, description="fixed threshold instead of target_fpr")
     batch_size: int = bounded("batch_size", 64)
     max_length: int = bounded("max_length", 128)

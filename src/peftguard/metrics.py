@@ -59,6 +59,10 @@ def auroc(clean_scores: Sequence[float], triggered_scores: Sequence[float]) -> f
     return float(roc_auc_score(y, np.concatenate([clean_scores, triggered_scores])))
 
 
+# The operating point of every detector, fixed a priori: the share of clean inputs a user accepts to have withheld.
+DEFAULT_TARGET_FPR = 0.02
+
+
 def calibrate_gamma(clean_scores: Sequence[float], target_fpr: float) -> float:
     """The smallest gamma that flags at most ``target_fpr`` of ``clean_scores``.
 

@@ -130,15 +130,19 @@ def _evaluate_stage(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str,
 
 def _defense_options(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str, Any], data: dict[str, Any]) -> Any:
     """The stage's defense options: the config's ``defense_options`` for it, and what the stage sets itself."""
-    from peftguard.defenses.registry import make_options
+    from dataclasses import fields
+
+    from peftguard.defenses.registry import DEFENSES, make_options
 
     set_by_stage: dict[str, dict[str, Any]] = {
-        "psim": {"psim": Path(_ref(run_dir, s["psim"])) if s["psim"] else None, "gamma": e["gamma"],
-                 "target_fpr": None if e["gamma"] else e["target_fpr"]},
+        "psim": {"psim": Path(_ref(run_dir, s["psim"])) if s["psim"] else None, "gamma": e["gamma"]},
         # Fine-mixing makes a new victim (mixed weights fine-tuned on the stage's clean training subset) in the stage folder
         "fine-mixing": {"fine_mixed": folder / "fine-mixed", "max_train_samples": data["max_train_samples"]},
     }
-    return make_options(s["defense"], {**s.get("defense_options", {}), **set_by_stage.get(s["defense"], {})})
+    # Every detector that calibrates a threshold does so at the evaluation's target FPR (one operating point).
+    calibrated = "target_fpr" in {f.name for f in fields(DEFENSES[s["defense"]].options)}
+    operating_point = {"target_fpr": None if e["gamma"] else e["target_fpr"]} if calibrated else {}
+    return make_options(s["defense"], {**s.get("defense_options", {}), **set_by_stage.get(s["defense"], {}), **operating_point})
 
 
 RUNNERS: dict[str, Callable[[Path, Any, Path], None]] = {

@@ -17,8 +17,8 @@ from peftguard.data import subsample
 from peftguard.defenses.base import DefenseContext, InputDefense, Screened, Victim
 from peftguard.errors import PeftguardError
 
-# The operating point of every detector, fixed a priori: the share of clean inputs a user accepts to have withheld.
-DEFAULT_TARGET_FPR = 0.02
+from peftguard.metrics import DEFAULT_TARGET_FPR
+
 TARGET_FPR_HELP = f"calibrate the threshold on clean dev data to flag at most this share [{DEFAULT_TARGET_FPR}]"
 
 
@@ -66,10 +66,11 @@ class VictimDetector(InputDefense):
 
     needs_victim = True
 
-    def __init__(self, name: str, make_scorer: Callable[[Victim], Scorer], dev_texts: Sequence[str], target_fpr: float,
-                 settings: dict[str, Any]) -> None:
+    def __init__(self, name: str, make_scorer: Callable[[Victim], Scorer], dev_texts: Sequence[str],
+                 target_fpr: float | None, settings: dict[str, Any]) -> None:
         self.name, self.make_scorer, self.dev_texts = name, make_scorer, list(dev_texts)
-        self.target_fpr, self.settings = target_fpr, settings
+        self.target_fpr = DEFAULT_TARGET_FPR if target_fpr is None else target_fpr
+        self.settings = settings
 
     def bind(self, victim: Victim) -> CalibratedDetector:
         scorer = self.make_scorer(victim)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from peftguard.data import subsample
 from peftguard.defenses.base import DefenseContext, Victim
-from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector
+from peftguard.defenses.calibrated import TARGET_FPR_HELP, VictimDetector
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import collate, encode, flush_denormals
@@ -39,7 +39,7 @@ from peftguard.inference import collate, encode, flush_denormals
 @dataclass(frozen=True)
 class DanConfig:
     fit_share: float = field(default=0.5, metadata={"help": "share of the clean dev set that fits the Gaussians; the rest normalises and calibrates"})
-    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
+    target_fpr: float | None = field(default=None, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
 
     def __post_init__(self) -> None:
         if not 0 < self.fit_share < 1:

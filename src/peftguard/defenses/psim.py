@@ -46,8 +46,7 @@ if TYPE_CHECKING:  # training modules load only to train: scanning and serving n
 log = logging.getLogger(__name__)
 
 MANIFEST = "psim.json"
-# The operating point, fixed a priori: the share of clean inputs a user accepts to have withheld.
-DEFAULT_TARGET_FPR = 0.02
+DEFAULT_TARGET_FPR = metrics.DEFAULT_TARGET_FPR  # the operating point every detector shares (fixed a priori)
 PAPER_GAMMA = 0.7
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from peftguard.defenses.base import DefenseContext, Victim
-from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector, clean_dev_texts
+from peftguard.defenses.calibrated import TARGET_FPR_HELP, VictimDetector, clean_dev_texts
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import collate, encode, predict_proba
@@ -48,7 +48,7 @@ class RapConfig:
     drop_min: float = field(default=0.1, metadata={"help": "smallest wanted probability drop on clean inputs (paper: 0.1)"})
     drop_max: float = field(default=0.3, metadata={"help": "largest wanted probability drop on clean inputs (paper: 0.3)"})
     train_share: float = field(default=0.5, metadata={"help": "share of clean dev that trains the rows; the rest calibrates"})
-    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
+    target_fpr: float | None = field(default=None, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
     min_success: float = field(default=0.5, metadata={"help": "share of clean training inputs whose drop must land in range, else the rate grows"})
     lr_escalations: int = field(default=2, metadata={"help": "how many times the rate may grow tenfold"})
 

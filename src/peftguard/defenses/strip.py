@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from peftguard.defenses.base import DefenseContext, Victim
-from peftguard.defenses.calibrated import DEFAULT_TARGET_FPR, TARGET_FPR_HELP, VictimDetector, clean_dev_texts
+from peftguard.defenses.calibrated import TARGET_FPR_HELP, VictimDetector, clean_dev_texts
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.inference import predict_proba
@@ -37,7 +37,7 @@ from peftguard.inference import predict_proba
 class StripConfig:
     repeat: int = field(default=5, metadata={"help": "perturbed copies per input (OpenBackdoor: 5)"})
     swap_ratio: float = field(default=0.5, metadata={"help": "share of word positions overwritten per copy (OpenBackdoor: 0.5)"})
-    target_fpr: float = field(default=DEFAULT_TARGET_FPR, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
+    target_fpr: float | None = field(default=None, metadata={"help": TARGET_FPR_HELP, "flag": "--target-fpr", "grid": False})
 
     def __post_init__(self) -> None:
         if self.repeat < 1:
