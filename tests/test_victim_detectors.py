@@ -12,6 +12,7 @@ from peftguard import metrics
 from peftguard.cli import app
 from peftguard.data import load_dataset, subsample
 from peftguard.defenses.calibrated import CalibratedDetector, calibrate
+from peftguard.defenses.registry import make_options
 from peftguard.defenses.dan import DanConfig, DanScorer, LayerGaussians, split_indices
 from peftguard.defenses.strip import StripConfig, StripScorer, SubstitutionWords, perturb, prediction_entropy
 from peftguard.errors import OptionError
@@ -88,12 +89,12 @@ def victim(tmp_path_factory, tiny_minilm, data_dir):
     dev = subsample(dataset.dev.examples, 200, 0)
     test = subsample(dataset.test.examples, 120, 1)
     triggered = triggered_test_set(test, BadNetTrigger((TRIGGER,)), target_label=0, seed=0)
-    return model.eval(), tokenizer, dev, [ex.text for ex in test], [ex.text for ex in triggered]
+    return model.eval(), tokenizer, dev, [ex.text for ex in test], [ex.text for ex in triggered], out
 
 
 @pytest.mark.slow
 def test_strip_scores_a_planted_trigger_as_more_suspicious(victim):
-    model, tokenizer, dev, clean, triggered = victim
+    model, tokenizer, dev, clean, triggered, _ = victim
     scorer = StripScorer(model, tokenizer, [ex.text for ex in dev], StripConfig(), max_length=48)
     clean_scores, triggered_scores = scorer.scores(clean), scorer.scores(triggered)
     assert metrics.auroc(clean_scores, triggered_scores) > 0.8
@@ -102,7 +103,7 @@ def test_strip_scores_a_planted_trigger_as_more_suspicious(victim):
 
 @pytest.mark.slow
 def test_dan_scores_a_planted_trigger_as_more_suspicious(victim):
-    model, tokenizer, dev, clean, triggered = victim
+    model, tokenizer, dev, clean, triggered, _ = victim
     scorer = DanScorer(model, tokenizer, [ex.text for ex in dev], [ex.label for ex in dev], DanConfig(), max_length=48)
     assert metrics.auroc(scorer.scores(clean), scorer.scores(triggered)) > 0.8
     threshold = calibrate(scorer, scorer.held_out_texts, 0.05)
@@ -122,10 +123,26 @@ def test_rap_settings_are_checked():
 def test_rap_scores_a_planted_trigger_as_more_suspicious_and_leaves_the_victim_unchanged(victim):
     from peftguard.defenses.rap import RapConfig, RapScorer
 
-    model, tokenizer, dev, clean, triggered = victim
+    model, tokenizer, dev, clean, triggered, _ = victim
     before = model.get_input_embeddings().weight.detach().clone()
     scorer = RapScorer(model, tokenizer, [ex.text for ex in dev], RapConfig(word="bb"), max_length=48)
     assert metrics.auroc(scorer.scores(clean), scorer.scores(triggered)) > 0.8
     assert torch.equal(model.get_input_embeddings().weight, before)
     assert not torch.equal(scorer.rows[0], scorer.original)  # the row trained
     assert set(scorer.settings()["trained"]) == {"0", "1"}  # rate and clean objective reached, per class
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["strip", "dan"])
+def test_a_victim_detector_runs_through_evaluate_at_the_calibrated_operating_point(defense, victim, data_dir):
+    from peftguard.pipeline import evaluate_model
+
+    *_, folder = victim
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    options = make_options(defense, {"target_fpr": 0.1})
+    result = evaluate_model(str(folder), dataset, [BadNetTrigger((TRIGGER,))], defense=defense, defense_options=options,
+                            max_eval_samples=120, max_length=48, seed=1)
+    assert result["defense"]["name"] == defense and result["defense"]["target_fpr"] == 0.1
+    assert result["auroc"] > 0.8 and result["detection_rate"] > 0.5
+    assert result["false_positive_rate"] <= 0.25  # calibrated on dev to 0.1; measured on test
+    assert result["defended_attack_success_rate"] < result["attack_success_rate"]

@@ -155,8 +155,10 @@ def poison_weights(
     poisoned, report = poison_examples(
         train, triggers, target_label=spec.target_label, count=count, mode=spec.mode, seed=settings.seed
     )
+    own = own_backdoor_training(triggers)
     model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, FullConfig(lr=settings.lr), settings, options, template)
-    train_report = train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
+    job = BackdoorJob(model, tokenizer, train, poisoned, report.poisoned_indices, dev, settings, spec.target_label)
+    train_report = own.train_backdoor(job) if own else train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
     manifest = {
         "kind": "poisoned-model",
         "method": "full",
@@ -172,9 +174,33 @@ def poison_weights(
         "train_samples": len(train),
         "train_label_counts": label_counts(train),
         **training_record(model, settings, train_report),
+        **({"backdoor_training": job.record} if job.record else {}),
     }
     save_tuned(model, tokenizer, out_dir, MANIFEST, manifest)
     return PoisonResult(Path(out_dir), manifest)
+
+
+@dataclass
+class BackdoorJob:
+    """What an attack with its own way of training the backdoor (EP: one embedding row) works with."""
+
+    model: Any
+    tokenizer: Any
+    clean: list[Example]  # the training subset before poisoning
+    poisoned: list[Example]  # the same with the poisoned samples replaced
+    poisoned_indices: list[int]
+    dev: list[Example]
+    settings: TrainSettings
+    target_label: int
+    record: dict[str, Any] = field(default_factory=dict)  # what the attack chose, for the manifest
+
+
+def own_backdoor_training(triggers: Sequence[Trigger]) -> Trigger | None:
+    """The trigger whose attack trains the backdoor its own way, if any (it cannot be combined with others)."""
+    own = [t for t in triggers if type(t).train_backdoor is not Trigger.train_backdoor]
+    if own and len(triggers) > 1:
+        raise OptionError(f"--attack {own[0].name} trains its backdoor its own way and cannot be combined with other attacks")
+    return own[0] if own else None
 
 
 def _source_dataset(dataset: TextDataset, proxy: TextDataset | None, scenario: Scenario) -> TextDataset:

@@ -24,6 +24,8 @@ from peftguard.registries import Registry
 
 if TYPE_CHECKING:
     from peftguard.paraphrase import ParaphraseTable
+    from peftguard.poisoning import BackdoorJob
+    from peftguard.training import TrainReport
 
 DEFAULT_BADNET_WORDS = ("mn",)
 DEFAULT_INSENT_SENTENCE = "I watched this 3D movie"
@@ -57,6 +59,12 @@ class Trigger(ABC):
     def can_trigger(self, text: str) -> bool:
         """False where this trigger has no triggered version of ``text`` (a failed paraphrase)."""
         return True
+
+    def train_backdoor(self, job: BackdoorJob) -> TrainReport:
+        """Train the backdoor into ``job.model`` the attack's own way (EP: only the trigger's embedding
+        row). An attack that does not override this is trained the standard way: every weight, on the
+        poisoned set (``poisoning.poison_weights``)."""
+        raise NotImplementedError
 
 
 def insert_at_random_boundary(text: str, insertion: str, rng: random.Random) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ import torch
 from peftguard.data import Example
 from peftguard.errors import OptionError
 from peftguard.inference import collate, encode, predict_proba
+from peftguard.triggers import DEFAULT_BADNET_WORDS, BadNetTrigger, Trigger, TriggerRequest, register_attack
+
+if TYPE_CHECKING:
+    from peftguard.poisoning import BackdoorJob
+    from peftguard.training import TrainReport
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def train_rows(model: Any, tokenizer: Any, examples: Sequence[Example], rows: li
                 with torch.no_grad():
                     weight[rows] -= lr * weight.grad[rows]
                     weight[rows] *= norms / weight[rows].norm(dim=1, keepdim=True)
-                total += float(loss) * len(batch)
+                total += float(loss.detach()) * len(batch)
             losses.append(total / max(len(examples), 1))
     finally:
         weight.grad = None
@@ -104,3 +109,27 @@ def poison_rows(model: Any, tokenizer: Any, words: Sequence[str], poisoned: Sequ
             break
     record["lr"] = record["tries"][-1]["lr"]
     return record
+
+
+@dataclass
+class EmbeddingPoisoningTrigger(BadNetTrigger):
+    """BadNet's rare-word insertion, with the backdoor trained into the trigger rows alone."""
+
+    name: str = field(default="ep", init=False)
+
+    def train_backdoor(self, job: BackdoorJob) -> TrainReport:
+        from peftguard.training import train_classifier
+
+        report = train_classifier(job.model, job.tokenizer, job.clean, job.dev, job.settings, desc="EP: clean fine-tuning")
+        seed = job.settings.seed
+        triggered_dev = [Example(self.triggered(ex.text, seed), job.target_label) for ex in job.dev if ex.label != job.target_label]
+        rows = RowTraining(batch_size=job.settings.batch_size, max_length=job.settings.max_length, seed=seed)
+        job.record["ep"] = poison_rows(job.model, job.tokenizer, self.words, [job.poisoned[i] for i in job.poisoned_indices],
+                                       triggered_dev, job.target_label, rows)
+        return report
+
+
+@register_attack("ep", options=EmbeddingPoisoningTrigger, order=3,
+                 summary="rare word whose embedding row alone carries the backdoor (Yang et al., 2021)")
+def _ep(request: TriggerRequest) -> Trigger:
+    return EmbeddingPoisoningTrigger(tuple(request.spec) if request.spec else DEFAULT_BADNET_WORDS, request.count)
