@@ -46,8 +46,10 @@ def subprocess_env() -> dict[str, str]:
     import torch
 
     # another hash seed (set ordering) but the same thread count as this process (float reductions)
-    return {**os.environ, "PYTHONHASHSEED": str(random.randrange(1, 2**16)), "OMP_NUM_THREADS": str(torch.get_num_threads()),
-            "TOKENIZERS_PARALLELISM": "false"}
+    # (PEFTGUARD_THREADS too: the CLI's main() applies it, and the in-process runs here never call main())
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "PYTHONHASHSEED": str(random.randrange(1, 2**16)), "OMP_NUM_THREADS": threads,
+            "PEFTGUARD_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def start_cli(args: list[str], log: Path) -> subprocess.Popen:
@@ -178,5 +180,8 @@ def test_demo_adds_a_defense_row_per_baseline_without_redoing_its_stages(tmp_pat
 
 def test_demo_refuses_an_unknown_baseline_before_writing(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--defense", "magic"])
-    assert "--defense magic: choose from onion, back-translation, scpd, fine-mixing, or all" in str(result.exception)
+    from peftguard.defenses.registry import DEFENSES
+
+    baselines = ", ".join(name for name in DEFENSES if name != "psim")
+    assert f"--defense magic: choose from {baselines}, or all" in str(result.exception)
     assert not (tmp_path / "demo").exists()
