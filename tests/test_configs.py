@@ -13,7 +13,7 @@ from peftguard.experiment import grid_size, plan_grid
 from peftguard.report import paper_table, row_label
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED = [*sorted((REPO / "configs").glob("*.yaml")), REPO / "src" / "peftguard" / "demo.yaml"]
 
 
 def restated(own: dict[str, Any], inherited: dict[str, Any], prefix: str = "") -> list[str]:
@@ -115,7 +115,10 @@ def test_victim_normal_cannot_be_swept() -> None:
 
 
 def test_the_demo_config_is_the_demo() -> None:
-    config = load_config(REPO / "configs" / "demo.yaml")
+    from peftguard.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG.is_file()  # inside the package: an installed peftguard has it too
+    config = load_config(DEMO_CONFIG)
     assert config.poisoned_model and config.sweep == {"evaluate.gamma": [None, 0.7]}
     assert config.grid.methods == ["full", "lora", "prompt", "ptuning-v1", "ptuning-v2"]
     assert (config.grid.models, config.grid.datasets, config.grid.attacks, config.grid.scenarios) == (

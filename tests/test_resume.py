@@ -1,6 +1,6 @@
 """Determinism and interruption on a tiny demo (2-layer MiniLM, 120 SST-2 samples, LoRA only).
 
-The demo is a grid run (configs/demo.yaml), so these are the grid runner's guarantees:
+The demo is a grid run (src/peftguard/demo.yaml), so these are the grid runner's guarantees:
 * The same command with the same seed gives byte-identical metrics, manifests and weights, timings
   and the output folder's own path aside, in another process with another hash seed.
 * A run killed with SIGKILL in the middle of a training stage resumes: finished stages are reused

@@ -505,7 +505,7 @@ def audit(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder (as `peftguard run` writes it): stages/, cells.json, report/.")] = Path("runs/demo"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="The demo's grid config (default configs/demo.yaml); the options below override its keys.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="The demo's grid config (default: demo.yaml inside the package, src/peftguard/demo.yaml); the options below override its keys.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="grid.datasets: sst2|cr|cola|mr|imdb|agnews or a folder.")] = None,
     attack: Annotated[Optional[str], typer.Option("--attack", help="grid.attacks: badnet (rare word) or insent (sentence).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="grid.models: 'minilm', a local model folder, or a hub id.")] = None,

@@ -1,6 +1,6 @@
 """``peftguard demo``: the paper's Table 1 on the embedded defaults, end to end, as a grid config.
 
-What the demo does is ``configs/demo.yaml`` (MiniLM, SST-2, BadNet, full data knowledge; Normal,
+What the demo does is ``demo.yaml`` beside this module (MiniLM, SST-2, BadNet, full data knowledge; Normal,
 poisoned-model, Attack and PSIM Defense rows at the calibrated and the paper's fixed gamma for the
 five methods). This module only maps the command's options onto that config's keys and runs it
 through the grid runner (``experiment``), so the demo's stages, resume and report are the grid's:
@@ -16,7 +16,7 @@ from typing import Any
 from peftguard.config import ExperimentConfig, load_config, registered_names
 from peftguard.errors import DataError, OptionError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"  # in a source checkout
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data: an installed peftguard has it too
 
 
 def baseline_names() -> list[str]:
@@ -63,7 +63,7 @@ def demo_config(config_path: Path | None = None, baselines: tuple[str, ...] = ()
     """The demo's config with the command's options applied and one Defense row per baseline added."""
     path = Path(config_path) if config_path is not None else DEMO_CONFIG
     if not path.is_file():
-        raise DataError(path, "the demo's config is not here (a source checkout has configs/demo.yaml); pass --config")
+        raise DataError(path, "no such demo config; pass --config with a grid config")
     check_methods(options.get("methods", ()))
     overrides = demo_overrides(**options)
     config = load_config(path, overrides)
