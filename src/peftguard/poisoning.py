@@ -158,7 +158,8 @@ def poison_weights(
     own = own_backdoor_training(triggers)
     model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, FullConfig(lr=settings.lr), settings, options, template)
     job = BackdoorJob(model, tokenizer, train, poisoned, report.poisoned_indices, dev, settings, spec.target_label)
-    train_report = own.train_backdoor(job) if own else train_classifier(model, tokenizer, poisoned, dev, settings, desc="poison")
+    train_report = (own.train_backdoor(job) if own else None) or train_classifier(
+        model, tokenizer, poisoned, dev, settings, desc="poison")
     manifest = {
         "kind": "poisoned-model",
         "method": "full",

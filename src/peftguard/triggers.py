@@ -60,11 +60,11 @@ class Trigger(ABC):
         """False where this trigger has no triggered version of ``text`` (a failed paraphrase)."""
         return True
 
-    def train_backdoor(self, job: BackdoorJob) -> TrainReport:
+    def train_backdoor(self, job: BackdoorJob) -> TrainReport | None:
         """Train the backdoor into ``job.model`` the attack's own way (EP: only the trigger's embedding
-        row). An attack that does not override this is trained the standard way: every weight, on the
+        row) and return its report; None (this default): the standard way, every weight trained on the
         poisoned set (``poisoning.poison_weights``)."""
-        raise NotImplementedError
+        return None
 
 
 def insert_at_random_boundary(text: str, insertion: str, rng: random.Random) -> str:
