@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from peftguard.cli import app
-from peftguard.defenses.psim_budget import BudgetRule, Check, decide
+from peftguard.defenses.psim_budget import BudgetRule, Check, Settling, decide
 
 RULE = BudgetRule()  # two classes: stops at mean clean confidence <= 0.6; four: <= 0.4
 EPOCH = 64  # steps per epoch of the constructed trajectories; checks every 8 steps
@@ -67,6 +67,25 @@ def test_budget_has_a_floor_in_steps_for_small_training_sets():
     assert RULE.max_steps(10) == RULE.min_budget_steps and RULE.check_every(10) == 2
 
 
+def test_settling_takes_half_the_search_again_in_whole_checks():
+    assert RULE.settle_steps(40, 8) == 24  # half of 40 is 20, rounded up to three checks of 8
+    assert RULE.settle_steps(16, 8) == 8
+    assert BudgetRule(settle_share=0).settle_steps(40, 8) == 0
+
+
+def test_settling_decays_the_rate_linearly_to_zero():
+    settling = Settling(start=40, steps=20)
+    assert [settling.lr_factor(s) for s in (10, 40, 45, 50, 60, 70)] == [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]
+    assert settling.end == 60
+
+
+def test_settle_share_out_of_range_is_refused():
+    from peftguard.errors import OptionError
+
+    with pytest.raises(OptionError, match="settle share"):
+        BudgetRule(settle_share=-0.5)
+
+
 class NoTestSplit(list):
     """A test split that fails the moment the PSIM training touches it."""
 
@@ -107,6 +126,11 @@ def test_rule_reads_only_training_and_clean_dev_samples(tiny_minilm, data_dir, t
     budget = manifest["budget"]
     assert budget["mode"] == "clean-dev rule" and budget["monitor_samples"] == 40
     assert [c["step"] for c in budget["trajectory"]][0] == 0 and budget["stopped_at_step"] == manifest["training"]["steps"]
+    if budget["stop_reason"] == "near-chance":  # then it settled: half the search again, the rate down to zero
+        assert budget["settle_steps"] == RULE.settle_steps(budget["search_stopped_at_step"], RULE.check_every(budget["steps_per_epoch"]))
+        assert budget["stopped_at_step"] == budget["search_stopped_at_step"] + budget["settle_steps"]
+        assert budget["trajectory"][-1]["lr_factor"] == 0.0
+    assert all(c["tail_confidence"] >= c["mean_confidence"] for c in budget["trajectory"])
 
 
 @pytest.mark.slow
@@ -131,6 +155,7 @@ def test_default_clean_label_recipe_is_detected_end_to_end(tiny_minilm, data_dir
     assert json.loads((poisoned / "poisoning.json").read_text())["poisoning"]["mode"] == "clean-label"
     assert m["attack_success_rate"] >= 0.9, "the tiny poisoning must take for this test to mean anything"
     assert manifest["budget"]["stop_reason"] == "near-chance" and not manifest["under_trained"]
+    assert manifest["budget"]["settle_steps"] > 0
     assert m["auroc"] >= 0.95 and m["defended_attack_success_rate"] <= 0.1
     assert m["false_positive_rate"] <= 0.05
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from peftguard.artifacts import read_json, write_json
 from peftguard.config import METHOD_SETTINGS, ExperimentConfig
+from peftguard.defenses.psim_budget import BudgetRule
 from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
 
 __all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray",
@@ -169,6 +170,8 @@ def _victim_settings(config: ExperimentConfig, method: str, overrides: dict[str,
 def _psim_stage(config: ExperimentConfig, base: str, dataset: str, seed: int, overrides: dict[str, Any]) -> Stage:
     deps = (base,) if is_stage_name(base) else ()
     settings = {**config.psim.model_dump(), **overrides}
+    if settings["epochs"] is None:  # the rule's constants are part of what the stage computes (and of its key)
+        settings["budget_rule"] = BudgetRule(max_epochs=settings["max_epochs"]).as_dict()
     return Stage("psim", {"base": base, "dataset": dataset, "seed": seed, "data": config.data.model_dump(),
                           "psim": settings, "calibration": _psim_calibration(config),
                           "instruction": config.poison.instruction}, deps)

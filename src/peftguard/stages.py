@@ -84,7 +84,7 @@ def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
     config = method_config(p["method"], **_known(p["method"], overrides))
     settings = TrainSettings(epochs=p["epochs"] or 1, lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"],
                              seed=s["seed"])
-    budget = None if p["epochs"] else BudgetRule(max_epochs=p["max_epochs"])
+    budget = None if p["epochs"] else BudgetRule(**p["budget_rule"])
     train_psim(_ref(run_dir, s["base"]), _dataset(s["dataset"], data["data_dir"]), settings, folder / ARTIFACT,
                config=config, budget=budget, reset_rate=p["reset_rate"], gamma=e["gamma"], target_fpr=e["target_fpr"],
                max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],

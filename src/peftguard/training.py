@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from peftguard.bounds import BOUNDS, flag
 from peftguard.data import Example
@@ -52,12 +53,14 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class StepMonitor:
-    """Open-ended training: a constant learning rate after warmup, ``check(step)`` called every
-    ``every`` steps (True stops training), and at most ``max_steps`` steps."""
+    """Open-ended training: ``check(step)`` called every ``every`` steps (True stops training), at
+    most ``max_steps`` steps, and after warmup a learning rate of ``lr * lr_factor(step)`` (constant
+    when None; the factor may change as checks come in, e.g. to decay once a target is reached)."""
 
     every: int
     max_steps: int
     check: Callable[[int], bool]
+    lr_factor: Callable[[int], float] | None = None
 
     def warmup_steps(self, steps_per_epoch: int, warmup_ratio: float) -> int:
         """Warmup as a share of one epoch: the total is not known in advance."""
@@ -128,7 +131,7 @@ def train_classifier(
         scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     else:
         total_steps = monitor.max_steps
-        scheduler = get_constant_schedule_with_warmup(optimizer, monitor.warmup_steps(steps_per_epoch, settings.warmup_ratio))
+        scheduler = _monitored_schedule(optimizer, monitor, monitor.warmup_steps(steps_per_epoch, settings.warmup_ratio))
     epochs = math.ceil(total_steps / steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -179,6 +182,12 @@ def train_classifier(
     report.seconds = time.perf_counter() - started
     model.eval()
     return report
+
+
+def _monitored_schedule(optimizer: torch.optim.Optimizer, monitor: StepMonitor, warmup: int) -> LambdaLR:
+    """Linear warmup, then the monitor's factor (as transformers' constant schedule with warmup when it has none)."""
+    after = monitor.lr_factor or (lambda step: 1.0)
+    return LambdaLR(optimizer, lambda step: step / max(1, warmup) if step < warmup else after(step))
 
 
 def _snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

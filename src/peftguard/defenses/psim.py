@@ -12,8 +12,8 @@ Departures from the paper:
   clean dev set to a target false-positive rate (2%); ``gamma=0.7`` reproduces the paper.
 * ``reset_rate`` < 1 resets only that share of labels (the paper's Table 13 ablation).
 * The paper trains one epoch at a fixed learning rate. By default we stop on a rule that watches
-  only clean dev confidences (``psim_budget``): the first point at which they are near chance;
-  ``budget=None`` with ``settings.epochs`` gives the paper's fixed schedule.
+  only clean dev confidences (``psim_budget``): the first point at which they are near chance,
+  then a short settling phase at a decaying rate; ``budget=None`` with ``settings.epochs`` gives the paper's fixed schedule.
 """
 from __future__ import annotations
 
@@ -31,7 +31,16 @@ from peftguard import metrics
 from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import DefenseContext, InputDefense, Screened
-from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, DEFAULT_PSIM_LR_WHY, BudgetRule, Check, decide, excess_over_chance
+from peftguard.defenses.psim_budget import (
+    DEFAULT_PSIM_LR,
+    DEFAULT_PSIM_LR_WHY,
+    BudgetRule,
+    Check,
+    Decision,
+    Settling,
+    decide,
+    excess_over_chance,
+)
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import predict_proba
@@ -168,32 +177,51 @@ def train_psim(
 
 
 class _BudgetWatch:
-    """Feeds the budget rule the clean dev confidence during training and keeps its trajectory."""
+    """Feeds the budget rule the clean dev confidence during training, runs its settling phase and
+    keeps the trajectory of the clean signal (mean, and the tail quantile gamma would sit at)."""
 
     def __init__(self, rule: BudgetRule, model: Any, tokenizer: Any, dev: Sequence[Example], num_labels: int,
                  settings: TrainSettings, train_size: int) -> None:
         self.rule, self.model, self.tokenizer, self.num_labels, self.settings = rule, model, tokenizer, num_labels, settings
         self.texts = [ex.text for ex in subsample(list(dev), rule.monitor_samples, settings.seed)]
         self.steps_per_epoch = -(-train_size // settings.batch_size)
+        self.every = rule.check_every(self.steps_per_epoch)
+        self.max_steps = rule.max_steps(self.steps_per_epoch)
         self.checks: list[Check] = []
-        self.decision = None
+        self.tails: list[float] = []
+        self.decision: Decision | None = None
+        self.settling: Settling | None = None
         self.measure(0)
 
     def monitor(self) -> StepMonitor:
         from peftguard.training import StepMonitor
 
-        return StepMonitor(self.rule.check_every(self.steps_per_epoch), self.rule.max_steps(self.steps_per_epoch), self.check)
+        return StepMonitor(self.every, self.max_steps, self.check, self.lr_factor)
+
+    def lr_factor(self, step: int) -> float:
+        return self.settling.lr_factor(step) if self.settling else 1.0
 
     def measure(self, step: int) -> None:
-        probs = predict_proba(self.model, self.tokenizer, self.texts, self.settings.batch_size * 2, self.settings.max_length)
-        self.checks.append(Check(step, float(probs.max(1).mean())))
+        confidence = predict_proba(self.model, self.tokenizer, self.texts, self.settings.batch_size * 2,
+                                   self.settings.max_length).max(1)
+        self.checks.append(Check(step, float(confidence.mean())))
+        self.tails.append(float(np.quantile(confidence, 1 - metrics.DEFAULT_TARGET_FPR)))
 
     def check(self, step: int) -> bool:
         self.measure(step)
+        if self.settling:
+            return step >= self.settling.end
         warmup = self.monitor().warmup_steps(self.steps_per_epoch, self.settings.warmup_ratio)
         self.decision = decide(self.rule, self.checks, self.num_labels, steps_per_epoch=self.steps_per_epoch,
                                warmup_steps=warmup)
-        return self.decision is not None
+        if self.decision is None:
+            return False
+        settle = self.rule.settle_steps(step, self.every) if self.decision.reason == "near-chance" else 0
+        settle = min(settle, self.max_steps - step)
+        if settle <= 0:
+            return True
+        self.settling = Settling(step, settle)
+        return False
 
     def record(self) -> dict[str, Any]:
         decision = self.decision
@@ -204,10 +232,16 @@ class _BudgetWatch:
             "lr_why": DEFAULT_PSIM_LR_WHY if self.settings.lr == DEFAULT_PSIM_LR else "given",
             "monitor_samples": len(self.texts),
             "steps_per_epoch": self.steps_per_epoch,
+            "search_stopped_at_step": self.settling.start if self.settling else self.checks[-1].step,
+            "settle_steps": self.settling.steps if self.settling else 0,
             "stopped_at_step": self.checks[-1].step,
             "stop_reason": decision.reason if decision else "budget",
             "under_trained": decision.under_trained if decision else True,
-            "trajectory": [{"step": c.step, "mean_confidence": round(c.mean_confidence, 5)} for c in self.checks],
+            "trajectory": [
+                {"step": c.step, "mean_confidence": round(c.mean_confidence, 5), "tail_confidence": round(tail, 5),
+                 "lr_factor": round(self.lr_factor(c.step), 4)}
+                for c, tail in zip(self.checks, self.tails)
+            ],
         }
 
 

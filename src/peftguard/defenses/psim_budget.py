@@ -16,12 +16,21 @@ point between, so the rule watches only clean ones:
   and ``flat_min_steps`` steps: more steps at this rate will not get there (the step floors keep a
   small training set, whose checks are a few steps apart, from calling a slow descent flat);
 * never stop during the warmup; give up at ``max_epochs`` epochs (at least ``min_budget_steps``
-  steps for small training sets).
+  steps for small training sets);
+* after a near-chance stop, **settle**: train ``settle_share`` times as many steps again (a whole
+  number of checks) while the learning rate falls linearly to zero, then stop. The search phase
+  ends mid-flight at a constant rate, where each minibatch of random labels still moves every
+  clean confidence; the calibrated gamma is a tail quantile of those confidences, so that noise
+  raises it and hides triggered inputs. Decaying the rate is the paper's own schedule shape
+  (linear decay), applied once the budget is known.
 
 Stopping anywhere but near chance leaves the PSIM ``under_trained``: it is saved, flagged in
 ``psim.json`` and warned about. The constants are fixed a priori (a fifth of the way from chance,
-four epochs, eight checks an epoch); the development cell (MiniLM / SST-2 / BadNet, seed 0; see
-``configs/psim_budget_dev.yaml``) was used to check the rule, every other cell validates it.
+half as many settling steps again, four epochs, eight checks an epoch). Two development cells were
+used to check the rule, MiniLM / SST-2 / BadNet seed 0 (``configs/psim_budget_dev.yaml``) and
+MiniLM / AG News / BadNet seed 0 (``configs/psim_budget_dev_agnews.yaml``: the first rule, which
+stopped without settling, failed it, and the settling phase is the answer to that failure); every
+other cell validates it.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ class BudgetRule:
     """The clean-data-only stopping rule (see the module docstring)."""
 
     target_share: float = 0.2
+    settle_share: float = 0.5
     max_epochs: int = 4
     min_budget_steps: int = 200
     checks_per_epoch: int = 8
@@ -59,6 +69,8 @@ class BudgetRule:
     def __post_init__(self) -> None:
         if not 0 < self.target_share < 1:
             raise OptionError(f"budget target share must be in (0, 1), got {self.target_share}")
+        if not 0 <= self.settle_share <= 4:
+            raise OptionError(f"budget settle share must be in [0, 4], got {self.settle_share}")
         for name in ("max_epochs", "checks_per_epoch", "flat_patience", "monitor_samples"):
             if getattr(self, name) < 1:
                 raise OptionError(f"budget {name} must be at least 1, got {getattr(self, name)}")
@@ -69,8 +81,30 @@ class BudgetRule:
     def check_every(self, steps_per_epoch: int) -> int:
         return max(1, math.ceil(steps_per_epoch / self.checks_per_epoch))
 
+    def settle_steps(self, search_steps: int, every: int) -> int:
+        """Steps of the settling phase after a search that reached chance in ``search_steps``: whole checks."""
+        return every * math.ceil(self.settle_share * search_steps / every)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Settling:
+    """The settling phase: the rate falls linearly from its constant value to zero over ``steps``."""
+
+    start: int
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of the constant rate after ``step`` optimizer steps."""
+        if step <= self.start:
+            return 1.0
+        return max(0.0, (self.end - step) / self.steps)
 
 
 @dataclass(frozen=True)
