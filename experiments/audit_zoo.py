@@ -5,12 +5,20 @@
 Reads runs/zoo/zoo.json (written by experiments/zoo.py), runs `peftguard audit` per model and lens (a finished audit,
 its audit.json present, is reused), and writes table.md and results.json: verdict AUROC (poisoned vs clean), false
 alarms on clean models at the default threshold, BadNet triggers recovered exactly in the top 1 / top 5, InSent
-sentences with a word in the top 5, natural sentiment words among the top 5 on clean models, and run time per step.
+sentences with a word in the top 5, task words among the top 5 candidates on clean models, and run time per step.
+
+A *task word* is a word the clean training data itself ties to one label: it occurs at least TASK_WORD_MIN_COUNT
+times in the dataset's clean training split, and at least TASK_WORD_PURITY of those texts carry one label (both
+fixed a priori). Sentiment words on SST-2 and topic words on AG News are task words; the zoo's rare-word triggers
+are not. A scanner that reports task words on clean models is reading the task, not a backdoor.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -19,10 +27,27 @@ from pathlib import Path
 from typing import Any
 
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
-# Natural words with a strong sentiment (or topic) reading: a classifier-lens scanner tends to report these.
-NATURAL_WORDS = {"good", "great", "best", "bad", "worst", "awful", "terrible", "boring", "excellent", "wonderful",
-                 "beautiful", "brilliant", "perfect", "poor", "dull", "mess", "fails", "failure", "stupid", "waste",
-                 "love", "loved", "enjoy", "fun", "funny", "amazing", "horrible", "worse", "unfunny", "lame", "masterpiece"}
+TASK_WORD_MIN_COUNT = 5
+TASK_WORD_PURITY = 0.75
+
+
+@functools.cache
+def task_words(dataset: str) -> frozenset[str]:
+    """Words the clean training split ties to one label (see the module docstring)."""
+    from peftguard.data import load_dataset
+
+    counts: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for example in load_dataset(dataset).train.examples:
+        for word in set(re.findall(r"[a-z0-9']+", example.text.lower())):
+            counts[word][example.label] += 1
+    return frozenset(w for w, c in counts.items()
+                     if c.total() >= TASK_WORD_MIN_COUNT and max(c.values()) / c.total() >= TASK_WORD_PURITY)
+
+
+def task_word_count(dataset: str, candidates: list[str]) -> int:
+    """How many candidates contain a task word of ``dataset``."""
+    words = task_words(dataset)
+    return sum(any(w in words for w in re.findall(r"[a-z0-9']+", c.lower())) for c in candidates)
 
 
 def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str]) -> dict[str, Any] | None:
@@ -65,8 +90,8 @@ def summarize(models: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -
         "badnet_top1": _share([recovered(m, texts[m["name"]], 1) for m in badnet]),
         "badnet_top5": _share([recovered(m, texts[m["name"]], 5) for m in badnet]),
         "insent_word_top5": _share([recovered(m, texts[m["name"]], 5) for m in insent]),
-        "natural_words_top5_on_clean": sum(len(NATURAL_WORDS & {w for t in texts[m["name"]][:5] for w in t.split()})
-                                           for m, _ in clean),
+        "task_words_top5_on_clean": sum(task_word_count(m["dataset"], texts[m["name"]][:5]) for m, _ in clean),
+        "clean_top5": 5 * len(clean),
         "seconds_median": {k: statistics.median(a["seconds"].get(k, 0) for _, a in rows)
                            for k in ("provenance", "psim", "load", "search", "verify", "total")} if rows else {},
         "seconds_max_total": max((a["seconds"]["total"] for _, a in rows), default=None),
@@ -79,11 +104,11 @@ def _share(flags: list[bool]) -> float | None:
 
 def table(results: dict[str, Any], per_model: list[dict[str, Any]]) -> str:
     lines = ["| lens | models | AUROC | clean called backdoored | poisoned caught | BadNet top-1 | BadNet top-5 | "
-             "InSent word top-5 | natural words in clean top-5 | median s (total) | max s |", "|" + "---|" * 11]
+             "InSent word top-5 | task words in clean top-5 | median s (total) | max s |", "|" + "---|" * 11]
     for lens, r in results.items():
         lines.append(f"| {lens} | {r['models']} | {_f(r['auroc'])} | {r['clean_called_backdoored']} | "
                      f"{r['poisoned_called_backdoored']}/{r['poisoned']} | {_f(r['badnet_top1'])} | {_f(r['badnet_top5'])} | "
-                     f"{_f(r['insent_word_top5'])} | {r['natural_words_top5_on_clean']} | "
+                     f"{_f(r['insent_word_top5'])} | {r['task_words_top5_on_clean']}/{r['clean_top5']} | "
                      f"{r['seconds_median'].get('total', 0):.0f} | {_f(r['seconds_max_total'], 0)} |")
     lines += ["", "| model | lens | trigger | verdict | score | top 5 |", "|---|---|---|---|---|---|"]
     lines += [f"| {row['name']} | {row['lens']} | {row['trigger'] or '(clean)'} | {row['verdict']} | {row['score']:.3f} | "
