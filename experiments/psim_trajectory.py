@@ -22,7 +22,7 @@ import numpy as np
 from peftguard import metrics
 from peftguard.data import load_dataset, subsample
 from peftguard.defenses.psim import reset_labels
-from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
+from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule, Settling
 from peftguard.models import LoadOptions
 from peftguard.pipeline import load_model
 from peftguard.training import StepMonitor, TrainSettings, predict_proba, train_classifier
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_PSIM_LR)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--every", type=int, default=8)
+    parser.add_argument("--decay-from", type=int, default=None,
+                        help="constant rate until this step, then linear decay to zero at --steps (0: the fixed "
+                             "schedule's shape; the step the rule's search stopped at: the rule's settling)")
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -72,7 +75,9 @@ def main() -> None:
         return False
 
     check(0)
-    train_classifier(model, tokenizer, train, None, settings, desc="psim", monitor=StepMonitor(args.every, args.steps, check))
+    decay = Settling(args.decay_from, args.steps - args.decay_from).lr_factor if args.decay_from is not None else None
+    train_classifier(model, tokenizer, train, None, settings, desc="psim",
+                     monitor=StepMonitor(args.every, args.steps, check, decay))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
 
@@ -89,7 +94,8 @@ def separation(model, tokenizer, clean: list[str], triggered: list[str], target:
             "triggered_share_predicted_target": round(float((triggered_p.argmax(1) == target).mean()), 4),
             "triggered_mean_target_probability": round(float(triggered_p[:, target].mean()), 4),
             "auroc": round(metrics.auroc(clean_c, triggered_c), 4),
-            "clean_p98": round(float(np.quantile(clean_c, 0.98)), 4)}
+            "clean_p98": round(float(np.quantile(clean_c, 0.98)), 4),
+            "triggered_above_clean_p98": round(float((triggered_c > np.quantile(clean_c, 0.98)).mean()), 4)}
 
 
 if __name__ == "__main__":
