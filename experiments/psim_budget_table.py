@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("run", "role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
-           "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "psim_epochs", "stop_reason",
+COLUMNS = ("run", "role", "model", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+           "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "settle_steps", "psim_epochs", "stop_reason",
            "dev_confidence_mean", "under_trained", "psim_seconds")
 KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
 
@@ -29,7 +29,7 @@ def read(path: Path) -> dict[str, Any]:
 
 def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     plan = read(run_dir / "cells.json")
-    role = "development" if plan["name"].endswith("_dev") else "validation"
+    role = "development" if plan["name"].startswith("psim_budget_dev") else "validation"
     default_fpr = read(run_dir / "config.json").get("evaluate", {}).get("target_fpr", 0.02)
     stages = run_dir / "stages"
     metrics = {c["stage"]: read(stages / c["stage"] / "metrics.json") for c in plan["cells"]
@@ -51,7 +51,7 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
         if before_stage and cell["row"] == "defense":
             sources["attack_metrics.json"] = stages / before_stage / "metrics.json"
         rows.append({"_files": sources,
-            "run": plan["name"], "role": role, "dataset": cell["dataset"], "attack": cell["attack"],
+            "run": plan["name"], "role": role, "model": cell["model"], "dataset": cell["dataset"], "attack": cell["attack"],
             "scenario": cell["scenario"], "seed": cell["seed"], "psim_method": manifest["method"], "row": cell["row"],
             "target_fpr": cell.get("evaluate.target_fpr", default_fpr),
             "ca": pct(before["clean_accuracy"]) if before else pct(m["clean_accuracy"]),
@@ -59,7 +59,7 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
             "defended_ca": pct(m["defended_clean_accuracy"]), "defended_asr": pct(m.get("defended_attack_success_rate")),
             "fpr": pct(m["false_positive_rate"]), "detection_rate": pct(m.get("detection_rate")),
             "auroc": f"{m['auroc']:.3f}" if m.get("auroc") is not None else "", "gamma": f"{m['gamma']:.3f}",
-            "psim_steps": training["steps"], "psim_epochs": round(training["steps"] / manifest["budget"].get("steps_per_epoch", training["steps"]), 2),
+            "psim_steps": training["steps"], "settle_steps": manifest["budget"].get("settle_steps", 0), "psim_epochs": round(training["steps"] / manifest["budget"].get("steps_per_epoch", training["steps"]), 2),
             "stop_reason": manifest["budget"]["stop_reason"], "dev_confidence_mean": f"{manifest['dev_confidence_mean']:.3f}",
             "under_trained": manifest["under_trained"], "psim_seconds": training["seconds"],
         })
@@ -68,7 +68,8 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
 
 def cell_name(row: dict[str, Any]) -> str:
     fpr = f"-fpr{row['target_fpr']}" if row["target_fpr"] != 0.02 else ""
-    return f"{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}-{row['row']}-psim-{row['psim_method']}{fpr}"
+    model = "" if row["model"] == "minilm" else f"{row['model']}-"
+    return f"{model}{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}-{row['row']}-psim-{row['psim_method']}{fpr}"
 
 
 def pct(value: float | None) -> str:
@@ -76,8 +77,9 @@ def pct(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    shown = ("role", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
-             "defended_asr", "fpr", "auroc", "psim_steps", "psim_epochs", "stop_reason", "dev_confidence_mean", "psim_seconds")
+    shown = ("role", "model", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+             "defended_asr", "fpr", "auroc", "psim_steps", "settle_steps", "psim_epochs", "stop_reason", "dev_confidence_mean",
+             "psim_seconds")
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r[c]) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
