@@ -67,7 +67,7 @@ import torch
 from peftguard import metrics
 from peftguard.data import Example
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule, excess_over_chance
-from peftguard.errors import OptionError
+from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import collate, encode, flush_denormals
 from peftguard.triggers import DEFAULT_BADNET_WORDS, BadNetTrigger, Trigger, TriggerRequest, register_attack
 
@@ -94,6 +94,8 @@ class EvasionSettings:
         "help": "simulated-PSIM steps per round, following the weights as they move [2]"})
     reinit_every: int = field(default=50, metadata={
         "help": "rounds per simulated PSIM; then a fresh one (new labels, prompt and head copy) [50]"})
+    psim_rule: BudgetRule = field(default_factory=BudgetRule, metadata={
+        "help": "the stopping rule a fresh simulated PSIM trains by before it counts (default: PSIM's own BudgetRule)"})
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.psim_weight) and self.psim_weight >= 0):
@@ -237,7 +239,7 @@ def evade_psim(job: BackdoorJob, trigger: Trigger, settings: EvasionSettings) ->
     backdoor = Batches(job.tokenizer, triggered, s.batch_size, s.max_length, s.seed + 1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda r: 1 - r / settings.rounds)
-    rule, cycles, sim, psim_batches = BudgetRule(), [], None, None
+    rule, cycles, sim, psim_batches = settings.psim_rule, [], None, None
     started = time.perf_counter()
     model.train()
     for r in range(settings.rounds):
@@ -270,11 +272,10 @@ def adaptive_step(model: Any, sim: SimulatedPSIM, clean: tuple[dict, torch.Tenso
               + torch.nn.functional.cross_entropy(model(**triggered_batch).logits.float(), targets))
         kl = kl_from_uniform(sim.logits(model, triggered_batch))
         (ce + weight * kl).backward()
-    if not math.isfinite(float(ce)) or not math.isfinite(float(kl)):
-        from peftguard.errors import PeftguardError
-
-        raise PeftguardError(f"adaptive-psim: the loss became non-finite (CE {float(ce)}, KL {float(kl)}); lower --lr")
-    return float(ce.detach()), float(kl.detach())
+    ce_value, kl_value = float(ce.detach()), float(kl.detach())
+    if not (math.isfinite(ce_value) and math.isfinite(kl_value)):
+        raise PeftguardError(f"adaptive-psim: the loss became non-finite (CE {ce_value}, KL {kl_value}); lower --lr")
+    return ce_value, kl_value
 
 
 def summarise(cycle: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +285,7 @@ def summarise(cycle: dict[str, Any]) -> dict[str, Any]:
             "kl_mean": round(float(np.mean(kl)), 5)}
 
 
-def attacker_estimate(job: BackdoorJob, trigger: Trigger, cycle: int) -> dict[str, Any]:
+def attacker_estimate(job: BackdoorJob, trigger: Trigger, cycle: int, rule: BudgetRule) -> dict[str, Any]:
     """What the attacker can check on its own dev samples: CA and ASR without a prompt, and a fresh
     simulated PSIM's confidences on clean and triggered inputs, with the share of triggered ones
     above the clean confidences' quantile at PSIM's default false-positive rate (its estimate of
@@ -304,7 +305,7 @@ def attacker_estimate(job: BackdoorJob, trigger: Trigger, cycle: int) -> dict[st
     sim = SimulatedPSIM(model, classifier_head(model), seed)
     model.train()
     warm = sim.warm_up(model, Batches(job.tokenizer, reset_labels(job.clean, num_labels, 1.0, seed), s.batch_size,
-                                      s.max_length, seed), num_labels, BudgetRule())
+                                      s.max_length, seed), num_labels, rule)
     clean_confidence = prompted_confidences(model, sim, job.tokenizer, [ex.text for ex in clean], s.batch_size * 2, s.max_length)
     triggered_confidence = prompted_confidences(model, sim, job.tokenizer, [ex.text for ex in triggered], s.batch_size * 2,
                                                 s.max_length)
@@ -342,7 +343,8 @@ class AdaptivePSIMTrigger(BadNetTrigger):
     """BadNet's rare-word insertion; the backdoor is poisoned as BadNet's, then trained to evade PSIM."""
 
     evasion: EvasionSettings = field(default_factory=EvasionSettings, metadata={
-        "help": "the adaptive phase's settings (EvasionSettings: psim_weight, rounds, psim_steps_per_round, reinit_every)"})
+        "help": "the adaptive phase's settings (EvasionSettings: psim_weight, rounds, psim_steps_per_round, reinit_every, "
+                "psim_rule)"})
     name: str = field(default=NAME, init=False)
 
     def describe(self) -> dict[str, object]:
@@ -354,7 +356,7 @@ class AdaptivePSIMTrigger(BadNetTrigger):
         report = train_classifier(job.model, job.tokenizer, job.poisoned, job.dev, job.settings,
                                   desc="adaptive-psim: poisoning")
         record = evade_psim(job, self, self.evasion)
-        record["attacker_dev"] = attacker_estimate(job, self, len(record["cycles"]))
+        record["attacker_dev"] = attacker_estimate(job, self, len(record["cycles"]), self.evasion.psim_rule)
         record["poisoning_seconds"] = round(report.seconds, 2)
         job.record[RECORD_KEY] = record
         return report
