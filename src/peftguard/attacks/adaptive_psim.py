@@ -57,7 +57,8 @@ import copy
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -201,19 +202,16 @@ class SimulatedPSIM(torch.nn.Module):
         return {"warmup_steps": budget, "near_chance": False, "mean_confidence": round(float(np.mean(recent)), 5)}
 
 
-class frozen:
-    """Context: ``model``'s parameters do not require grad inside (gradients still flow through it)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.trainable = [p.requires_grad for p in self.model.parameters()]
-        self.model.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for parameter, trainable in zip(self.model.parameters(), self.trainable):
-            parameter.requires_grad_(trainable)
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s parameters do not require grad inside (gradients still flow through it to others)."""
+    trainable = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, was in zip(module.parameters(), trainable):
+            parameter.requires_grad_(was)
 
 
 def kl_from_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -247,13 +245,14 @@ def evade_psim(job: BackdoorJob, trigger: Trigger, settings: EvasionSettings) ->
             seed = cycle_seed(s.seed, len(cycles))
             psim_batches = Batches(job.tokenizer, reset_labels(job.clean, num_labels, 1.0, seed), s.batch_size, s.max_length, seed)
             sim = SimulatedPSIM(model, head, seed)
-            cycles.append({"start_round": r, "seed": seed, **sim.warm_up(model, psim_batches, num_labels, rule), "kl": []})
+            cycles.append({"start_round": r, "seed": seed, **sim.warm_up(model, psim_batches, num_labels, rule), "ce": [], "kl": []})
         for _ in range(settings.psim_steps_per_round):
             sim.train_step(model, psim_batches)
         ce, kl = adaptive_step(model, sim, clean.next(device), backdoor.next(device), job.target_label, settings.psim_weight)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        cycles[-1]["ce"].append(ce)
         cycles[-1]["kl"].append(kl)
     model.eval()
     return {"objective": OBJECTIVE, "settings": asdict(settings), "psim_lr": DEFAULT_PSIM_LR,
@@ -279,10 +278,11 @@ def adaptive_step(model: Any, sim: SimulatedPSIM, clean: tuple[dict, torch.Tenso
 
 
 def summarise(cycle: dict[str, Any]) -> dict[str, Any]:
-    """A cycle's record: its warm-up and the KL term at its first and last rounds and on average."""
-    kl = cycle.pop("kl")
+    """A cycle's record: its warm-up, the KL term at its first and last rounds and on average, and the mean
+    of the two cross-entropies."""
+    ce, kl = cycle.pop("ce"), cycle.pop("kl")
     return {**cycle, "rounds": len(kl), "kl_first": round(kl[0], 5), "kl_last": round(kl[-1], 5),
-            "kl_mean": round(float(np.mean(kl)), 5)}
+            "kl_mean": round(float(np.mean(kl)), 5), "ce_mean": round(float(np.mean(ce)), 5)}
 
 
 def attacker_estimate(job: BackdoorJob, trigger: Trigger, cycle: int, rule: BudgetRule) -> dict[str, Any]:
