@@ -34,6 +34,11 @@ def test_adaptive_psim_is_registered_with_badnet_words_and_checks_its_settings()
             EvasionSettings(**bad)
 
 
+def test_a_model_without_a_classification_head_is_refused_in_one_line():
+    with pytest.raises(OptionError, match="Linear has no classification head named classifier or score"):
+        adaptive_psim.classifier_head(torch.nn.Linear(2, 2))
+
+
 def test_the_psim_term_is_zero_at_chance_and_grows_with_confidence():
     assert float(kl_from_uniform(torch.zeros(4, 2))) == pytest.approx(0.0, abs=1e-7)
     mild, sure = kl_from_uniform(torch.tensor([[1.0, 0.0]])), kl_from_uniform(torch.tensor([[6.0, 0.0]]))

@@ -29,8 +29,10 @@ b. takes one step on the poisoned weights (the simulated PSIM frozen) minimising
 
 Every ``reinit_every`` rounds the simulated PSIM is replaced by a fresh one (new labels, new
 prompt, new head copy), first trained until its mean confidence on the random-label batches it
-trains on is near chance by PSIM's own rule (at most the rule's step budget), the state in which a
-defender deploys it. Replacing it keeps the weights from overfitting one prompt: the defender's
+trains on (measured before each step, instead of PSIM's separate dev pass) is near chance by PSIM's
+own rule (at most the rule's step budget), the state in which a defender deploys it. PSIM's settling
+phase (half the search again at a decaying rate) is not copied: the simulated PSIM keeps training at
+PSIM's rate for as long as its cycle lasts. Replacing it keeps the weights from overfitting one prompt: the defender's
 PSIM is another draw from the same family. The triggered inputs are the attacker's own clean
 training texts whose label is not the target, with the trigger inserted (the inputs the backdoor
 must fire on, whatever the poisoning mode); they are labelled with the target.
@@ -40,13 +42,15 @@ must fire on, whatever the poisoning mode); they are labelled with the target.
 is AdamW at the poisoning rate, decaying linearly to zero over the rounds.
 
 **Cost.** Each round is ``psim_steps_per_round`` PSIM steps (forward and backward through the whole
-model to reach the prompt, no weight gradients) plus one step on two batches (plain and through
-the prompt); each fresh PSIM first trains up to the budget rule's steps (at least 200). With the
-defaults that is roughly 1,000-2,000 batch passes on top of BadNet's poisoning (189 steps for 2,000
+model to reach the prompt, no weight gradients) plus three forward-backward passes (clean and
+triggered without the prompt, triggered through it); each fresh simulated PSIM, and one more at the
+end for the attacker's estimate, first trains until near chance (at most the rule's budget: four
+epochs, at least 200 steps). With the defaults that is about 1,000 batch passes for the rounds and
+up to 5 x 252 for the warm-ups on 2,000 samples, on top of BadNet's poisoning (189 steps for 2,000
 samples and 3 epochs): several times BadNet's poisoning time. The manifest records the seconds of
-both phases, the simulated PSIMs' warm-up steps, the KL term per cycle and, at the end, a fresh
-simulated PSIM's confidences on the attacker's own clean and triggered dev samples (its estimate of
-the evasion, on data the attacker makes, never the defender's).
+both phases, each simulated PSIM's warm-up steps, the KL term and the cross-entropy per cycle and,
+at the end, a fresh simulated PSIM's confidences on the attacker's own clean and triggered dev
+samples (its estimate of the evasion, on data the attacker makes, never the defender's).
 
 BadNet-style rare-word triggers (``--trigger``, default as for BadNet). Sequence classifiers only
 (a model read through an instruction template is refused).
