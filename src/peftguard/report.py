@@ -59,7 +59,7 @@ def cell_values(cell: dict[str, Any]) -> tuple[float, float | None] | None:
 def row_label(cell: dict[str, Any]) -> str:
     label = ROW_LABELS[cell["row"]]
     if cell["row"] == "defense" and cell.get("defense") not in (None, "psim"):
-        label += f" ({cell['defense']})"
+        label += f" ({cell.get('defense_setting') or cell['defense']})"  # a run planned before settings were named: the name
     extras = [f"{k.split('.', 1)[1]}={_swept_value(k, v)}" for k, v in cell.items() if k.startswith(SWEPT_SECTIONS)]
     return label + (f" [{', '.join(extras)}]" if extras else "")
 

@@ -151,6 +151,14 @@ def make_options(name: str, values: Mapping[str, Any], *, where: str | None = No
         raise OptionError(f"{where}.{path}: {error['msg']}") from None
 
 
+def setting_label(name: str, values: Mapping[str, Any]) -> str:
+    """How a report row names defense ``name`` with these grid options: the name, and the backend or setting
+    its options' ``label()`` gives (``back-translation: apertium eng-spa-eng``); a defense whose options
+    have no ``label()`` is named alone."""
+    label = getattr(make_options(name, values), "label", None)
+    return f"{name}: {label()}" if callable(label) else name
+
+
 def build_defense(name: str | None, options: Any, context: DefenseContext) -> Defense | None:
     """The defense called ``name`` (None: no defense) with ``options`` (None: its defaults)."""
     if name is None:
