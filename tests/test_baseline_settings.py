@@ -36,6 +36,8 @@ def test_each_baseline_label_names_its_backend_or_setting() -> None:
     assert setting_label("fine-mixing", {}) == "fine-mixing: ratio chosen on clean dev, victim's fine-tuning replayed"
     assert setting_label("fine-mixing", {"mix_ratio": 0.3}) == "fine-mixing: ratio 0.3, victim's fine-tuning replayed"
     assert setting_label("onion", {"bars": [0, -10]}) == "onion: LM smollm2, bar 0, -10"
+    assert setting_label("strip", {}) == "strip"  # no label(): the settings that differ from its defaults
+    assert setting_label("strip", {"repeat": 10}) == "strip: repeat=10"
 
 
 def test_the_baseline_configs_use_the_authors_round_trips_and_name_each_backend() -> None:

@@ -219,6 +219,7 @@ def check_peftguard(documented: Documented) -> None:
         config = demo_config(params["config"], tuple(params["defenses"] or ()), methods=tuple(params["methods"] or ()),
                              **options)
         _plan(config, 10_000)
+        check_stated_sizes(documented, config)
 
 
 def plan_config(path: Path, max_cells: int):
