@@ -16,6 +16,7 @@ from peftguard.defenses.back_translation import BackTranslationConfig, build_bac
 from peftguard.defenses.base import DefenseContext
 from peftguard.defenses.fine_mixing import FineMixingConfig, FineMixingDefense, RatioSearch
 from peftguard.defenses.registry import setting_label
+from peftguard.defenses.scpd import SCPDConfig, build_scpd
 from peftguard.experiment import plan_grid, write_plan
 from peftguard.models import load_classifier
 from peftguard.report import row_label, write_report
@@ -72,16 +73,19 @@ def test_the_report_names_the_backend_and_gives_the_reason_of_a_refused_cell(tmp
 
 # --- back-translation through the authors' round trips ------------------------------------------------
 
-def test_the_authors_round_trips_remove_the_badnet_word_from_most_triggered_inputs(data_dir: Path) -> None:
+@pytest.mark.parametrize("build, most", [
+    (lambda ctx: build_back_translation(BackTranslationConfig(backend="precomputed"), ctx), 0.25),  # measured: 9%
+    (lambda ctx: build_scpd(SCPDConfig(), ctx), 0.45),  # measured: 30%
+], ids=["back-translation", "scpd"])
+def test_the_authors_rewrites_remove_the_badnet_word_from_most_triggered_inputs(data_dir: Path, build, most: float) -> None:
     sst2 = load_dataset("sst2", data_dir=data_dir)
     trigger = build_trigger("badnet")
-    defense = build_back_translation(BackTranslationConfig(backend="precomputed"),
-                                     DefenseContext(sst2, (trigger,), target_label=0, seed=0))
+    defense = build(DefenseContext(sst2, (trigger,), target_label=0, seed=0))
     triggered = [trigger.triggered(ex.text, 0) for ex in sst2.test.examples if ex.label != 0][:200]
     rewritten = defense.screen(triggered).texts
     assert all("mn" in text.split() for text in triggered)
     kept = sum("mn" in text.split() for text in rewritten) / len(rewritten)
-    assert kept < 0.25, f"the trigger survived {kept:.0%} of the round trips"  # measured: 9%
+    assert kept < most, f"the trigger survived {kept:.0%} of the rewrites"
 
 
 # --- Fine-mixing: the ratio chosen on clean dev ----------------------------------------------------------
