@@ -139,3 +139,16 @@ def test_fine_mixing_chooses_its_ratio_on_clean_dev_and_keeps_that_victim(
     assert selection["chosen"] == record["mix_ratio"] == (0.1 if tolerance > 0 else best)
     assert abs(record["kept_from_suspect"] - record["mix_ratio"]) < 0.02  # the kept victim is the chosen one
     assert defense.describe()["mix_ratio"] == record["mix_ratio"]
+    if tolerance > 0:  # a search cut short leaves a candidate without its selection: it is searched again, not reused
+        manifest = json.loads((Path(folder) / "finetune.json").read_text())
+        del manifest["defense"]["selection"]
+        (Path(folder) / "finetune.json").write_text(json.dumps(manifest))
+        again = FineMixingDefense(FineMixingConfig(seed=0), load_dataset("sst2", data_dir=data_dir),
+                                  out_dir=tmp_path / "fine-mixed", max_eval_samples=16)
+        again.defend(victim)
+        remade = json.loads((Path(folder) / "finetune.json").read_text())
+        assert "selection" in remade["defense"]
+        seconds = remade["training"]["seconds"]
+        FineMixingDefense(FineMixingConfig(seed=0), load_dataset("sst2", data_dir=data_dir),
+                          out_dir=tmp_path / "fine-mixed", max_eval_samples=16).defend(victim)
+        assert json.loads((Path(folder) / "finetune.json").read_text())["training"]["seconds"] == seconds  # reused

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from peftguard.artifacts import atomic_dir, write_json
@@ -46,7 +47,7 @@ from peftguard.manifests import ReplayableVictimManifest, read_manifest
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import read_poisoning_manifest
 from peftguard.training import TrainSettings, check_length_budget, seed_everything, train_classifier, training_record
-from peftguard.tuning import METHODS, MethodConfig, make_tunable, method_config, method_name, write_tuned
+from peftguard.tuning import METHODS, MethodConfig, load_tuned, make_tunable, method_config, method_name, write_tuned
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
 MIXED_FOLDER = "mixed"  # inside a fine-mixed PEFT victim: the mixed base its adapter sits on
@@ -75,6 +76,10 @@ class RatioSearch:
 
     ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     tolerance: float = 0.02
+
+    def as_dict(self) -> dict[str, Any]:
+        """As a manifest records it (JSON: lists), so that a reread request equals a new one."""
+        return {"ratios": list(self.ratios), "tolerance": self.tolerance}
 
     def criterion(self) -> str:
         return (f"first of {list(self.ratios)} whose clean dev accuracy >= the victim's - {self.tolerance}; "
@@ -250,15 +255,17 @@ class FineMixingDefense(ModelDefense):
         samples = self.max_train_samples if self.max_train_samples is not None else plan.train_samples
         request = {"victim": model_reference(victim), "dataset": self.dataset.name, "max_train_samples": samples,
                    "max_eval_samples": self.max_eval_samples, **asdict(self.config),
-                   **({"search": asdict(RATIO_SEARCH)} if self.config.mix_ratio is None else {})}
+                   **({"search": RATIO_SEARCH.as_dict()} if self.config.mix_ratio is None else {})}
         existing = self.out_dir / VICTIM_MANIFEST
         if existing.is_file():
             manifest = read_manifest(existing)
-            if manifest.get("defense", {}).get("request") != request:
+            record = manifest.get("defense", {})
+            if record.get("request") != request:
                 raise OptionError(f"{self.out_dir} holds another fine-mixed victim; choose another --fine-mixed "
                                   "folder or remove it")
-            self.manifest = manifest  # made earlier with the same settings: reuse it
-            return str(self.out_dir)
+            if self.config.mix_ratio is not None or "selection" in record:  # not a candidate of a search cut short
+                self.manifest = manifest  # made earlier with the same settings: reuse it
+                return str(self.out_dir)
         if self.config.mix_ratio is not None:
             self.manifest = self._mix(plan, victim, samples, request, self.config)
         else:
@@ -304,13 +311,12 @@ def dev_accuracy(victim: str, dataset: TextDataset, max_eval_samples: int | None
                  options: LoadOptions) -> float:
     """The victim's accuracy on the clean dev subset its fine-tuning (and its replay) selects epochs on."""
     from peftguard.inference import predict_proba
-    from peftguard.tuning import load_tuned
 
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
     model, tokenizer, _ = load_tuned(victim, VICTIM_MANIFEST, options)
     predicted = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size, settings.max_length,
                               desc="fine-mixing: victim on clean dev").argmax(1)
-    return float((predicted == torch.tensor([ex.label for ex in dev]).numpy()).mean()) if dev else 0.0
+    return float((predicted == np.array([ex.label for ex in dev])).mean()) if dev else 0.0
 
 
 @dataclass(frozen=True)
