@@ -52,14 +52,20 @@ def test_the_baseline_configs_use_the_authors_round_trips_and_name_each_backend(
 
 
 def test_the_report_names_the_backend_and_gives_the_reason_of_a_refused_cell(tmp_path: Path) -> None:
-    config = parse_config({"name": "x", "grid": {"attacks": ["insent"], "defenses": ["none", "scpd", "back-translation"]},
+    config = parse_config({"name": "x", "grid": {"attacks": ["insent"],
+                                                 "defenses": ["none", "scpd", "back-translation", "fine-mixing"]},
                            "victim": {"normal": False}, "defense_options": {"back-translation": {"backend": "precomputed"}}})
     plan = plan_grid(config)
     write_plan(tmp_path, config, plan)
     written = {"none": {"clean_accuracy": 0.8, "attack_success_rate": 1.0},
                "scpd": {"refused": "the shipped files carry the BadNet word mn only", "defense": "scpd"},
                "back-translation": {"clean_accuracy": 0.8, "attack_success_rate": 1.0, "defended_clean_accuracy": 0.7,
-                                    "defended_attack_success_rate": 0.25}}
+                                    "defended_attack_success_rate": 0.25},
+               "fine-mixing": {"clean_accuracy": 0.8, "attack_success_rate": 1.0, "defended_clean_accuracy": 0.75,
+                               "defended_attack_success_rate": 0.5,
+                               "defense": {"name": "fine-mixing", "mix_ratio": 0.3, "selection": {
+                                   "criterion": "first within", "victim_dev_accuracy": 0.8, "chosen": 0.3,
+                                   "tried": [{"mix_ratio": 0.1, "dev_accuracy": 0.7}, {"mix_ratio": 0.3, "dev_accuracy": 0.79}]}}}}
     for cell in plan.cells:
         folder = stage_dir(tmp_path, cell["stage"])
         folder.mkdir(parents=True)
@@ -69,6 +75,8 @@ def test_the_report_names_the_backend_and_gives_the_reason_of_a_refused_cell(tmp
     assert "| Defense (scpd: SCPN paraphrases of the PSIM authors) | n/a | n/a |" in report
     assert "n/a: scpd refused insent: the shipped files carry the BadNet word mn only" in report
     assert f"| Defense ({AUTHORS_ROUND_TRIPS}) | 70.00 | 25.00 |" in report
+    assert ("mix ratio 0.3 chosen on clean dev (first within; victim dev accuracy 0.8000; tried 0.1: 0.7000, "
+            "0.3: 0.7900)") in report
 
 
 # --- back-translation through the authors' round trips ------------------------------------------------
