@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="test sentences for PSIM (half get a BadNet trigger)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the PSIM cases (medians)")
@@ -44,7 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--victim", type=Path, help="a victim folder [built and cached]")
     parser.add_argument("--sweep", action="store_true", help="also time batch sizes 16/32/64/128 at the default precision")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "detection.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def test_inputs(samples: int) -> tuple[list[str], np.ndarray]:

@@ -27,7 +27,8 @@ import common  # noqa: E402
 BATCH = 32
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--scan-sizes", type=int, nargs="+", default=[1000, 2000, 4000])
@@ -36,7 +37,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--length-scan-samples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "growth.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def psim_model() -> tuple[Any, Any]:

@@ -34,12 +34,17 @@ BATCH = 32
 EPOCH_STEPS = math.ceil(3000 / BATCH)  # the issue's setting: 3000 SST-2 samples, batch 32
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="training steps per case per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (medians are over rounds)")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "ptuning_profile.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def build(method: str) -> tuple[Any, Any]:

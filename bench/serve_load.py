@@ -22,7 +22,8 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=32)
@@ -30,7 +31,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--psim", type=Path)
     parser.add_argument("--victim", type=Path)
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "serve_load.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def _client(port: int, texts: list[str], budget: dict[str, Any], latencies: list[float], statuses: list[int]) -> None:

@@ -39,14 +39,19 @@ def cases(cores: int) -> dict[str, dict[str, str]]:
     }
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["full", "ptuning-v1"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "threads.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def run_one(method: str, steps: int) -> dict[str, float]:

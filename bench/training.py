@@ -33,14 +33,19 @@ SIZES = {  # model: (samples, batch size, max length); SmolLM2 kept small (about
 MATMUL_SIZE = 2048
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "full-pad128"])
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per case (medians)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT_DIR / "training.json")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def pad_to(length: int) -> None:

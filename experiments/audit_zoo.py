@@ -120,7 +120,8 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -128,7 +129,11 @@ def main() -> None:
     parser.add_argument("--lens", action="append", choices=["psim", "classifier"])
     parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
     parser.add_argument("audit_args", nargs="*", help="passed on to peftguard audit (after --)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     models = [m for m in json.loads((args.zoo / "zoo.json").read_text()) if m["part"] == args.part
               and (not args.only or m["name"] in args.only)]
     results, per_model = {}, []

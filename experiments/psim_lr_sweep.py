@@ -23,7 +23,8 @@ from peftguard.training import TrainSettings
 from peftguard.triggers import build_triggers, triggered_test_set
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--poisoned", required=True)
     parser.add_argument("--dataset", default="sst2")
@@ -33,7 +34,11 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     data = load_dataset(args.dataset)
     test = data.test.examples

@@ -33,7 +33,8 @@ from peftguard.victims import prepare_tunable
 METHODS = {"ptuning-v1": PTuningV1Config, "lora": LoraMethodConfig}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--poisoned", required=True)
     parser.add_argument("--attack", default="badnet")
@@ -49,7 +50,11 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     data = load_dataset(args.dataset)
     target = json.loads((Path(args.poisoned) / "poisoning.json").read_text())["poisoning"]["target_label"]

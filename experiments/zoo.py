@@ -55,14 +55,19 @@ def done(command: list[str]) -> bool:
     return any((out / marker).is_file() for marker in ("poisoning.json", "finetune.json"))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--part", choices=["development", "held-apart"])
     parser.add_argument("--only", action="append", help="build only this entry (repeat)")
     parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     defaults, entries = load_zoo(args.config)
     listing = []
     for entry in entries:

@@ -162,9 +162,11 @@ def test_grid_baseline_rows_measure_fine_mixing_and_show_a_refused_defense_as_na
     by_defense = {c["defense"]: json.loads((stage_dir(run_dir, c["stage"]) / "metrics.json").read_text()) for c in plan.cells}
     assert "insent" in by_defense["scpd"]["refused"]  # the shipped SCPN files carry BadNet's word only
     mixed = by_defense["fine-mixing"]
-    assert mixed["defense"]["name"] == "fine-mixing" and mixed["defense"]["mix_ratio"] == 0.5
+    assert mixed["defense"]["name"] == "fine-mixing" and mixed["defense"]["mix_ratio"] == mixed["defense"]["selection"]["chosen"]
     assert 0 <= mixed["defended_clean_accuracy"] <= 1 and 0 <= mixed["defended_attack_success_rate"] <= 1
     write_report(run_dir)
     table = (run_dir / "report" / "results.md").read_text()
-    assert "| Defense (scpd) | n/a | n/a |" in table
-    assert f"| Defense (fine-mixing) | {100 * mixed['defended_clean_accuracy']:.2f} |" in table
+    assert "| Defense (scpd: SCPN paraphrases of the PSIM authors) | n/a | n/a |" in table
+    assert "n/a: scpd refused insent:" in table  # with the reason
+    assert (f"| Defense (fine-mixing: ratio chosen on clean dev, victim's fine-tuning replayed) | "
+            f"{100 * mixed['defended_clean_accuracy']:.2f} |") in table

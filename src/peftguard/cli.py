@@ -546,7 +546,7 @@ def demo(
 def defend_fine_mixing(
     model: Annotated[str, typer.Option("--model", help="A victim folder (its fine-tuning is replayed on mixed weights), or a poisoned model with --method.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the fine-mixed victim (finetune.json; a PEFT victim keeps its mixed base in mixed/).")],
-    mix_ratio: Annotated[float, typer.Option("--mix-ratio", help="Share of weights kept from the suspect model: 0 = clean model, 1 = suspect.")] = 0.5,
+    mix_ratio: Annotated[Optional[float], typer.Option("--mix-ratio", help="Share of weights kept from the suspect model: 0 = clean model, 1 = suspect [a victim: chosen on clean dev data (defenses/fine_mixing.py, RatioSearch); a poisoned model: required].")] = None,
     clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="The clean pretrained model [the base_model in poisoning.json].")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=f"With a poisoned model: {' | '.join(METHODS)} [lora].")] = None,
     dataset: DatasetOpt = "sst2",
@@ -587,7 +587,9 @@ def defend_fine_mixing(
         manifest = fine_mix(model, data, config, settings, out, mixing=mixing, max_train_samples=max_train_samples,
                             max_eval_samples=max_eval_samples, options=options)
     record = manifest["defense"]
-    typer.echo(f"fine-mixed {manifest['method']} victim in {out}: {record['kept_from_suspect']:.3f} of the weights "
+    chosen = ", chosen on clean dev" if "selection" in record else ""
+    typer.echo(f"fine-mixed {manifest['method']} victim in {out} (mix ratio {record['mix_ratio']:g}{chosen}): "
+               f"{record['kept_from_suspect']:.3f} of the weights "
                f"from {record['suspect_model']}, the rest from {record['clean_model']}; best dev accuracy "
                f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
 

@@ -55,6 +55,7 @@ def plan_grid(config: ExperimentConfig) -> Plan:
     eval_variants = _variants(config, "evaluate")
     victim_variants = _variants(config, "victim")
     g = config.grid
+    named = _defense_settings(config)
     for model, dataset, attack, scenario, seed in itertools.product(g.models, g.datasets, g.attacks, g.scenarios, g.seeds):
         attacks = [attack] if isinstance(attack, str) else list(attack)
         axes = {"model": model, "dataset": dataset, "attack": "+".join(attacks), "scenario": scenario, "seed": seed}
@@ -72,7 +73,7 @@ def plan_grid(config: ExperimentConfig) -> Plan:
                 for psim_v, psim_name in (psims.items() if defense == "psim" else [((), None)]):
                     for eval_v in _eval_variants_for(defense, eval_variants):
                         row = "attack" if defense == "none" else "defense"
-                        cell = {**method_axes, "row": row, "defense": defense,
+                        cell = {**method_axes, "row": row, "defense": defense, **named.get(defense, {}),
                                 **_swept("psim", dict(psim_v)), **_swept("evaluate", eval_v)}
                         _add_eval(plan, config, victim, psim_name, defense, attacks, eval_v, cell)
             if config.clean_model and config.victim.normal:  # the first PSIM setting, every evaluation setting
@@ -82,6 +83,15 @@ def plan_grid(config: ExperimentConfig) -> Plan:
                     _add_eval(plan, config, normal, clean_psim, "psim", attacks, eval_v,
                               {**method_axes, "row": "defense_clean", "defense": "psim", **_swept("evaluate", eval_v)})
     return plan
+
+
+def _defense_settings(config: ExperimentConfig) -> dict[str, dict[str, str]]:
+    """Per baseline defense, the backend and settings its report row names (``defense_setting``); PSIM's
+    settings are the config's psim section, which every report states."""
+    from peftguard.defenses.registry import setting_label
+
+    return {name: {"defense_setting": setting_label(name, config.defense_options.get(name, {}))}
+            for name in config.grid.defenses if name not in ("none", "psim")}
 
 
 # Evaluation settings only the PSIM reads: another defense's cells do not cross their sweep.

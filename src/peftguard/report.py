@@ -59,7 +59,7 @@ def cell_values(cell: dict[str, Any]) -> tuple[float, float | None] | None:
 def row_label(cell: dict[str, Any]) -> str:
     label = ROW_LABELS[cell["row"]]
     if cell["row"] == "defense" and cell.get("defense") not in (None, "psim"):
-        label += f" ({cell['defense']})"
+        label += f" ({cell.get('defense_setting') or cell['defense']})"  # a run planned before settings were named: the name
     extras = [f"{k.split('.', 1)[1]}={_swept_value(k, v)}" for k, v in cell.items() if k.startswith(SWEPT_SECTIONS)]
     return label + (f" [{', '.join(extras)}]" if extras else "")
 
@@ -163,6 +163,7 @@ def context_lines(run_dir: Path, plan: dict[str, Any], cells: list[dict[str, Any
         f"Versions {versions or stage_versions}.",
         *(f"n/a: {c['defense']} refused {c['attack']}: {c['metrics']['refused']}" for c in cells if "refused" in c["metrics"]),
         *detection_lines(cells),
+        *selection_lines(cells),
         f"{len(cells)} of {len(plan['cells'])} cells finished. CA/ASR in percent; Defense rows are the paper's "
         "defended figures (a flagged clean sample counts as wrong, a flagged triggered sample as a failed attack).",
     ]
@@ -182,6 +183,20 @@ def detection_lines(cells: list[dict[str, Any]]) -> list[str]:
         detection = 100 * m.get("detection_rate", float("nan"))
         lines.append(f"{key[-1]} ({' '.join(str(k) for k in key[:-1])}, {cell['method']}): {gamma}"
                      f"FPR {100 * m['false_positive_rate']:.2f}, detection rate {detection:.2f}{auroc}.")
+    return lines
+
+
+def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """Per cell of a defense that chose a setting on clean dev data (Fine-mixing's ratio), what it chose and why."""
+    lines = []
+    for cell in cells:
+        record = cell["metrics"].get("defense")
+        selection = record.get("selection") if isinstance(record, dict) else None
+        if selection:
+            tried = ", ".join(f"{t['mix_ratio']:g}: {t['dev_accuracy']:.4f}" for t in selection["tried"])
+            lines.append(f"{row_label(cell)} ({' '.join(str(cell[k]) for k in GROUP_KEYS)}, {cell['method']}, seed "
+                         f"{cell['seed']}): mix ratio {selection['chosen']:g} chosen on clean dev ({selection['criterion']}; "
+                         f"victim dev accuracy {selection['victim_dev_accuracy']:.4f}; tried {tried}).")
     return lines
 
 

@@ -50,6 +50,16 @@ class BackTranslationConfig:
         "help": "triggered test rewrites, aligned with the non-target test rows [test_char_back.csv: BadNet mn only]",
         "flag": "--precomputed-triggered"})
 
+    def label(self) -> str:
+        """The backend a report row names (apertium is named as such: it copies unknown words through)."""
+        if self.backend == "apertium":
+            return f"apertium eng-{self.pivot}-eng"
+        if self.backend == "marian":
+            return "marian " + " + ".join(self.models)
+        if self.backend == "precomputed" and self.precomputed is None:
+            return "precomputed round trips of the PSIM authors"
+        return f"{self.backend} {self.precomputed.name}" if self.precomputed else self.backend
+
 
 class Apertium:
     """English → pivot → English with the ``apertium`` command, one text per line."""

@@ -16,20 +16,27 @@ Departures from the paper:
   "Fine-mixing (Sel)".
 * The classification head has no pretrained counterpart: its clean side is a freshly initialised
   head (seeded), what the clean model gets when loaded as a classifier.
-* rho is an option (default 0.5); there is no search for it on held-out data.
+* rho: the paper tunes it per task; here, unless ``--mix-ratio`` fixes it, it is chosen on clean dev
+  data by :class:`RatioSearch`, whose criterion was fixed before any result was seen: try rho = 0.1,
+  0.3, 0.5, 0.7, 0.9 in turn (least suspect weight first, i.e. strongest purification first) and keep
+  the first whose fine-mixed victim's clean dev accuracy is within 2 points of the undefended victim's
+  on the same dev subset; if none is, the one with the best clean dev accuracy. The fine-tuning replayed
+  on each candidate is the victim's own (method, settings, seed, training subset). No triggered or
+  test data is read.
 * Classifier victims only: an instruction-tuned causal LM (label words) is refused.
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from peftguard.artifacts import atomic_dir
+from peftguard.artifacts import atomic_dir, write_json
 from peftguard.bounds import BOUNDS
 from peftguard.data import TextDataset, subsample
 from peftguard.defenses.base import DefenseContext, ModelDefense
@@ -40,7 +47,7 @@ from peftguard.manifests import ReplayableVictimManifest, read_manifest
 from peftguard.models import LoadOptions, check_max_length, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import read_poisoning_manifest
 from peftguard.training import TrainSettings, check_length_budget, seed_everything, train_classifier, training_record
-from peftguard.tuning import METHODS, MethodConfig, make_tunable, method_config, method_name, write_tuned
+from peftguard.tuning import METHODS, MethodConfig, load_tuned, make_tunable, method_config, method_name, write_tuned
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
 MIXED_FOLDER = "mixed"  # inside a fine-mixed PEFT victim: the mixed base its adapter sits on
@@ -49,12 +56,45 @@ MIXED_MANIFEST = "fine_mixing.json"
 
 @dataclass(frozen=True)
 class FineMixingConfig:
-    mix_ratio: float = field(default=0.5, metadata={"help": "share of weights kept from the suspect (0: clean, 1: suspect)"})
+    mix_ratio: float | None = field(default=None, metadata={
+        "help": "share of weights kept from the suspect (0: clean, 1: suspect); None: chosen on clean dev (RatioSearch)"})
     clean_model: str | None = field(default=None, metadata={"help": "clean pretrained model [poisoning.json's base_model]"})
     seed: int = field(default=0, metadata={"help": "seed of the mixing mask"})
 
     def validate(self) -> None:
-        BOUNDS["mix_ratio"].check(self.mix_ratio, "--mix-ratio")
+        if self.mix_ratio is not None:
+            BOUNDS["mix_ratio"].check(self.mix_ratio, "--mix-ratio")
+
+
+@dataclass(frozen=True)
+class RatioSearch:
+    """How the mixing ratio is chosen on clean dev data (module docstring); fixed a priori, not tuned on results.
+
+    ``ratios`` are tried in this order (least suspect weight first); the first whose fine-mixed victim's
+    best clean dev accuracy is at least the undefended victim's minus ``tolerance`` is kept.
+    """
+
+    ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    tolerance: float = 0.02
+
+    def as_dict(self) -> dict[str, Any]:
+        """As a manifest records it (JSON: lists), so that a reread request equals a new one."""
+        return {"ratios": list(self.ratios), "tolerance": self.tolerance}
+
+    def criterion(self) -> str:
+        return (f"first of {list(self.ratios)} whose clean dev accuracy >= the victim's - {self.tolerance}; "
+                "else the best clean dev accuracy")
+
+    def choose(self, tried: list[dict[str, float]], reference: float) -> float | None:
+        """The ratio to keep once ``tried`` is final, or None while the search should go on."""
+        if tried and tried[-1]["dev_accuracy"] >= reference - self.tolerance:
+            return tried[-1]["mix_ratio"]
+        if len(tried) < len(self.ratios):
+            return None
+        return max(tried, key=lambda t: t["dev_accuracy"])["mix_ratio"]
+
+
+RATIO_SEARCH = RatioSearch()
 
 
 def mix_state_dicts(
@@ -150,6 +190,8 @@ def fine_mix(
     A PEFT victim keeps its mixed base in ``<out_dir>/mixed``; a full victim holds all weights itself.
     """
     mixing.validate()
+    if mixing.mix_ratio is None:
+        raise OptionError("Fine-mixing of a poisoned model needs --mix-ratio (the dev search compares with a victim)")
     settings.validate()
     check_length_budget(config, settings)
     if Path(suspect_ref).is_dir() and read_template(Path(suspect_ref)) is not None:
@@ -212,20 +254,48 @@ class FineMixingDefense(ModelDefense):
         plan = replay_plan(victim)
         samples = self.max_train_samples if self.max_train_samples is not None else plan.train_samples
         request = {"victim": model_reference(victim), "dataset": self.dataset.name, "max_train_samples": samples,
-                   "max_eval_samples": self.max_eval_samples, **asdict(self.config)}
+                   "max_eval_samples": self.max_eval_samples, **asdict(self.config),
+                   **({"search": RATIO_SEARCH.as_dict()} if self.config.mix_ratio is None else {})}
         existing = self.out_dir / VICTIM_MANIFEST
         if existing.is_file():
             manifest = read_manifest(existing)
-            if manifest.get("defense", {}).get("request") != request:
+            record = manifest.get("defense", {})
+            if record.get("request") != request:
                 raise OptionError(f"{self.out_dir} holds another fine-mixed victim; choose another --fine-mixed "
                                   "folder or remove it")
-            self.manifest = manifest  # made earlier with the same settings: reuse it
-            return str(self.out_dir)
-        self.manifest = fine_mix(plan.suspect, self.dataset, plan.config, plan.settings, self.out_dir,
-                                 mixing=self.config, max_train_samples=samples, max_eval_samples=self.max_eval_samples,
-                                 source_victim=model_reference(victim),
-                                 request=request, options=self.options)
+            if self.config.mix_ratio is not None or "selection" in record:  # not a candidate of a search cut short
+                self.manifest = manifest  # made earlier with the same settings: reuse it
+                return str(self.out_dir)
+        if self.config.mix_ratio is not None:
+            self.manifest = self._mix(plan, victim, samples, request, self.config)
+        else:
+            self.manifest = self._search(plan, victim, samples, request)
         return str(self.out_dir)
+
+    def _mix(self, plan: ReplayPlan, victim: str, samples: int | None, request: dict[str, Any],
+             mixing: FineMixingConfig) -> dict[str, Any]:
+        return fine_mix(plan.suspect, self.dataset, plan.config, plan.settings, self.out_dir,
+                        mixing=mixing, max_train_samples=samples, max_eval_samples=self.max_eval_samples,
+                        source_victim=model_reference(victim), request=request, options=self.options)
+
+    def _search(self, plan: ReplayPlan, victim: str, samples: int | None, request: dict[str, Any]) -> dict[str, Any]:
+        """Fine-mix at each ratio of :data:`RATIO_SEARCH` until its criterion picks one (each candidate is
+        written to ``out_dir`` in turn, so the last one made is kept unless the criterion falls back)."""
+        reference = dev_accuracy(victim, self.dataset, self.max_eval_samples, plan.settings, self.options)
+        tried: list[dict[str, float]] = []
+        chosen = None
+        for ratio in RATIO_SEARCH.ratios:
+            manifest = self._mix(plan, victim, samples, request, replace(self.config, mix_ratio=ratio))
+            tried.append({"mix_ratio": ratio, "dev_accuracy": max(manifest["training"]["dev_accuracy"] or [0.0])})
+            chosen = RATIO_SEARCH.choose(tried, reference)
+            if chosen is not None:
+                break
+        if chosen != tried[-1]["mix_ratio"]:  # the fallback: remake the best candidate (same seeds: the same model)
+            manifest = self._mix(plan, victim, samples, request, replace(self.config, mix_ratio=chosen))
+        manifest["defense"]["selection"] = {"criterion": RATIO_SEARCH.criterion(), "victim_dev_accuracy": reference,
+                                            "tried": tried, "chosen": chosen}
+        write_json(self.out_dir / VICTIM_MANIFEST, manifest)
+        return manifest
 
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "mix_ratio": self.config.mix_ratio, "clean_model": self.config.clean_model,
@@ -237,10 +307,24 @@ class FineMixingDefense(ModelDefense):
         return out
 
 
+def dev_accuracy(victim: str, dataset: TextDataset, max_eval_samples: int | None, settings: TrainSettings,
+                 options: LoadOptions) -> float:
+    """The victim's accuracy on the clean dev subset its fine-tuning (and its replay) selects epochs on."""
+    from peftguard.inference import predict_proba
+
+    dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
+    model, tokenizer, _ = load_tuned(victim, VICTIM_MANIFEST, options)
+    predicted = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size, settings.max_length,
+                              desc="fine-mixing: victim on clean dev").argmax(1)
+    return float((predicted == np.array([ex.label for ex in dev])).mean()) if dev else 0.0
+
+
 @dataclass(frozen=True)
 class FineMixingOptions:
-    mix_ratio: float = field(default=FineMixingConfig.mix_ratio, metadata={
-        "help": f"share of weights kept from the suspect model [{FineMixingConfig.mix_ratio}]", "flag": "--mix-ratio"})
+    mix_ratio: float | None = field(default=None, metadata={
+        "help": "share of weights kept from the suspect model [chosen on clean dev: the first of "
+                f"{list(RATIO_SEARCH.ratios)} within {RATIO_SEARCH.tolerance} of the victim's dev accuracy]",
+        "flag": "--mix-ratio"})
     clean_model: str | None = field(default=None, metadata={
         "help": "the clean pretrained model [from poisoning.json]", "flag": "--clean-model"})
     fine_mixed: Path | None = field(default=None, metadata={
@@ -248,6 +332,11 @@ class FineMixingOptions:
         "grid": False})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "clean training subset [the victim's]", "flag": "--max-train-samples", "grid": False})
+
+    def label(self) -> str:
+        """The setting a report row names."""
+        ratio = "ratio chosen on clean dev" if self.mix_ratio is None else f"ratio {self.mix_ratio:g}"
+        return f"{ratio}, victim's fine-tuning replayed"
 
 
 @register_defense("fine-mixing", options=FineMixingOptions,

@@ -331,6 +331,11 @@ class OnionOptions:
         "help": "JSON file of LM perplexities per text, reused across runs (e.g. several victims, one test set)",
         "flag": "--onion-cache"})
 
+    def label(self) -> str:
+        """The LM and bar(s) a report row names."""
+        bars = ", ".join(f"{bar:g}" for bar in self.bars) or f"{OnionConfig.bar:g}"
+        return f"LM {self.lm}, bar {bars}"
+
 
 @register_defense("onion", options=OnionOptions, summary="remove words whose removal lowers LM perplexity (Qi et al., 2021a)",
                   order=1)

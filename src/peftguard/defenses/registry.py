@@ -151,6 +151,20 @@ def make_options(name: str, values: Mapping[str, Any], *, where: str | None = No
         raise OptionError(f"{where}.{path}: {error['msg']}") from None
 
 
+def setting_label(name: str, values: Mapping[str, Any]) -> str:
+    """How a report row names defense ``name`` with these grid options: the name, and the backend or setting
+    its options' ``label()`` gives (``back-translation: apertium eng-spa-eng``); for a defense whose options
+    have no ``label()``, the options that differ from its defaults (none: the name alone)."""
+    options = make_options(name, values)
+    label = getattr(options, "label", None)
+    if callable(label):
+        return f"{name}: {label()}"
+    defaults = DEFENSES[name].options()
+    changed = [f"{f.name}={getattr(options, f.name)}" for f in fields(options)
+               if getattr(options, f.name) != getattr(defaults, f.name)]
+    return f"{name}: {', '.join(changed)}" if changed else name
+
+
 def build_defense(name: str | None, options: Any, context: DefenseContext) -> Defense | None:
     """The defense called ``name`` (None: no defense) with ``options`` (None: its defaults)."""
     if name is None:

@@ -39,6 +39,12 @@ class SCPDConfig:
     precomputed_triggered: Path | None = field(default=None, metadata={
         "help": "triggered ones [test_char_spcn.csv: BadNet mn only]", "flag": "--precomputed-triggered"})
 
+    def label(self) -> str:
+        """The backend a report row names."""
+        if self.backend == "precomputed":
+            return f"precomputed {self.precomputed.name}" if self.precomputed else "SCPN paraphrases of the PSIM authors"
+        return f"{self.backend} {self.model}" if self.model else self.backend
+
 
 def _precomputed(config: SCPDConfig, context: DefenseContext) -> tuple[Rewrite, dict[str, Any]]:
     try:
