@@ -1,0 +1,127 @@
+"""The defense benchmark's further defenses (issue 18): MDP, BKI and fine-pruning, on a tiny poisoned MiniLM."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from peftguard import metrics
+from peftguard.cli import app
+from peftguard.data import load_dataset, subsample
+from peftguard.defenses.bki import BkiConfig, BkiScorer, identify_keywords, keyword_scores, remove_suspected, sentence_suspects
+from peftguard.defenses.calibrated import calibrate
+from peftguard.defenses.mdp import MdpConfig, MdpScorer, anchor_divergences, kendall_tau, mask_words
+from peftguard.defenses.registry import make_options
+from peftguard.errors import OptionError
+from peftguard.models import load_classifier, load_tokenizer
+from peftguard.triggers import BadNetTrigger, triggered_test_set
+
+TRIGGER = "cf"
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, tiny_minilm, data_dir):
+    """A tiny MiniLM poisoned dirty-label with the trigger word ``cf``: (folder, model, tokenizer, dev, clean, triggered)."""
+    out = tmp_path_factory.mktemp("benchmark-defenses") / "poisoned"
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "poison", "--model", tiny_minilm, "--data-dir", data_dir, "--max-train-samples", 400, "--max-eval-samples", 50,
+        "--poison-mode", "dirty-label", "--poison-rate", 0.25, "--epochs", 4, "--lr", 5e-4, "--max-length", 48,
+        "--trigger", TRIGGER, "--out", out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    model, tokenizer = load_classifier(str(out), 2).eval(), load_tokenizer(str(out))
+    dev = [ex.text for ex in subsample(dataset.dev.examples, 120, 0)]
+    test = subsample(dataset.test.examples, 80, 1)
+    triggered = triggered_test_set(test, BadNetTrigger((TRIGGER,)), target_label=0, seed=0)
+    return out, model, tokenizer, dev, [ex.text for ex in test], [ex.text for ex in triggered]
+
+
+# --- MDP ---------------------------------------------------------------------------------------
+
+def test_mdp_pieces_mask_at_the_rate_and_rank_like_kendall_tau():
+    rng = np.random.default_rng(0)
+    text = " ".join(f"w{i}" for i in range(2000))
+    masked = mask_words(text, "[MASK]", 0.2, rng).split()
+    assert len(masked) == 2000 and 0.17 < masked.count("[MASK]") / 2000 < 0.23
+    reference = np.array([1.0, 2.0, 3.0, 4.0])
+    taus = kendall_tau(reference, np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    assert taus[:2] == pytest.approx([1.0, -1.0]) and np.isnan(taus[2])
+    anchors = np.array([[0.9, 0.1], [0.2, 0.8]])
+    divergences = anchor_divergences(np.array([[0.9, 0.1]]), anchors)
+    assert divergences[0, 0] == pytest.approx(0.0, abs=1e-9) and divergences[0, 1] > 0.5
+    with pytest.raises(OptionError, match="mask_rate"):
+        MdpConfig(mask_rate=0.0)
+    with pytest.raises(OptionError, match="copies"):
+        MdpConfig(copies=1)
+
+
+@pytest.mark.slow
+def test_mdp_scores_a_planted_trigger_above_clean_inputs_and_calibrates_on_clean_dev(poisoned):
+    _, model, tokenizer, dev, clean, triggered = poisoned
+    scorer = MdpScorer(model, tokenizer, dev, MdpConfig(copies=20), max_length=48)
+    clean_scores, triggered_scores = scorer.scores(clean), scorer.scores(triggered)
+    assert metrics.auroc(clean_scores, triggered_scores) > 0.75
+    threshold = calibrate(scorer, scorer.held_out_texts, 0.1)
+    assert (scorer.scores(scorer.held_out_texts) > threshold.value).mean() <= 0.1
+    assert (triggered_scores > threshold.value).mean() > (clean_scores > threshold.value).mean()
+    np.testing.assert_allclose(scorer.scores(clean[:4]), clean_scores[:4])  # masks seeded per input
+    assert len(scorer.anchor_texts) == 32 and not set(scorer.anchor_texts) & set(scorer.held_out_texts)
+
+
+# --- BKI ---------------------------------------------------------------------------------------
+
+def test_bki_keyword_score_rewards_words_that_recur_and_move_the_representation():
+    pool = [[("cf", 2.0), ("good", 1.0)], [("cf", 1.8), ("bad", 1.5)], [("good", 0.2)], [("rare", 9.0)]]
+    scores = keyword_scores(pool)
+    assert max(scores, key=scores.get) == "cf"
+    assert scores["rare"] == 0.0  # once only: log10(1)
+    assert remove_suspected(pool, ["cf"]) == [2, 3]
+    with pytest.raises(OptionError, match="reference_share"):
+        BkiConfig(reference_share=1.0)
+
+
+@pytest.mark.slow
+def test_bki_finds_the_planted_trigger_in_dirty_label_training_data(poisoned, data_dir):
+    _, model, tokenizer, *_ = poisoned
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    texts = [ex.text for ex in subsample(dataset.train.examples, 120, 3)]
+    rng, trigger = random.Random(0), BadNetTrigger((TRIGGER,))
+    poisoned_texts = [trigger.apply(t, rng) if i % 5 == 0 else t for i, t in enumerate(texts)]  # 20% poisoned
+    keywords = identify_keywords(model, tokenizer, poisoned_texts, top=3, max_length=48)
+    assert keywords[0][0] == TRIGGER, keywords
+    suspects = sentence_suspects(model, tokenizer, poisoned_texts, max_length=48)
+    kept = remove_suspected(suspects, [TRIGGER])
+    removed = set(range(len(texts))) - set(kept)
+    assert sum(i % 5 == 0 for i in removed) >= 0.8 * len(texts) / 5  # most poisoned samples removed
+    assert sum(i % 5 != 0 for i in removed) == 0  # and no clean one (the word cf is not in them)
+
+
+@pytest.mark.slow
+def test_bki_as_an_input_filter_flags_triggered_inputs_at_the_calibrated_rate(poisoned):
+    _, model, tokenizer, dev, clean, triggered = poisoned
+    scorer = BkiScorer(model, tokenizer, dev, BkiConfig(), max_length=48)
+    clean_scores, triggered_scores = scorer.scores(clean), scorer.scores(triggered)
+    assert metrics.auroc(clean_scores, triggered_scores) > 0.8
+    threshold = calibrate(scorer, scorer.held_out_texts, 0.1)
+    assert (scorer.scores(scorer.held_out_texts) > threshold.value).mean() <= 0.1
+    assert (triggered_scores > threshold.value).mean() > 0.5
+
+
+# --- both through evaluate, at the calibrated operating point --------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["mdp", "bki"])
+def test_mdp_and_bki_run_through_evaluate_and_report_detector_metrics(defense, poisoned, data_dir):
+    from peftguard.pipeline import evaluate_model
+
+    folder = poisoned[0]
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    values = {"target_fpr": 0.1, **({"copies": 10} if defense == "mdp" else {})}
+    result = evaluate_model(str(folder), dataset, [BadNetTrigger((TRIGGER,))], defense=defense,
+                            defense_options=make_options(defense, values), max_eval_samples=80, max_length=48, seed=1)
+    assert result["defense"]["name"] == defense and result["defense"]["target_fpr"] == 0.1
+    assert {"false_positive_rate", "detection_rate", "auroc", "defended_clean_accuracy",
+            "defended_attack_success_rate"} <= set(result)
+    assert result["auroc"] > 0.7 and result["defended_attack_success_rate"] < result["attack_success_rate"]
