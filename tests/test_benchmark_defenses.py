@@ -125,3 +125,71 @@ def test_mdp_and_bki_run_through_evaluate_and_report_detector_metrics(defense, p
     assert {"false_positive_rate", "detection_rate", "auroc", "defended_clean_accuracy",
             "defended_attack_success_rate"} <= set(result)
     assert result["auroc"] > 0.7 and result["defended_attack_success_rate"] < result["attack_success_rate"]
+
+
+# --- fine-pruning ------------------------------------------------------------------------------
+
+def test_fine_pruning_finds_the_last_ffn_and_keeps_the_largest_share_within_the_bound(tiny_minilm):
+    from peftguard.defenses.fine_pruning import FinePruningOptions, Pruner, choose_share, feed_forwards
+
+    model = load_classifier(tiny_minilm, 2)
+    (ffn,) = feed_forwards(model, 1)
+    assert (ffn.block, ffn.down, ffn.ups) == ("bert.encoder.layer.1", "bert.encoder.layer.1.output.dense",
+                                              ["bert.encoder.layer.1.intermediate.dense"])
+    assert [f.block for f in feed_forwards(model, 5)] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    neurons = model.config.intermediate_size
+    pruner = Pruner(model, [ffn], [np.arange(neurons, dtype=float)])  # neuron i has activation i
+    accuracies = iter([0.90, 0.89, 0.87, 0.85, 0.70, 0.88])  # baseline, then shares 0.25, 0.5, 0.75, 1.0
+    share, trace = choose_share(pruner, lambda: next(accuracies), bound=0.04, step=0.25)
+    assert share == 0.5 and [t["share"] for t in trace] == [0.0, 0.25, 0.5, 0.75]  # stops at the first step past it
+    chosen = pruner.apply(0.5)["bert.encoder.layer.1"]
+    assert chosen == list(range(neurons // 2))  # least active first
+    down = model.get_submodule(ffn.down).weight
+    assert down[:, chosen].abs().sum() == 0 and down[:, neurons // 2:].abs().sum() > 0
+    pruner.apply(0.0)
+    assert model.get_submodule(ffn.down).weight[:, chosen].abs().sum() > 0  # restored from the original weights
+    with pytest.raises(OptionError, match="step"):
+        FinePruningOptions(step=0)
+
+
+def test_fine_pruning_refuses_an_adapter_that_wraps_the_ffn(tiny_minilm):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from peftguard.defenses.fine_pruning import feed_forwards
+
+    model = get_peft_model(load_classifier(tiny_minilm, 2), LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["intermediate.dense"]))
+    with pytest.raises(OptionError, match="wraps the FFN projection .*intermediate.dense"):
+        feed_forwards(model, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "ptuning-v1", "full"])
+def test_fine_pruning_prunes_dormant_neurons_within_its_bound_and_runs_through_evaluate(method, poisoned, data_dir, tmp_path):
+    from peftguard.defenses.fine_pruning import PRUNED_FOLDER, feed_forwards
+    from peftguard.pipeline import evaluate_model, load_model
+
+    folder = poisoned[0]
+    victim = tmp_path / f"victim-{method}"
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "finetune", "--model", folder, "--method", method, "--data-dir", data_dir, "--max-train-samples", 200,
+        "--max-eval-samples", 60, "--epochs", 1, "--max-length", 48, "--out", victim)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    out = tmp_path / "fine-pruned"
+    options = make_options("fine-pruning", {"max_accuracy_drop": 0.05, "step": 0.1, "fine_pruned": out, "max_train_samples": 100})
+    metrics_ = evaluate_model(str(victim), dataset, [BadNetTrigger((TRIGGER,))], defense="fine-pruning",
+                              defense_options=options, max_eval_samples=60, max_length=48, seed=0)
+    made = metrics_["defense"]
+    assert made["name"] == "fine-pruning" and made["pruned_share"] > 0
+    assert made["dev_accuracy_pruned"] >= made["dev_accuracy_before"] - 0.05  # the a-priori bound held
+    assert {"defended_clean_accuracy", "defended_attack_success_rate", "defense_timing"} <= set(metrics_)
+    assert (out / PRUNED_FOLDER).is_dir() == (method != "full")
+    model, _, manifest = load_model(str(out), 2)
+    (ffn,) = feed_forwards(model, 1)
+    assert manifest["defense"]["layers"] == ["bert.encoder.layer.1"]
+    pruned = manifest["defense"]["pruned"]["bert.encoder.layer.1"]
+    assert len(pruned) == round(made["pruned_share"] * made["neurons_per_layer"][0])
+    assert model.get_submodule(ffn.down).weight[:, pruned].abs().sum() == 0  # still pruned after fine-tuning, once saved
+    again = evaluate_model(str(victim), dataset, [BadNetTrigger((TRIGGER,))], defense="fine-pruning",
+                           defense_options=options, max_eval_samples=60, max_length=48, seed=0)
+    assert again["defended_clean_accuracy"] == metrics_["defended_clean_accuracy"]  # the folder is reused

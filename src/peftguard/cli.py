@@ -65,7 +65,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
-    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--max-train-samples")}
+    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples")}
 
 
 def describe_defenses() -> None:
@@ -284,6 +284,7 @@ def evaluate(
     mix_ratio: Annotated[Optional[float], DEFENSE_FLAGS["--mix-ratio"]] = None,
     clean_model: Annotated[Optional[str], DEFENSE_FLAGS["--clean-model"]] = None,
     fine_mixed: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-mixed"]] = None,
+    fine_pruned: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-pruned"]] = None,
     max_train_samples: Annotated[Optional[int], DEFENSE_FLAGS["--max-train-samples"]] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
@@ -310,10 +311,10 @@ def evaluate(
     models = (model, psim, clean_model, paraphraser, *(lm or ()))
     if out is not None:
         check_output_file(out, kind="metrics file", made_here=lambda path: looks_like_json_with(path, METRICS_KEYS),
-                          inputs=(*inputs, onion_cache, fine_mixed), models=models, overwrite=overwrite)
-    if fine_mixed is not None:
-        _output_folder(fine_mixed, VICTIM_MANIFEST, "fine-mixed victim", inputs=(*inputs, onion_cache), models=models,
-                       overwrite=overwrite)
+                          inputs=(*inputs, onion_cache, fine_mixed, fine_pruned), models=models, overwrite=overwrite)
+    for folder, kind in ((fine_mixed, "fine-mixed victim"), (fine_pruned, "fine-pruned victim")):
+        if folder is not None:
+            _output_folder(folder, VICTIM_MANIFEST, kind, inputs=(*inputs, onion_cache), models=models, overwrite=overwrite)
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
     options = _options(allow_pickle, trust_remote_code)
@@ -322,7 +323,7 @@ def evaluate(
         "--psim": psim, "--gamma": gamma, "--target-fpr": target_fpr, "--backend": backend, "--lm": lm,
         "--onion-bar": onion_bar, "--onion-cache": onion_cache, "--precomputed": precomputed,
         "--precomputed-triggered": precomputed_triggered, "--mix-ratio": mix_ratio, "--clean-model": clean_model,
-        "--fine-mixed": fine_mixed, "--max-train-samples": max_train_samples,
+        "--fine-mixed": fine_mixed, "--fine-pruned": fine_pruned, "--max-train-samples": max_train_samples,
     })
     result = evaluate_model(
         model, data, triggers, target_label=target_label, defense=defense, defense_options=defense_options,
