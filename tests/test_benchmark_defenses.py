@@ -193,3 +193,46 @@ def test_fine_pruning_prunes_dormant_neurons_within_its_bound_and_runs_through_e
     again = evaluate_model(str(victim), dataset, [BadNetTrigger((TRIGGER,))], defense="fine-pruning",
                            defense_options=options, max_eval_samples=60, max_length=48, seed=0)
     assert again["defended_clean_accuracy"] == metrics_["defended_clean_accuracy"]  # the folder is reused
+    if method == "lora":  # `defend fine-pruning` with the same settings finds the same folder and reuses it too
+        result = CliRunner().invoke(app, [str(a) for a in (
+            "defend", "fine-pruning", "--model", victim, "--out", out, "--data-dir", data_dir, "--max-accuracy-drop", 0.05,
+            "--step", 0.1, "--max-train-samples", 100, "--max-eval-samples", 60)], catch_exceptions=False)
+        assert result.exit_code == 0 and f"{made['pruned_share']:.0%} of the FFN neurons" in result.output, result.output
+
+
+# --- names and options: CLI, grid config, stages -------------------------------------------------
+
+GRID = {"name": "x", "grid": {"defenses": ["none", "mdp", "bki", "fine-pruning"], "methods": ["lora", "ptuning-v1"]},
+        "defense_options": {"mdp": {"copies": 10}, "bki": {"suspects": 3}, "fine-pruning": {"max_accuracy_drop": 0.02}}}
+
+
+def test_the_new_defenses_work_in_a_grid_config_and_its_stages_get_their_options(tmp_path):
+    from peftguard.config import parse_config
+    from peftguard.experiment import plan_grid
+    from peftguard.stages import _defense_options
+
+    config = parse_config(GRID)
+    evaluations = {s.settings["defense"]: s for s in plan_grid(config).stages.values() if s.kind == "evaluate"}
+    assert {"mdp", "bki", "fine-pruning"} <= set(evaluations)
+    data, e = {"max_train_samples": 50, "max_eval_samples": None}, {"gamma": None, "target_fpr": 0.02}
+    mdp = _defense_options(tmp_path, tmp_path / "stage", evaluations["mdp"].settings, e, data)
+    assert (mdp.copies, mdp.target_fpr) == (10, 0.02)  # the evaluation's operating point, like every detector
+    pruning = _defense_options(tmp_path, tmp_path / "stage", evaluations["fine-pruning"].settings, e, data)
+    assert (pruning.max_accuracy_drop, pruning.fine_pruned, pruning.max_train_samples) == (0.02, tmp_path / "stage" / "fine-pruned", 50)
+    for options, message in (({"mdp": {"mask_rate": 1.5}}, "mask_rate"), ({"fine-pruning": {"fine_pruned": "x"}}, "unknown key"),
+                             ({"bki": {"target_fpr": 0.1}}, "unknown key")):
+        with pytest.raises(OptionError, match=message):
+            parse_config({**GRID, "defense_options": options})
+
+
+def test_fine_pruning_cli_refuses_what_it_cannot_prune_on_one_line(tiny_minilm, data_dir, tmp_path):
+    from peftguard.errors import PeftguardError
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["defend", "fine-pruning", "--model", tiny_minilm, "--out", str(tmp_path / "fp"),
+                                 "--data-dir", str(data_dir)])
+    assert isinstance(result.exception, PeftguardError) and "not a victim folder" in str(result.exception)
+    result = runner.invoke(app, ["evaluate", "--model", tiny_minilm, "--data-dir", str(data_dir), "--defense", "mdp",
+                                 "--fine-pruned", str(tmp_path / "fp")])
+    assert isinstance(result.exception, PeftguardError) and "--fine-pruned are not options of --defense mdp" in str(result.exception)
+    assert not (tmp_path / "fp").exists()

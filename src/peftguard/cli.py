@@ -593,6 +593,46 @@ def defend_fine_mixing(
                f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
 
 
+@defend_app.command("fine-pruning")
+def defend_fine_pruning(
+    model: Annotated[str, typer.Option("--model", help="A victim folder (finetune.json): it is pruned, then fine-tuned again with its own method.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the fine-pruned victim (finetune.json; a PEFT victim keeps its pruned base in pruned/).")],
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Largest fall of clean dev accuracy pruning may cause, fixed in advance [0.04, the paper's].")] = None,
+    step: Annotated[Optional[float], typer.Option("--step", help="Share of each layer's FFN neurons pruned per step [0.05].")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="How many of the last transformer layers have their FFN pruned [1].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Fine-tuning epochs after pruning, at the victim's own settings [1].")] = None,
+    dataset: DatasetOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Clean training subset [the victim's own].")] = None,
+    max_eval_samples: MaxEvalOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-pruning (Liu et al., 2018): prune FFN neurons dormant on clean dev data, fine-tune on clean data."""
+    from peftguard.defenses.fine_pruning import FinePruningDefense
+    from peftguard.defenses.registry import make_options
+    from peftguard.victims import MANIFEST as VICTIM_MANIFEST
+
+    check_options(locals())
+    given = {"max_accuracy_drop": max_accuracy_drop, "step": step, "layers": layers, "epochs": epochs}
+    options = make_options("fine-pruning", {**{k: v for k, v in given.items() if v is not None},
+                                            "fine_pruned": out, "max_train_samples": max_train_samples})
+    _output_folder(out, VICTIM_MANIFEST, "fine-pruned victim", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    defense = FinePruningDefense(options, data, max_eval_samples=max_eval_samples,
+                                 load_options=_options(allow_pickle, trust_remote_code))
+    defense.defend(model)  # the same folder `evaluate --defense fine-pruning --fine-pruned OUT` makes and reuses
+    record = defense.describe()
+    typer.echo(f"fine-pruned {record['method']} victim in {out}: {record['pruned_share']:.0%} of the FFN neurons of "
+               f"{len(record['neurons_per_layer'])} layer(s) pruned; clean dev accuracy {record['dev_accuracy_before']:.4f} "
+               f"-> {record['dev_accuracy_pruned']:.4f} pruned, then fine-tuned")
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment config (YAML): a grid of models, datasets, attacks, methods, defenses, seeds.")],

@@ -52,6 +52,7 @@ from peftguard.defenses.base import DefenseContext, ModelDefense
 from peftguard.defenses.fine_mixing import ReplayPlan, replay_plan
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
+from peftguard.instruction import read_template
 from peftguard.inference import collate, encode, flush_denormals, predict_proba
 from peftguard.manifests import read_manifest
 from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
@@ -226,6 +227,16 @@ def choose_share(pruner: Pruner, measure: Any, bound: float, step: float) -> tup
     return kept, trace
 
 
+def fine_pruning_plan(victim: str | Path) -> ReplayPlan:
+    """How ``victim`` was tuned (its method and settings, which the fine-tuning after pruning reuses)."""
+    if not (Path(victim) / VICTIM_MANIFEST).is_file():
+        raise OptionError(f"{victim} is not a victim folder (no {VICTIM_MANIFEST}); fine-pruning prunes a fine-tuned victim "
+                          "and tunes it again with its own method (`peftguard finetune` makes one)")
+    if read_template(Path(victim)) is not None:
+        raise OptionError(f"{victim} is an instruction-tuned LM; fine-pruning here handles classifiers only")
+    return replay_plan(victim)
+
+
 def load_trainable_victim(victim: str | Path, num_labels: int, options: LoadOptions) -> tuple[Any, Any, dict[str, Any], torch.nn.Module]:
     """The victim ready to train with its own method: (model, tokenizer, manifest, base classifier)."""
     from peft import PeftConfig, PeftModel
@@ -256,7 +267,7 @@ def fine_prune(victim: str, dataset: TextDataset, out_dir: str | Path, *, option
 
     A PEFT victim keeps its pruned base in ``<out_dir>/pruned``; a full victim holds all weights itself.
     """
-    plan = plan or replay_plan(victim)
+    plan = plan or fine_pruning_plan(victim)
     settings = dataclasses.replace(plan.settings, epochs=options.epochs)
     started = time.perf_counter()
     seed_everything(settings.seed)
@@ -335,7 +346,7 @@ class FinePruningDefense(ModelDefense):
         self.manifest: dict[str, Any] | None = None
 
     def defend(self, victim: str) -> str:
-        plan = replay_plan(victim)
+        plan = fine_pruning_plan(victim)
         samples = self.options.max_train_samples if self.options.max_train_samples is not None else plan.train_samples
         settings = {k: v for k, v in asdict(self.options).items() if k not in ("fine_pruned", "max_train_samples")}
         request = {"victim": model_reference(victim), "dataset": self.dataset.name, "max_train_samples": samples,
