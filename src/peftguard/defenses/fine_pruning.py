@@ -25,8 +25,9 @@ Departures from the paper:
   at a time; the last step within the accuracy bound is kept.
 * The accuracy bound is checked on the evaluation's clean dev subset, which also chooses the best
   fine-tuning epoch, as for every victim here.
-* Refused (one-line error) where it cannot apply: a LoRA victim whose adapter wraps the FFN's own
-  projections (its update would bring pruned neurons back), a model whose config gives no
+* Refused (one-line error) where it cannot apply: a victim whose adapter wraps the FFN's own
+  projections (LoRA aimed at them, IA3 on the down projection: its update would bring pruned neurons
+  back or rescale them), a model whose config gives no
   ``intermediate_size``, and instruction-tuned LMs (label words), as for Fine-mixing.
 * Prompt methods (prompt tuning, P-tuning v1/v2): peft saves only the prompt's output embeddings
   (not P-tuning's encoder MLP), so the fine-tuning after pruning trains those embeddings and the
