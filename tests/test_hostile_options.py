@@ -38,6 +38,7 @@ NUMERIC_OPTIONS: dict[str, dict[str, str]] = {
     "evaluate": {"batch_size": INT, "max_length": INT, "seed": INT, "max_eval_samples": INT, "target_label": INT,
                  "trigger_count": INT, "gamma": FLOAT, "target_fpr": FLOAT, "mix_ratio": FLOAT, "onion_bar": FLOAT},
     "defend fine-mixing": {"mix_ratio": FLOAT, "epochs": INT, "lr": FLOAT, "seed": INT, "max_train_samples": INT},
+    "defend fine-pruning": {"epochs": INT, "max_train_samples": INT, "max_eval_samples": INT},
     "psim scan": {"batch_size": INT, "gamma": FLOAT},
     "audit": {"batch_size": INT, "max_length": INT, "seed": INT, "max_train_samples": INT, "max_eval_samples": INT,
               "top_k": INT},

@@ -53,6 +53,7 @@ WRITERS = {
     "psim train": ["psim", "train", "--model", "{model}"],
     "poison": ["poison", "--model", "{model}"],
     "defend fine-mixing": ["defend", "fine-mixing", "--model", "{model}"],
+    "defend fine-pruning": ["defend", "fine-pruning", "--model", "{model}"],
     "demo": ["demo", "--model", "{model}"],
 }
 

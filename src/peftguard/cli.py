@@ -65,7 +65,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
-    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--max-train-samples")}
+    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples")}
 
 
 def describe_defenses() -> None:
@@ -284,6 +284,7 @@ def evaluate(
     mix_ratio: Annotated[Optional[float], DEFENSE_FLAGS["--mix-ratio"]] = None,
     clean_model: Annotated[Optional[str], DEFENSE_FLAGS["--clean-model"]] = None,
     fine_mixed: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-mixed"]] = None,
+    fine_pruned: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-pruned"]] = None,
     max_train_samples: Annotated[Optional[int], DEFENSE_FLAGS["--max-train-samples"]] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
@@ -310,10 +311,10 @@ def evaluate(
     models = (model, psim, clean_model, paraphraser, *(lm or ()))
     if out is not None:
         check_output_file(out, kind="metrics file", made_here=lambda path: looks_like_json_with(path, METRICS_KEYS),
-                          inputs=(*inputs, onion_cache, fine_mixed), models=models, overwrite=overwrite)
-    if fine_mixed is not None:
-        _output_folder(fine_mixed, VICTIM_MANIFEST, "fine-mixed victim", inputs=(*inputs, onion_cache), models=models,
-                       overwrite=overwrite)
+                          inputs=(*inputs, onion_cache, fine_mixed, fine_pruned), models=models, overwrite=overwrite)
+    for folder, kind in ((fine_mixed, "fine-mixed victim"), (fine_pruned, "fine-pruned victim")):
+        if folder is not None:
+            _output_folder(folder, VICTIM_MANIFEST, kind, inputs=(*inputs, onion_cache), models=models, overwrite=overwrite)
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
     options = _options(allow_pickle, trust_remote_code)
@@ -322,7 +323,7 @@ def evaluate(
         "--psim": psim, "--gamma": gamma, "--target-fpr": target_fpr, "--backend": backend, "--lm": lm,
         "--onion-bar": onion_bar, "--onion-cache": onion_cache, "--precomputed": precomputed,
         "--precomputed-triggered": precomputed_triggered, "--mix-ratio": mix_ratio, "--clean-model": clean_model,
-        "--fine-mixed": fine_mixed, "--max-train-samples": max_train_samples,
+        "--fine-mixed": fine_mixed, "--fine-pruned": fine_pruned, "--max-train-samples": max_train_samples,
     })
     result = evaluate_model(
         model, data, triggers, target_label=target_label, defense=defense, defense_options=defense_options,
@@ -592,6 +593,46 @@ def defend_fine_mixing(
                f"{record['kept_from_suspect']:.3f} of the weights "
                f"from {record['suspect_model']}, the rest from {record['clean_model']}; best dev accuracy "
                f"{max(manifest['training']['dev_accuracy'] or [float('nan')]):.4f}")
+
+
+@defend_app.command("fine-pruning")
+def defend_fine_pruning(
+    model: Annotated[str, typer.Option("--model", help="A victim folder (finetune.json): it is pruned, then fine-tuned again with its own method.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the fine-pruned victim (finetune.json; a PEFT victim keeps its pruned base in pruned/).")],
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Largest fall of clean dev accuracy pruning may cause, fixed in advance [0.04, the paper's].")] = None,
+    step: Annotated[Optional[float], typer.Option("--step", help="Share of each layer's FFN neurons pruned per step [0.05].")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="How many of the last transformer layers have their FFN pruned [1].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Fine-tuning epochs after pruning, at the victim's own settings [1].")] = None,
+    dataset: DatasetOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Clean training subset [the victim's own].")] = None,
+    max_eval_samples: MaxEvalOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-pruning (Liu et al., 2018): prune FFN neurons dormant on clean dev data, fine-tune on clean data."""
+    from peftguard.defenses.fine_pruning import FinePruningDefense
+    from peftguard.defenses.registry import make_options
+    from peftguard.victims import MANIFEST as VICTIM_MANIFEST
+
+    check_options(locals())
+    given = {"max_accuracy_drop": max_accuracy_drop, "step": step, "layers": layers, "epochs": epochs}
+    options = make_options("fine-pruning", {**{k: v for k, v in given.items() if v is not None},
+                                            "fine_pruned": out, "max_train_samples": max_train_samples})
+    _output_folder(out, VICTIM_MANIFEST, "fine-pruned victim", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    defense = FinePruningDefense(options, data, max_eval_samples=max_eval_samples,
+                                 load_options=_options(allow_pickle, trust_remote_code))
+    defense.defend(model)  # the same folder `evaluate --defense fine-pruning --fine-pruned OUT` makes and reuses
+    record = defense.describe()
+    typer.echo(f"fine-pruned {record['method']} victim in {out}: {record['pruned_share']:.0%} of the FFN neurons of "
+               f"{len(record['neurons_per_layer'])} layer(s) pruned; clean dev accuracy {record['dev_accuracy_before']:.4f} "
+               f"-> {record['dev_accuracy_pruned']:.4f} pruned, then fine-tuned")
 
 
 @app.command()

@@ -138,6 +138,8 @@ def _defense_options(run_dir: Path, folder: Path, s: dict[str, Any], e: dict[str
         "psim": {"psim": Path(_ref(run_dir, s["psim"])) if s["psim"] else None, "gamma": e["gamma"]},
         # Fine-mixing makes a new victim (mixed weights fine-tuned on the stage's clean training subset) in the stage folder
         "fine-mixing": {"fine_mixed": folder / "fine-mixed", "max_train_samples": data["max_train_samples"]},
+        # Fine-pruning: the victim pruned and fine-tuned again on the stage's clean training subset, in the stage folder
+        "fine-pruning": {"fine_pruned": folder / "fine-pruned", "max_train_samples": data["max_train_samples"]},
     }
     # Every detector that calibrates a threshold does so at the evaluation's target FPR (one operating point).
     calibrated = "target_fpr" in {f.name for f in fields(DEFENSES[s["defense"]].options)}
