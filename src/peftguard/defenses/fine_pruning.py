@@ -4,7 +4,7 @@ Deep Neural Networks", RAID 2018): prune the neurons that clean inputs leave dor
 A backdoor tends to live in neurons that clean inputs do not use. The paper ranks the neurons of
 the network's last convolutional layer by their mean activation on clean validation data, prunes
 them in increasing order of activation until clean validation accuracy has fallen by a margin set
-in advance (4% in its experiments), and fine-tunes the pruned network on clean training data, which
+in advance, and fine-tunes the pruned network on clean training data, which
 also repairs what pruning cost.
 
 Here the neurons are those of the feed-forward block (FFN) of the victim's last transformer
@@ -68,7 +68,7 @@ PRUNED_MANIFEST = "fine_pruning.json"
 @dataclass(frozen=True)
 class FinePruningOptions:
     max_accuracy_drop: float = field(default=0.04, metadata={
-        "help": "largest fall of clean dev accuracy pruning may cause, fixed in advance (paper's experiments: 0.04)"})
+        "help": "largest fall of clean dev accuracy pruning may cause, fixed in advance (0.04: our reading of the paper)"})
     step: float = field(default=0.05, metadata={"help": "share of each layer's FFN neurons pruned per step"})
     layers: int = field(default=1, metadata={"help": "how many of the last transformer layers have their FFN pruned"})
     epochs: int = field(default=1, metadata={"help": "fine-tuning epochs after pruning, at the victim's own settings"})
