@@ -167,6 +167,21 @@ def test_int8_psim_rescores_inputs_near_gamma_at_the_next_precision(tiny_psim):
     np.testing.assert_array_equal(scores[~near], quick[~near])
 
 
+def test_int8_scores_a_lora_psim_like_its_full_precision_self(tiny_minilm, data_dir, tmp_path):
+    """A LoRA PSIM's adapters sit inside the linear layers int8 replaces: they are merged in first."""
+    from peftguard.data import load_dataset
+    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, PSIM, train_psim
+    from peftguard.training import TrainSettings
+    from peftguard.tuning import LoraMethodConfig
+
+    train_psim(tiny_minilm, load_dataset("sst2", data_dir=data_dir), TrainSettings(epochs=1, lr=3e-4, batch_size=16, max_length=32),
+               tmp_path / "psim", config=LoraMethodConfig(), max_train_samples=32, max_eval_samples=32, gamma=0.5)
+    psim = PSIM(tmp_path / "psim", precision="int8")
+    exact = psim._probabilities(psim.model, TEXTS, "fp32").max(1)
+    quick = psim._probabilities(psim.fast_model, TEXTS, "int8").max(1)
+    assert np.abs(quick - exact).max() < INT8_RECHECK_MARGIN
+
+
 def test_precision_names_are_checked_and_auto_picks_a_native_one():
     import torch
 

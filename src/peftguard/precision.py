@@ -59,11 +59,20 @@ def _kind(device: Any) -> str:
 
 
 def quantize_int8(model: Any) -> Any:
-    """The model with its linear layers int8 dynamically quantized (per-channel weights), in place; CPU only."""
+    """The model with its linear layers int8 dynamically quantized (per-channel weights), in place; CPU only.
+
+    Adapters that live inside linear layers (LoRA, IA3) are merged into them first: peft's layers read
+    their own ``weight.dtype``, which a quantized linear layer no longer has. Prompt methods keep their
+    (unquantized) virtual tokens.
+    """
     import warnings
 
     import torch
+    from peft.tuners.tuners_utils import BaseTuner
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if isinstance(getattr(model, "base_model", None), BaseTuner):
+        model = model.merge_and_unload()
 
     with warnings.catch_warnings():  # torch.ao's notice that it moves to torchao; the API works in torch 2.13
         warnings.simplefilter("ignore")
