@@ -185,7 +185,7 @@ def ripple_training(model: Any, tokenizer: Any, poisoned: Sequence[Example], cle
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for key, value in (("poison_loss", float(poison_loss)), ("clean_loss", float(clean_loss)),
+            for key, value in (("poison_loss", float(poison_loss.detach())), ("clean_loss", float(clean_loss.detach())),
                                ("inner_product", inner), ("penalised_steps", float(inner < 0))):
                 sums[key] += value
             steps += 1
@@ -218,21 +218,24 @@ class RippleTrigger(BadNetTrigger):
         from peftguard.training import TrainReport
 
         seed = job.settings.seed
-        others = [ex for ex in job.dev if ex.label != job.target_label]
-        triggered_dev = [self.triggered(ex.text, seed) for ex in others]
+        others = [ex.text for ex in job.dev if ex.label != job.target_label]
+        triggered_dev = [self.triggered(text, seed) for text in others]
 
-        def dev_asr() -> float:
-            predictions = predict_proba(job.model, job.tokenizer, triggered_dev, job.settings.batch_size,
-                                        job.settings.max_length).argmax(1)
-            return float((predictions == job.target_label).mean()) if len(triggered_dev) else float("nan")
+        def target_rate(texts: list[str]) -> float:
+            predictions = predict_proba(job.model, job.tokenizer, texts, job.settings.batch_size, job.settings.max_length).argmax(1)
+            return float((predictions == job.target_label).mean()) if texts else float("nan")
+
+        def dev_check() -> dict[str, float]:
+            """The attacker's own check: target predictions on its triggered dev samples, and on the same samples clean."""
+            return {"attacker_dev_asr": target_rate(triggered_dev), "attacker_dev_clean_target_rate": target_rate(others)}
 
         surgery, _ = embedding_surgery(job.model, job.tokenizer, self.words, job, self.surgery_words)
-        after_surgery = dev_asr()
+        after_surgery = dev_check()
         started = time.perf_counter()
         epochs = ripple_training(job.model, job.tokenizer, job.poisoned, job.clean, job.settings, self.inner_product_weight)
         seconds = time.perf_counter() - started
         job.record["ripple"] = {"surgery": surgery, "inner_product_weight": self.inner_product_weight, "epochs": epochs,
-                                "attacker_dev_asr_after_surgery": after_surgery, "attacker_dev_asr": dev_asr()}
+                                "after_surgery": after_surgery, **dev_check()}
         predictions = predict_proba(job.model, job.tokenizer, [ex.text for ex in job.dev], job.settings.batch_size,
                                     job.settings.max_length).argmax(1)
         accuracy = float((predictions == np.array([ex.label for ex in job.dev])).mean()) if job.dev else float("nan")
