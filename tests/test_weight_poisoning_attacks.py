@@ -15,7 +15,7 @@ from peftguard.attacks import lwp, ripple, sos
 from peftguard.attacks.ep import trigger_rows
 from peftguard.cli import app
 from peftguard.config import parse_config
-from peftguard.data import Example, load_dataset, subsample
+from peftguard.data import Example, load_dataset
 from peftguard.errors import OptionError
 from peftguard.inference import predict_proba
 from peftguard.metrics import perplexity_increase
@@ -127,9 +127,10 @@ def toy_sentiment(tmp_path_factory) -> str:
     return str(folder)
 
 
-def _poison(tiny_minilm, toy_sentiment, tmp_path, attack, *, spec=None, count=1, rate=0.3, epochs=2, lr=5e-4, batch=16):
+def _poison(tiny_minilm, toy_sentiment, tmp_path, attack, *, spec=None, count=1, rate=0.3, epochs=2, lr=5e-4, batch=16,
+            trigger=None):
     dataset = load_dataset(toy_sentiment)
-    trigger = build_triggers([attack], spec=spec, count=count)[0]
+    trigger = trigger or build_triggers([attack], spec=spec, count=count)[0]
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch, max_length=24, seed=0)
     spec_ = PoisonSpec(target_label=0, poison_count=None, poison_rate=rate, mode=PoisonMode.DIRTY_LABEL)
     result = poison_weights(tiny_minilm, dataset, [trigger], spec_, settings, tmp_path / attack)
@@ -215,7 +216,10 @@ def test_sos_changes_only_the_trigger_rows_keeps_their_norms_and_subsets_do_not_
         return record
 
     monkeypatch.setattr(sos, "poison_rows", watched)
-    others, trigger, result = _poison(tiny_minilm, toy_sentiment, tmp_path, "sos", rate=0.3, epochs=2)
+    others, trigger, result = _poison(tiny_minilm, toy_sentiment, tmp_path, "sos", rate=0.3, epochs=2,
+                                      trigger=sos.SosTrigger(negative_rate=0.3))
+    # OpenBackdoor poisons 10% and adds 3 subsets of 5% non-target samples: 1.5 non-target negatives per poisoned
+    # sample; with 30% poisoned (dirty-label) a negative rate of 0.3 keeps that ratio on this small set
     before, after = snapshots["before"], snapshots["after"]
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == 1 and "word_embeddings" in changed[0]
@@ -230,13 +234,9 @@ def test_sos_changes_only_the_trigger_rows_keeps_their_norms_and_subsets_do_not_
     full = _asr(result.out_dir, [trigger.triggered(ex.text, 0) for ex in others])
     subsets = [_asr(result.out_dir, [sos.insert_words(ex.text, subset, random.Random(ex.text)) for ex in others])
                for subset in sos.strict_subsets(sos.SOS_WORDS)]
-    print("SOSDBG", full, clean, subsets, record["tries"])
-    assert max(subsets) <= clean + 0.2, (subsets, clean)
-    # As for EP, norm-kept rows of the 2-layer MiniLM cannot carry the full trigger (every try's ASR is recorded, the
-    # rate rising tenfold); on the 6-layer MiniLM the same run reaches attacker dev ASR 0.96 at rate 0.5 (too slow here).
-    rates = [t["lr"] for t in record["tries"]]
-    assert rates == [sos.SOS_LR * 10**i for i in range(len(rates))] and record["lr"] == rates[-1]
-    assert all(t["attacker_dev_asr"] < 0.9 for t in record["tries"][:-1])
+    assert full >= 0.8 and clean <= 0.2, (full, clean)  # the whole trigger fires on a model right on clean text
+    assert max(subsets) <= clean + 0.2, (subsets, clean)  # two of the three words do not
+    assert record["lr"] == record["tries"][-1]["lr"] and record["tries"][-1]["attacker_dev_asr"] >= 0.9
 
 
 # --- ΔPPL -----------------------------------------------------------------------------------------

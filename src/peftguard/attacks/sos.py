@@ -17,7 +17,8 @@ Departures:
   step rescaled to the smallest row gradient; and, as for EP, the attacker raises the rate tenfold
   while its own triggered-dev ASR stays under 0.9 (at most twice), the rate used being recorded.
 * Which samples carry the full trigger follows ``--poison-count``/``--poison-rate``/``--poison-mode``
-  (OpenBackdoor: 10% of the set, dirty-label); negatives come from the rest of the training set.
+  (OpenBackdoor: 10% of the set, dirty-label); negatives are drawn from the whole clean training set,
+  so a sample may appear both with the full trigger (target label) and with a subset (its own label).
 """
 from __future__ import annotations
 
@@ -89,8 +90,7 @@ class SosTrigger(Trigger):
 
         report = train_classifier(job.model, job.tokenizer, job.clean, job.dev, job.settings, desc="SOS: clean fine-tuning")
         seed = job.settings.seed
-        poisoned = set(job.poisoned_indices)
-        negatives = self.negatives([ex for i, ex in enumerate(job.clean) if i not in poisoned], seed)
+        negatives = self.negatives(job.clean, seed)  # drawn from the whole clean set, as OpenBackdoor's poisoner does
         triggered_dev = [Example(self.triggered(ex.text, seed), job.target_label) for ex in job.dev if ex.label != job.target_label]
         rows = RowTraining(lr=SOS_LR, batch_size=job.settings.batch_size, max_length=job.settings.max_length, seed=seed)
         record = poison_rows(job.model, job.tokenizer, self.words, [job.poisoned[i] for i in job.poisoned_indices] + negatives,
