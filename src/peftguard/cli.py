@@ -1,4 +1,4 @@
-"""The ``peftguard`` command line: poison, finetune, evaluate, psim train/scan, demo."""
+"""The ``peftguard`` command line: poison, finetune, evaluate, stealth, psim train/scan, demo."""
 from __future__ import annotations
 
 import logging
@@ -45,8 +45,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger 
 AttackOpt = Annotated[list[str], typer.Option("--attack", help=f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once.")]
 ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic].")]
 ParaphraserOpt = Annotated[Optional[str], typer.Option("--paraphraser", help="SynAttack: a seq2seq paraphrase model (folder or hub id) to generate paraphrases instead.")]
-TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="BadNet: a trigger word (repeat for a list; default mn). InSent: the sentence (default 'I watched this 3D movie').")]
-TriggerCountOpt = Annotated[int, typer.Option("--trigger-count", help="BadNet: trigger words inserted per sample.")]
+TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="Word attacks (badnet, ep, ripple, lwp, sos): a trigger word, repeat for a list (defaults: badnet/ep mn; ripple cf mn bb tq mb; lwp pieces cf bb ak mn; sos friends weekend store). InSent: the sentence (default 'I watched this 3D movie').")]
+TriggerCountOpt = Annotated[int, typer.Option("--trigger-count", help="BadNet, EP, RIPPLe: trigger words inserted per sample. LWP: pieces per combination (at least 2).")]
 TargetOpt = Annotated[int, typer.Option("--target-label", help="The label the backdoor forces.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) checkpoints, read with weights_only=True. Off by default: unpickling untrusted files can run code.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with a hub model. Never on by default.")]
@@ -336,6 +336,58 @@ def evaluate(
     if len(triggers) > 1:
         summary["per_trigger"] = result["per_trigger"]
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def stealth(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the per-attack perplexities as JSON here (default: print only).")] = None,
+    dataset: DatasetOpt = "sst2",
+    attack: Annotated[list[str], typer.Option("--attack", help=f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}.")] = ["badnet"],
+    trigger: TriggerOpt = None,
+    trigger_count: TriggerCountOpt = 1,
+    paraphrases: ParaphrasesOpt = None,
+    target_label: TargetOpt = 0,
+    lm: Annotated[str, typer.Option("--lm", help="Causal LM that scores the texts: 'smollm2' (packaged), a folder or a hub id.")] = "smollm2",
+    split: Annotated[str, typer.Option("--split", help="Dataset split whose texts are triggered: train | dev | test.")] = "test",
+    data_dir: DataDirOpt = None,
+    text_column: TextColOpt = "text",
+    label_column: LabelColOpt = "label",
+    max_eval_samples: MaxEvalOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per LM forward.")] = 32,
+    max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Stealthiness of each attack's triggered text: ΔPPL (OpenBackdoor), triggered minus clean perplexity under a causal LM."""
+    import json
+
+    from peftguard.artifacts import check_output_file, looks_like_json_with, write_json
+    from peftguard.data import subsample
+    from peftguard.defenses.onion import CausalLMScorer
+    from peftguard.errors import OptionError
+    from peftguard.models import model_reference
+    from peftguard.stealth import STEALTH_KEYS, stealthiness
+
+    check_options(locals())
+    if split not in ("train", "dev", "test"):
+        raise OptionError(f"--split must be train, dev or test, got '{split}'")
+    if out is not None:
+        check_output_file(out, kind="stealth file", made_here=lambda path: looks_like_json_with(path, STEALTH_KEYS),
+                          inputs=(dataset, data_dir, paraphrases), models=(lm,), overwrite=overwrite)
+    _setup_logging(verbose)
+    data = _dataset(dataset, data_dir, text_column, label_column)
+    options = _options(allow_pickle, trust_remote_code)
+    triggers = _triggers(attack, trigger, trigger_count, data, paraphrases, None, options)
+    examples = subsample(data.split(split).examples, max_eval_samples, seed)
+    scorer = CausalLMScorer(lm, options=options, batch_size=batch_size, max_length=max_length, precision="fp32")
+    result = {"lm": model_reference(lm), "dataset": data.name, "split": split, "target_label": target_label, "seed": seed,
+              "attacks": stealthiness(examples, triggers, scorer, target_label=target_label, seed=seed)}
+    if out:
+        write_json(out, result)
+    typer.echo(json.dumps(result, indent=2))
 
 
 @psim_app.command("train")

@@ -1,4 +1,4 @@
-"""Clean accuracy, attack success rate, defended metrics, detection quality and calibration.
+"""Clean accuracy, attack success rate, defended metrics, detection quality, calibration and ΔPPL.
 
 Conventions (the PSIM paper, checked against the authors' code):
 
@@ -76,6 +76,17 @@ def calibrate_gamma(clean_scores: Sequence[float], target_fpr: float) -> float:
         raise OptionError("cannot calibrate gamma on an empty set")
     allowed = int(np.floor(target_fpr * len(scores) + 1e-9))
     return float(scores[min(allowed, len(scores) - 1)])
+
+
+def perplexity_increase(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> float:
+    """OpenBackdoor's ΔPPL: the mean over pairs of the triggered text's perplexity minus its clean original's.
+
+    Pairs with no perplexity on either side (NaN: an empty text) are left out; NaN when none is left.
+    """
+    clean, triggered = np.asarray(clean_perplexities, dtype=np.float64), np.asarray(triggered_perplexities, dtype=np.float64)
+    _check_same_length(clean, triggered)
+    usable = np.isfinite(clean) & np.isfinite(triggered)
+    return float((triggered[usable] - clean[usable]).mean()) if usable.any() else float("nan")
 
 
 def confidence_histogram(scores: Sequence[float], edges: Sequence[float] = HISTOGRAM_EDGES) -> dict[str, object]:
