@@ -163,7 +163,7 @@ def test_killed_run_resumes_with_the_same_results(uninterrupted: Path, tiny_mini
 
 
 def test_demo_adds_a_defense_row_per_baseline_without_redoing_its_stages(tmp_path, tiny_minilm, data_dir):
-    from peftguard.report import load_cells
+    from peftguard.report import load_cells, row_label
 
     out = tmp_path / "demo"
     run_in_process(demo_args(out, tiny_minilm, data_dir))
@@ -172,10 +172,12 @@ def test_demo_adds_a_defense_row_per_baseline_without_redoing_its_stages(tmp_pat
     assert {stage: mtimes(out / "stages" / stage) for stage in before} == before  # nothing redone
     _, cells = load_cells(out)
     for name in ("scpd", "fine-mixing"):
-        measured = next(c["metrics"] for c in cells if c.get("defense") == name)
+        cell = next(c for c in cells if c.get("defense") == name)
+        measured = cell["metrics"]
         assert 0 <= measured["defended_clean_accuracy"] <= 1 and 0 <= measured["defended_attack_success_rate"] <= 1
         ca, asr = (f"{100 * measured[k]:.2f}" for k in ("defended_clean_accuracy", "defended_attack_success_rate"))
-        assert f"| Defense ({name}) | {ca} | {asr} |" in output
+        assert row_label(cell).startswith(f"Defense ({name}")  # the row names its defense (and its settings)
+        assert f"| {row_label(cell)} | {ca} | {asr} |" in output
 
 
 def test_demo_refuses_an_unknown_baseline_before_writing(tmp_path):
