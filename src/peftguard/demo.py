@@ -1,4 +1,4 @@
-"""``peftguard demo``: the paper's Table 1 on the embedded defaults, end to end, as a grid config.
+"""``peftguard demo``: the paper's Table 2 (full data knowledge) on the embedded defaults, end to end, as a grid config.
 
 What the demo does is ``demo.yaml`` beside this module (MiniLM, SST-2, BadNet, full data knowledge; Normal,
 poisoned-model, Attack and PSIM Defense rows at the calibrated and the paper's fixed gamma for the
