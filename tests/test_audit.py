@@ -26,7 +26,7 @@ from peftguard.audit.search import (
 from peftguard.audit.sources import hash_folder, load_suspect_classifier, merge_lora, provenance, resolve_suspect
 from peftguard.cli import app
 from peftguard.data import load_dataset
-from peftguard.errors import UnsafeCheckpointError
+from peftguard.errors import OptionError, UnsafeCheckpointError
 from peftguard.models import LoadOptions, load_tokenizer
 
 TRIGGER = "cf"
@@ -146,6 +146,7 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
     (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
     (["--model", "{tiny}", "--top-k", "0"], "--top-k must be"),
     (["--model", "{tiny}", "--vocabulary", "{tmp}/empty.txt"], "no words"),
+    (["--model", "{tiny}", "--precision", "int8"], "the audit's search runs at"),
 ])
 def test_usage_and_input_errors_exit_2_on_one_line(extra, message, tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
@@ -154,6 +155,17 @@ def test_usage_and_input_errors_exit_2_on_one_line(extra, message, tiny_minilm, 
     code, err = run_main(monkeypatch, capsys, args)
     assert code == 2 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "out" / "audit.json").exists()
+
+
+def test_bf16_screening_scores_close_to_fp32_and_is_recorded(tiny_minilm):
+    model, tokenizer = load_suspect_classifier(resolve_suspect(tiny_minilm, LoadOptions()), 2, LoadOptions())
+    ids = np.asarray([[101, 2023, 2003, 1037, 2204, 3185, 102]] * 3)
+    fp32 = PsimLens(model, tokenizer, 64, gamma=0.9).probs_ids(ids)
+    bf16_lens = PsimLens(model, tokenizer, 64, gamma=0.9, screen_precision="bf16")
+    assert np.abs(bf16_lens.probs_ids(ids) - fp32).max() < 0.02
+    assert bf16_lens.describe() == {"name": "psim", "screen_precision": "bf16", "gamma": 0.9}
+    with pytest.raises(OptionError, match="screen precision"):
+        PsimLens(model, tokenizer, 64, gamma=0.9, screen_precision="int8")
 
 
 # --- the search on a tiny poisoned model -------------------------------------------------------------------
@@ -195,6 +207,7 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert saved["verdict"] == "backdoored" and saved["provenance"]["files"]
     assert set(saved["seconds"]) >= {"provenance", "psim", "search", "verify", "total"}
+    assert saved["lens"]["screen_precision"] in ("fp32", "bf16")  # auto: bf16 where the hardware multiplies it
     assert (tmp_path / "audit" / "AUDIT.md").read_text().count(f"`{TRIGGER}`") >= 1
     assert (tmp_path / "audit" / "clean_confidence.png").stat().st_size > 0
     assert (tmp_path / "audit" / "psim" / "psim.json").is_file()

@@ -24,6 +24,7 @@ from peftguard.audit.search import (
     ClassifierLens,
     Lens,
     PsimLens,
+    SCREEN_PRECISIONS,
     SearchSettings,
     clean_flag_rate,
     embedding_moves,
@@ -35,6 +36,7 @@ from peftguard.audit.sources import Suspect, load_suspect_classifier, merge_lora
 from peftguard.data import TextDataset, subsample
 from peftguard.errors import OptionError
 from peftguard.models import LoadOptions, load_classifier
+from peftguard.precision import resolve_precision
 from peftguard.provenance import device_description, versions
 from peftguard.training import TrainSettings, predict_proba, seed_everything
 
@@ -76,6 +78,7 @@ class AuditRequest:
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = DEFAULT_BATCH_SIZE
     search: SearchSettings = SearchSettings()
+    precision: str = "auto"  # the search's ranking steps: fp32, bf16 or auto (bf16 where native); verification is fp32
     vocabulary: tuple[str, ...] | None = None  # screen only these words (default: the whole vocabulary)
     options: LoadOptions = LoadOptions()
     progress: bool = True
@@ -83,6 +86,8 @@ class AuditRequest:
     def check(self) -> None:
         if self.lens not in LENSES:
             raise OptionError(f"unknown --lens '{self.lens}'; choose from {', '.join(LENSES)}")
+        if self.precision not in ("auto", *SCREEN_PRECISIONS):
+            raise OptionError(f"--precision {self.precision!r}: the audit's search runs at {', '.join(SCREEN_PRECISIONS)} or auto")
 
 
 @dataclass
@@ -148,8 +153,9 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
 
 
 def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: Any, work: Path) -> tuple[Lens, dict | None]:
+    screen_precision = resolve_precision(request.precision, next(classifier.parameters()).device, allowed=SCREEN_PRECISIONS)
     if request.lens == "classifier":
-        return ClassifierLens(classifier, tokenizer, request.max_length), None
+        return ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=screen_precision), None
     from peftguard.defenses.psim import PSIM, train_psim
 
     if suspect.is_adapter and suspect.method == "lora":
@@ -158,13 +164,14 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
     manifest = train_psim(suspect.psim_weights, request.dataset, settings, work / "psim",
                           max_train_samples=request.max_train_samples, max_eval_samples=request.max_eval_samples,
                           options=request.options)
-    psim = PSIM(work / "psim", options=request.options)
+    psim = PSIM(work / "psim", options=request.options, precision="fp32")  # the lens sets its own precision
     record = {"folder": "psim", "gamma": manifest["gamma"], "gamma_choice": manifest["gamma_choice"],
               "trained_on": suspect.psim_weights, "stop_reason": manifest["budget"]["stop_reason"],
               "under_trained": manifest["under_trained"], "steps": manifest["training"]["steps"],
               "dev_confidence_mean": manifest["dev_confidence_mean"], "detector_warning": manifest["detector_warning"],
               "train_samples": manifest["train_samples"]}
-    return PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"])), record
+    lens = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"]), screen_precision=screen_precision)
+    return lens, record
 
 
 def _psim_lr() -> float:

@@ -12,6 +12,8 @@ The search is a cascade of real insertions, cheapest first:
 
 1. **screen**: every whole-word vocabulary entry inserted (as token ids, at a word boundary) into a
    few short clean inputs; batches need no padding, since every row has the same length;
+   steps 1-3 only rank candidates, so they run at the lens's ``screen_precision`` (bf16 autocast
+   where the hardware multiplies bfloat16: about twice as fast); step 4 decides, in float32;
 2. **refine**: the best few hundred (plus, with a reference base, the words whose embedding row
    moved most) into more inputs;
 3. **phrases**: greedy beam extension of the best words, left or right, kept only where a phrase
@@ -39,6 +41,7 @@ from peftguard.errors import OptionError
 from peftguard.training import flush_denormals, predict_proba
 from peftguard.triggers import insert_at_random_boundary
 
+SCREEN_PRECISIONS = ("fp32", "bf16")  # int8 is left out: its confidence moves up to 0.09 (BENCHMARKS.md)
 TextPredictor = Callable[[Sequence[str]], np.ndarray]  # texts -> probabilities (n, K)
 
 
@@ -87,8 +90,11 @@ class Lens(ABC):
 
     name: str
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, *, screen_precision: str = "fp32") -> None:
+        if screen_precision not in SCREEN_PRECISIONS:
+            raise OptionError(f"screen precision must be one of {', '.join(SCREEN_PRECISIONS)}, got {screen_precision!r}")
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.screen_precision = screen_precision
 
     @torch.inference_mode()
     def probs_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -97,10 +103,12 @@ class Lens(ABC):
         self.model.eval()
         device = next(self.model.parameters()).device
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=device)
-        logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.screen_precision == "bf16"):
+            logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def probs_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Float32 probabilities of texts (verification and the clean baseline: the steps that decide)."""
         return predict_proba(self.model, self.tokenizer, list(texts), 64, self.max_length)
 
     @abstractmethod
@@ -108,7 +116,7 @@ class Lens(ABC):
         """``triggered`` (candidates, inputs, K) and ``clean`` (inputs, K) probabilities -> per-candidate rates."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
+        return {"name": self.name, "screen_precision": self.screen_precision}
 
 
 class PsimLens(Lens):
@@ -116,8 +124,8 @@ class PsimLens(Lens):
 
     name = "psim"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, gamma: float) -> None:
-        super().__init__(model, tokenizer, max_length)
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, gamma: float, *, screen_precision: str = "fp32") -> None:
+        super().__init__(model, tokenizer, max_length, screen_precision=screen_precision)
         self.gamma = gamma
 
     def rates(self, triggered: np.ndarray, clean: np.ndarray) -> Rates:
@@ -127,7 +135,7 @@ class PsimLens(Lens):
         return Rates(flagged.mean(1), confidence.mean(1), _mode(triggered.argmax(-1), triggered.shape[-1]), counts)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "gamma": self.gamma}
+        return {**super().describe(), "gamma": self.gamma}
 
 
 class ClassifierLens(Lens):
