@@ -19,7 +19,7 @@ from peftguard.defenses.registry import setting_label
 from peftguard.defenses.scpd import SCPDConfig, build_scpd
 from peftguard.experiment import plan_grid, write_plan
 from peftguard.models import load_classifier
-from peftguard.report import row_label, write_report
+from peftguard.report import row_label, write_record, write_report
 from peftguard.stage_names import stage_dir
 from peftguard.triggers import build_trigger
 
@@ -160,3 +160,25 @@ def test_fine_mixing_chooses_its_ratio_on_clean_dev_and_keeps_that_victim(
         FineMixingDefense(FineMixingConfig(seed=0), load_dataset("sst2", data_dir=data_dir),
                           out_dir=tmp_path / "fine-mixed", max_eval_samples=16).defend(victim)
         assert json.loads((Path(folder) / "finetune.json").read_text())["training"]["seconds"] == seconds  # reused
+
+
+def test_a_results_record_holds_the_table_every_cell_and_no_scores(tmp_path: Path) -> None:
+    config = parse_config({"name": "x", "grid": {"attacks": ["badnet"], "defenses": ["none", "psim", "strip"]},
+                           "victim": {"normal": False}})
+    plan = plan_grid(config)
+    run = tmp_path / "run"
+    write_plan(run, config, plan)
+    for cell in plan.cells:
+        folder = stage_dir(run, cell["stage"])
+        folder.mkdir(parents=True)
+        defended = {} if cell["defense"] == "none" else {"defended_clean_accuracy": 0.7, "defended_attack_success_rate": 0.1,
+                                                         "defense_timing": {"seconds": 2.0, "samples_per_second": 250.0}}
+        (folder / "metrics.json").write_text(json.dumps({"clean_accuracy": 0.8, "attack_success_rate": 1.0, **defended}))
+        (folder / "scores.json").write_text(json.dumps({"clean": [0.5] * 3}))
+    written = {p.relative_to(tmp_path / "rec").as_posix() for p in write_record(run, tmp_path / "rec")}
+    assert {c["method"] for c in plan.cells} == {"lora"}  # one method: the names need the defense alone
+    assert written == {"table.md", "cells.csv", "cells/none.json", "cells/psim.json", "cells/strip.json"}
+    assert "| Defense (strip) | 70.00 | 10.00 |" in (tmp_path / "rec" / "table.md").read_text(encoding="utf-8")
+    saved = json.loads((tmp_path / "rec" / "cells/strip.json").read_text())
+    assert saved["cell"]["defense"] == "strip" and saved["metrics"]["defended_attack_success_rate"] == 0.1
+    assert "scores" not in saved and "4.0" in (tmp_path / "rec" / "cells.csv").read_text()  # 1000 / 250 inputs/s

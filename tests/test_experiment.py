@@ -114,6 +114,17 @@ def test_local_run_reuses_finished_stages_and_ray_gives_the_same_metrics(tmp_pat
     assert "| Normal |" in table and "| Attack |" in table and "| Defense |" in table
 
 
+def test_cells_csv_gives_each_defense_cost_per_1000_inputs():
+    from peftguard.report import long_rows
+
+    cells = [{"attack": "badnet", "defense": "strip", "row": "defense", "stage": "evaluate-a",
+              "metrics": {"clean_accuracy": 0.9, "defense_timing": {"seconds": 4.0, "samples_per_second": 50.0}}},
+             {"attack": "badnet", "defense": "none", "row": "attack", "stage": "evaluate-b", "metrics": {"clean_accuracy": 0.9}}]
+    header, rows = long_rows(cells)
+    cost = header.index("defense_seconds_per_1000_inputs")
+    assert [row[cost] for row in rows] == [20.0, ""] and header[-1] == "stage"
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -741,14 +741,18 @@ def run(
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `peftguard run`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder [RUN_DIR/report].")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a report folder (files of the same names are replaced).")] = False,
+    record: Annotated[Optional[Path], typer.Option("--record", help="Instead: write the run's compact, committable record here (table.md, cells.csv, cells/*.json; no plots, no per-input scores), e.g. results/<table>.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out/--record even if it is not a report folder (files of the same names are replaced).")] = False,
 ) -> None:
     """Write a run's results in the paper's table layout (Markdown, CSV, LaTeX) and its plots (PNG)."""
-    from peftguard.report import REPORT_MARKER, write_report
+    from peftguard.report import REPORT_MARKER, write_record, write_report
 
-    if out is not None:
-        _output_folder(out, REPORT_MARKER, "report", inputs=(run_dir,), overwrite=overwrite)
-    for path in write_report(run_dir, out):
+    if record is not None and out is not None:
+        raise typer.BadParameter("give --out (a full report) or --record (the committable record), not both")
+    target = record if record is not None else out
+    if target is not None:
+        _output_folder(target, REPORT_MARKER, "report", inputs=(run_dir,), overwrite=overwrite)
+    for path in (write_record(run_dir, record) if record is not None else write_report(run_dir, out)):
         typer.echo(f"wrote {path}")
 
 

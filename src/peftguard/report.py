@@ -122,8 +122,19 @@ def long_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     axes = sorted({k for c in cells for k in c if k not in ("metrics", "scores", "stage")})
     metrics = ["clean_accuracy", "attack_success_rate", "defended_clean_accuracy", "defended_attack_success_rate",
                "false_positive_rate", "detection_rate", "auroc", "gamma"]
-    rows = [[c.get(a, "") for a in axes] + [c["metrics"].get(m, "") for m in metrics] + [c["stage"]] for c in cells]
-    return axes + metrics + ["stage"], rows
+    rows = [[c.get(a, "") for a in axes] + [c["metrics"].get(m, "") for m in metrics] + [defense_seconds_per_1000(c), c["stage"]]
+            for c in cells]
+    return axes + metrics + ["defense_seconds_per_1000_inputs", "stage"], rows
+
+
+def defense_seconds_per_1000(cell: dict[str, Any]) -> float | str:
+    """Wall seconds the defense took per 1,000 of this cell's clean and triggered inputs ("" without a defense).
+
+    Input defenses: screening or rewriting the inputs (calibration excluded). Model-level defenses (fine-mixing,
+    fine-pruning): making the defended victim plus evaluating it, over the same inputs (``defend_seconds`` apart)."""
+    timing = cell["metrics"].get("defense_timing") or {}
+    rate = timing.get("samples_per_second")
+    return round(1000 / rate, 2) if rate else ""
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -209,6 +220,7 @@ def _any_stage_versions(run_dir: Path) -> Any:
 
 
 REPORT_MARKER = "cells.csv"  # a report folder holds it; no user's folder is likely to
+RECORD_TABLE = "table.md"  # a results record's table: REPRODUCTION.md quotes its rows (tests/test_results_record.py)
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
@@ -239,3 +251,50 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
     written += plots.write_plots([c for c in cells if "refused" not in c["metrics"]], out_dir)
     return written
+
+
+def write_record(run_dir: Path, dest: Path) -> list[Path]:
+    """The compact, committable record of a run: ``table.md`` (the report's results.md: the run's context and the
+    paper-layout table), ``cells.csv`` (every cell and metric) and ``cells/<cell>.json`` (each cell's axes and
+    metrics, without per-input scores), named by the axes that vary within the run, e.g. ``lora-psim.json``."""
+    dest = Path(dest)
+    plan, cells = load_cells(run_dir)
+    if not cells:
+        from peftguard.errors import PeftguardError
+
+        raise PeftguardError(f"{run_dir}: no finished cells yet (run `peftguard run` first)")
+    header, rows = paper_table(cells)
+    intro = "\n".join(f"- {line}" for line in context_lines(Path(run_dir), plan, cells))
+    written = []
+    for name, text in ((RECORD_TABLE, f"# {plan['name']}\n\n{intro}\n\n{markdown(header, rows)}"),
+                       ("cells.csv", csv_text(*long_rows(cells)))):
+        write_text(dest / name, text)
+        written.append(dest / name)
+    from peftguard.artifacts import write_json
+
+    for name, cell in zip(cell_file_names(cells), cells):
+        write_json(dest / "cells" / f"{name}.json", {"cell": {k: v for k, v in cell.items() if k not in ("metrics", "scores")},
+                                                      "metrics": cell["metrics"]})
+        written.append(dest / "cells" / f"{name}.json")
+    return written
+
+
+def cell_file_names(cells: list[dict[str, Any]]) -> list[str]:
+    """One readable, unique name per cell: the values of the axes that differ between cells (the stage if need be)."""
+    axes = sorted({k for c in cells for k in c if k not in ("metrics", "scores", "stage")}, key=_axis_order)
+    varying = [a for a in axes if len({str(c.get(a)) for c in cells}) > 1]
+    for chosen in ([a for a in varying if a not in ("row", "defense_setting")], varying):  # these follow from the defense
+        names = ["-".join(_axis_value(a, c.get(a)) for a in chosen) or "cell" for c in cells]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n}-{c['stage']}" for n, c in zip(names, cells)]
+
+
+def _axis_order(axis: str) -> tuple[int, str]:
+    order = ("model", "dataset", "attack", "scenario", "method", "defense", "row", "seed")
+    return (order.index(axis), axis) if axis in order else (len(order), axis)
+
+
+def _axis_value(axis: str, value: Any) -> str:
+    text = f"s{value}" if axis == "seed" else (f"{axis.split('.')[-1]}={value}" if "." in axis else str(value))
+    return "".join(ch if ch.isalnum() or ch in "-=._" else "_" for ch in text)
