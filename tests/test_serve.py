@@ -154,14 +154,15 @@ def test_guarded_endpoint_returns_the_victims_label_or_rejected(tiny_psim, tiny_
 
 
 def test_int8_psim_rescores_inputs_near_gamma_at_the_next_precision(tiny_psim):
-    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, PSIM
+    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, INT8_RECHECK_MARGIN_7BIT, PSIM
 
     psim = PSIM(tiny_psim, precision="int8")
+    assert psim.recheck_margin == (INT8_RECHECK_MARGIN if psim.activation_bits == 8 else INT8_RECHECK_MARGIN_7BIT)
     exact = psim._probabilities(psim.model, TEXTS, psim.recheck_precision).max(1)
     quick = psim._probabilities(psim.fast_model, TEXTS, "int8").max(1)
     gamma = float(exact[0])  # the first input sits on the threshold: it must be re-scored
     scores = psim.confidences(TEXTS, gamma=gamma)
-    near = np.abs(quick - gamma) < INT8_RECHECK_MARGIN
+    near = np.abs(quick - gamma) < psim.recheck_margin
     assert near[0]
     np.testing.assert_array_equal(scores[near], exact[near])
     np.testing.assert_array_equal(scores[~near], quick[~near])
@@ -170,7 +171,7 @@ def test_int8_psim_rescores_inputs_near_gamma_at_the_next_precision(tiny_psim):
 def test_int8_scores_a_lora_psim_like_its_full_precision_self(tiny_minilm, data_dir, tmp_path):
     """A LoRA PSIM's adapters sit inside the linear layers int8 replaces: they are merged in first."""
     from peftguard.data import load_dataset
-    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, PSIM, train_psim
+    from peftguard.defenses.psim import PSIM, train_psim
     from peftguard.training import TrainSettings
     from peftguard.tuning import LoraMethodConfig
 
@@ -179,7 +180,36 @@ def test_int8_scores_a_lora_psim_like_its_full_precision_self(tiny_minilm, data_
     psim = PSIM(tmp_path / "psim", precision="int8")
     exact = psim._probabilities(psim.model, TEXTS, "fp32").max(1)
     quick = psim._probabilities(psim.fast_model, TEXTS, "int8").max(1)
-    assert np.abs(quick - exact).max() < INT8_RECHECK_MARGIN
+    assert np.abs(quick - exact).max() < psim.recheck_margin
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_activations_have_8_bits_only_on_a_cpu_with_vnni(tiny_psim, monkeypatch, vnni):
+    """8-bit activations (``reduce_range=False``) where VNNI accumulates in int32; torch's 7-bit Linear elsewhere."""
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from peftguard import precision
+    from peftguard.defenses.psim import INT8_RECHECK_MARGIN, INT8_RECHECK_MARGIN_7BIT, PSIM, PSIMDefense
+
+    real_vnni = precision.cpu_has_vnni()
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: vnni)
+    psim = PSIM(tiny_psim, precision="int8")
+    linears = [m for m in psim.fast_model.modules() if isinstance(m, DynamicLinear)]
+    assert len(linears) == len([m for m in psim.model.modules() if isinstance(m, torch.nn.Linear)]) > 0
+    expected = precision.full_range_linear() if vnni else DynamicLinear
+    assert {type(m) for m in linears} == {expected}
+    assert (psim.activation_bits, psim.recheck_margin) == ((8, INT8_RECHECK_MARGIN) if vnni else (7, INT8_RECHECK_MARGIN_7BIT))
+    assert PSIMDefense(psim, psim.gamma_for(None, None, None)).describe()["int8_activation_bits"] == psim.activation_bits
+
+    x = torch.randn(4, linears[0].in_features) * 3
+    packed = linears[0]._packed_params._packed_params
+    torch.testing.assert_close(linears[0](x), torch.ops.quantized.linear_dynamic(x, packed, reduce_range=not vnni), rtol=0, atol=0)
+    if vnni and not real_vnni:
+        return  # 8-bit activations may saturate without VNNI: only the choice of module is checked there
+    exact = psim._probabilities(psim.model, TEXTS, "fp32").max(1)
+    quick = psim._probabilities(psim.fast_model, TEXTS, "int8").max(1)
+    assert np.abs(quick - exact).max() < psim.recheck_margin
 
 
 def test_precision_names_are_checked_and_auto_picks_a_native_one():

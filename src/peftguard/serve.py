@@ -242,7 +242,8 @@ def build_server(psim_dir: Path, victim_dir: Path | None, *, host: str = "127.0.
         max_length = int(manifest["settings"]["max_length"])
     screener = BatchingScreener(psim_scorer(psim, choice.gamma, victim, tokenizer, max_length), settings)
     info = {"psim": str(psim_dir), "victim": str(victim_dir) if victim_dir else None, "gamma": choice.gamma,
-            "precision": psim.precision, "max_batch": settings.max_batch, "queue_limit": settings.queue_limit}
+            "precision": psim.precision, "int8_activation_bits": psim.activation_bits, "max_batch": settings.max_batch,
+            "queue_limit": settings.queue_limit}
     try:
         return ScreeningServer((host, port), screener, info)
     except OSError as exc:
