@@ -224,6 +224,16 @@ def test_precision_names_are_checked_and_auto_picks_a_native_one():
         resolve_precision("int8", torch.device("cuda"))
 
 
+def test_auto_never_picks_int8_without_vnni(monkeypatch):
+    import torch
+
+    from peftguard import precision
+
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: False)  # int8 would need 7-bit activations
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert resolve_precision("int8", torch.device("cpu")) == "int8"  # still there when asked for
+
+
 def test_scan_imports_no_training_plotting_ray_or_datasets():  # (peft itself imports accelerate)
     code = ("import sys, peftguard.cli, peftguard.scan; "
             "print([m for m in ('peftguard.training', 'peftguard.victims', 'peftguard.plots', 'ray', 'matplotlib', 'datasets') "

@@ -1,8 +1,9 @@
 """Inference precision: float32, bfloat16 autocast or int8 dynamic quantization, chosen in one place.
 
 ``auto`` (the default of every inference path that takes a precision) is the fastest the device runs
-natively among those the caller allows: int8 on an x86 CPU, then bf16 where the hardware multiplies
-bfloat16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else float32. PSIM allows int8
+natively among those the caller allows: int8 on an x86 CPU with VNNI (8-bit activations), then bf16
+where the hardware multiplies bfloat16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX),
+else float32. PSIM allows int8
 and re-scores inputs near its threshold at the next precision (``PSIM``); ONION allows fp32 and bf16
 and re-scores words near its bar in float32 (``deletion_scoring``). Measured speed and agreement
 with float32: BENCHMARKS.md, ``bench/detection.py``.
@@ -45,7 +46,7 @@ def cpu_has_vnni() -> bool:
 
 def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECISIONS) -> str:
     """``name`` checked against ``allowed`` and ``device``; ``auto``: the first of int8, bf16, fp32 in ``allowed``
-    that runs natively there (int8: CPU with an x86/fbgemm quantized engine; bf16: see :func:`cpu_has_bf16`)."""
+    that runs natively there (int8: CPU with VNNI and an x86/fbgemm quantized engine; bf16: see :func:`cpu_has_bf16`)."""
     if name == "auto":
         return next(p for p in ("int8", "bf16", "fp32") if p in allowed and native(p, device))
     if name not in allowed:
@@ -58,8 +59,9 @@ def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECIS
 def native(precision: str, device: Any) -> bool:
     import torch
 
-    if precision == "int8":
-        return _kind(device) == "cpu" and bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+    if precision == "int8":  # without VNNI int8 needs 7-bit activations, too coarse to be a default (psim.py)
+        return (_kind(device) == "cpu" and cpu_has_vnni()
+                and bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)))
     if precision == "bf16":
         return torch.cuda.is_bf16_supported() if _kind(device) == "cuda" else cpu_has_bf16()
     return True
@@ -98,7 +100,6 @@ def full_range_linear() -> type:
             return y.to(x.dtype)
 
     FullRangeDynamicLinear.__qualname__ = FullRangeDynamicLinear.__name__
-    globals()[FullRangeDynamicLinear.__name__] = FullRangeDynamicLinear  # so that pickle finds it
     return FullRangeDynamicLinear
 
 

@@ -283,10 +283,10 @@ def under_trained(dev_confidence_mean: float, num_labels: int, rule: BudgetRule 
 # 872 sentences) and 0.0252 (agnews, 1000), so 2 x 0.0502 -> 0.11. Validated, not tuned, on the 11 held-apart
 # runs/zoo-audit PSIMs: largest change 0.0920 (clean-cr-lora-s2), none above 0.11 (bench/int8_margin.py and .json).
 INT8_RECHECK_MARGIN = 0.11
-# torch's default 7-bit activations (a CPU without VNNI): the margin as before issue 19, kept. It is no guarantee:
-# on the same clean dev sentences 7 bits moved a confidence by more than 0.1 on 8 of the 11 zoo-audit PSIMs
-# (up to 0.184) and by 0.079 on the development sst2 PSIM.
-INT8_RECHECK_MARGIN_7BIT = 0.1
+# torch's default 7-bit activations (a CPU without VNNI, only when --precision int8 is asked for: `auto` never
+# picks it there). The same rule on the 7-bit development figures (0.0793 sst2, 0.0417 agnews) gives 0.16; it is
+# no guarantee: validation found changes up to 0.184 (cr-jj-dirty-lora, clean-sst2-lora-s3).
+INT8_RECHECK_MARGIN_7BIT = 0.16
 DEFAULT_BATCH_SIZE = 64  # measured: 32-64 fastest on 2 cores, 16 and 128 slower (bench/detection.py --sweep)
 
 
