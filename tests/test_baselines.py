@@ -357,3 +357,30 @@ def test_prefix_shared_onion_writes_and_reads_the_perplexity_cache(tiny_lm, tmp_
     again = OnionDefense(OnionConfig(lm=tiny_lm), scorer=scorer).suspicion(FIXED_SET[:3])
     for a, b in zip(first, again):
         np.testing.assert_allclose(a, b)
+
+
+def test_bf16_twin_gives_autocast_results_exactly_and_leaves_the_model_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftguard.defenses.deletion_scoring import bf16_twin
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    twin = bf16_twin(model)
+    assert twin.lm_head.weight.dtype == torch.bfloat16 and twin.model.embed_tokens.weight.dtype == torch.float32  # untied
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_batched_float32_recheck_puts_each_exact_score_back_in_its_place(tiny_lm, monkeypatch):
+    from peftguard.defenses import deletion_scoring
+
+    exact = OnionDefense(OnionConfig(lm=tiny_lm, precision="fp32", batch_size=4)).suspicion(FIXED_SET)
+    monkeypatch.setattr(deletion_scoring, "CHECK_MARGIN_NATS", float("inf"))  # every deletion re-scored in float32
+    rechecked = OnionDefense(OnionConfig(lm=tiny_lm, precision="bf16", batch_size=4)).suspicion(FIXED_SET)
+    for a, b in zip(rechecked, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -15,9 +15,11 @@ Departures from the paper and its code:
 * All deletions of a batch of texts go through the LM together (one forward per batch of candidate
   texts) instead of one forward per candidate. By default each deletion also reuses the sentence's
   own pass for the tokens before the removed word (``deletion_scoring``: same perplexities, about
-  half the LM work), and on a CPU with bfloat16 arithmetic the LM runs in bf16 with a float32
-  re-check of every word near the bar, so that decisions stay those of float32. ``share_prefix=False``
-  and ``precision="fp32"`` give the reference computation (one full pass per candidate text).
+  half the LM work), and on a CPU with bfloat16 arithmetic the LM runs in bf16 (linear weights cast
+  once, on a copy of the LM) with a float32 re-check, batched over the sentences, of every word near
+  the bar, so that decisions are those of float32 wherever bf16's error stays within the re-check
+  margin (an observed bound, not a proven one: see ``deletion_scoring``). ``share_prefix=False`` and
+  ``precision="fp32"`` give the reference computation (one full pass per candidate text).
 * The bar defaults to 0 (remove any word whose removal lowers perplexity). The original code
   evaluates every bar of ``range(-100, 0)`` in its own sign convention (it removes a word when
   p_i - p_0 <= bar, i.e. our f_i >= -bar: our bars 1..100); ``--onion-bar`` repeated evaluates
@@ -170,11 +172,23 @@ class CausalLMScorer:
         from peftguard.defenses.deletion_scoring import CHECK_MARGIN_NATS, DeletionScorer, Sentence
 
         sentences = [Sentence(*self._sentence_ids(t)) for t in texts]
-        scorer = DeletionScorer(self.model, self.tokenizer.pad_token_id or 0, rows=2 * self.batch_size)
-        losses = scorer.mean_losses(sentences, bf16=self.precision == "bf16")
-        if self.precision == "bf16":
-            losses = [self._recheck(scorer, s, full, each, bars, CHECK_MARGIN_NATS) for s, (full, each) in zip(sentences, losses)]
+        bf16 = self.precision == "bf16"
+        scorer = DeletionScorer(self.model, self.tokenizer.pad_token_id or 0, rows=2 * self.batch_size,
+                                bf16_model=self._bf16_model() if bf16 else None)
+        losses = scorer.mean_losses(sentences, bf16=bf16)
+        if bf16:
+            losses = self._recheck(scorer, sentences, losses, bars, CHECK_MARGIN_NATS)
         return losses
+
+    def _bf16_model(self):
+        """The LM with bfloat16 linear weights (``deletion_scoring.bf16_twin``), made once; CPU only."""
+        from peftguard.defenses.deletion_scoring import bf16_twin
+
+        if self.device.type != "cpu":
+            return None
+        if getattr(self, "_bf16_twin", None) is None:
+            self._bf16_twin = bf16_twin(self.model)
+        return self._bf16_twin
 
     def _sentence_ids(self, text: str) -> tuple[list[int], list[list[int]]]:
         _, removed = deletions(text)
@@ -182,22 +196,31 @@ class CausalLMScorer:
         return ids[0], ids[1:]
 
     @staticmethod
-    def _recheck(scorer, sentence, full: float, each: np.ndarray, bars: Sequence[float], margin: float) -> tuple[float, np.ndarray]:
-        """Re-score in float32 the deletions whose decision at some bar lies within ``margin`` nats of flipping."""
+    def _recheck(scorer, sentences, losses: list[tuple[float, np.ndarray]], bars: Sequence[float],
+                 margin: float) -> list[tuple[float, np.ndarray]]:
+        """Re-score in float32 the deletions whose decision at some bar lies within ``margin`` nats of flipping
+        (those of all sentences in one batched call), and the full sentences they belong to."""
         from peftguard.defenses.deletion_scoring import Sentence
 
-        near = np.zeros(len(each), dtype=bool)
-        for bar in bars:
-            boundary = math.log(math.exp(full) - bar) if math.exp(full) > bar else -math.inf
-            with np.errstate(invalid="ignore"):
-                near |= np.abs(each - boundary) < margin
-        if not near.any():
-            return full, each
-        chosen = np.flatnonzero(near)
-        exact_full, exact = scorer.mean_losses([Sentence(sentence.full, [sentence.deletions[i] for i in chosen])], bf16=False)[0]
-        each = each.copy()
-        each[chosen] = exact
-        return exact_full, each
+        todo = []
+        for k, (sentence, (full, each)) in enumerate(zip(sentences, losses)):
+            near = np.zeros(len(each), dtype=bool)
+            for bar in bars:
+                boundary = math.log(math.exp(full) - bar) if math.exp(full) > bar else -math.inf
+                with np.errstate(invalid="ignore"):
+                    near |= np.abs(each - boundary) < margin
+            if near.any():
+                todo.append((k, np.flatnonzero(near)))
+        if not todo:
+            return losses
+        exact = scorer.mean_losses([Sentence(sentences[k].full, [sentences[k].deletions[i] for i in chosen])
+                                    for k, chosen in todo], bf16=False)
+        losses = list(losses)
+        for (k, chosen), (exact_full, exact_each) in zip(todo, exact):
+            each = losses[k][1].copy()
+            each[chosen] = exact_each
+            losses[k] = (exact_full, each)
+        return losses
 
     def _cached_suspicion(self, text: str) -> np.ndarray | None:
         if self.cache is None:
