@@ -13,9 +13,10 @@ Cases, interleaved round-robin in one process (medians; ratios only, the machine
 * ``after_margin_<m>`` (``--margin``): today's default with a wider re-check margin.
 
 Then, per case, the cleaned texts at bar 0 against the reference's (decisions identical on how many
-sentences), the deletions re-scored in float32, and the bf16 error that the re-check margin must cover:
-|(deletion loss - sentence loss) in bf16 - the same in float32| over every deletion (bar 0's decision
-is the sign of that difference), before any re-check. Optionally a torch.profiler table of ``after``.
+sentences), the deletions re-scored in float32, and, before and after, the bf16 error that the re-check
+margin must cover: |(deletion loss - sentence loss) in bf16 - the same in float32| over every deletion
+(bar 0's decision is the sign of that difference), before any re-check. Optionally the bf16 forwards
+alone with one change undone at a time (``--ablate``) and a torch.profiler table of ``after``.
 """
 from __future__ import annotations
 
@@ -112,22 +113,18 @@ def main() -> None:
         def run():
             saved = ds.CHECK_MARGIN_NATS
             ds.CHECK_MARGIN_NATS = margin if margin is not None else saved
-            stats = counts.setdefault(name, {})
-            calls = []
             original = ds.DeletionScorer.mean_losses
 
-            def counting(self, sentences, bf16):
-                if not bf16:
-                    calls.append(sum(len(s.deletions) for s in sentences))
-                return original(self, sentences, bf16)
+            def counting(self, *a, **k):
+                out = original(self, *a, **k)
+                counts.setdefault(name, {})["rechecked"] = self.rechecked
+                return out
 
             ds.DeletionScorer.mean_losses = counting
             try:
-                losses = scorer._mean_losses(texts, bars)
+                return suspicion(scorer._mean_losses(texts, bars))
             finally:
                 ds.DeletionScorer.mean_losses, ds.CHECK_MARGIN_NATS = original, saved
-            stats["rechecked"] = sum(calls)
-            return suspicion(losses)
         return run
 
     def before():
@@ -160,7 +157,7 @@ def main() -> None:
         if "reference" in figures:
             figures[name]["speedup_vs_reference"] = figures["reference"]["median_s"] / figures[name]["median_s"]
         figures[name] |= counts.get(name, {})
-    error = bf16_error(scorer, ds, texts)
+    error = {"before": bf16_error(scorer, old, texts, before=True), "after": bf16_error(scorer, ds, texts)}
     deletions = sum(len(t.split()) for t in texts)
     result = {"machine": common.machine(), "threads": threads, "load_average_at_start": load_before,
               "load_average_at_end": list(__import__("os").getloadavg()), "samples": len(texts), "skip": args.skip,
@@ -192,15 +189,18 @@ def suspicion(losses) -> list[np.ndarray]:
     return [np.exp(full) - np.exp(each) for full, each in losses]
 
 
-def bf16_error(scorer, ds, texts) -> dict[str, float]:
-    """|(deletion - sentence) mean loss, bf16 minus float32| over the deletions (no re-check): what the margin covers."""
-    sentences = [ds.Sentence(*scorer._sentence_ids(t)) for t in texts]
-    deleter = ds.DeletionScorer(scorer.model, scorer.tokenizer.pad_token_id or 0, bf16_model=scorer._bf16_model())
+def bf16_error(scorer, module, texts, before: bool = False) -> dict[str, float]:
+    """|(deletion - sentence) mean loss, bf16 minus float32| over the deletions before any re-check: what the
+    margin must cover (``before``: the previous module, sentences in bf16 too)."""
+    sentences = [module.Sentence(*scorer._sentence_ids(t)) for t in texts]
+    pad = scorer.tokenizer.pad_token_id or 0
+    deleter = (module.DeletionScorer(scorer.model, pad) if before
+               else module.DeletionScorer(scorer.model, pad, bf16_model=scorer._bf16_model()))
     low, exact = deleter.mean_losses(sentences, bf16=True), deleter.mean_losses(sentences, bf16=False)
     diffs = np.concatenate([np.abs((e - f) - (E - F)) for (f, e), (F, E) in zip(low, exact)])
     diffs = diffs[np.isfinite(diffs)]
     return {"max": float(diffs.max()), "p99": float(np.percentile(diffs, 99)), "median": float(np.median(diffs)),
-            "over_margin": int((diffs >= ds.CHECK_MARGIN_NATS).sum()), "deletions": int(len(diffs))}
+            "over_margin": int((diffs >= module.CHECK_MARGIN_NATS).sum()), "deletions": int(len(diffs))}
 
 
 def ablation(scorer, ds, texts, repeats) -> dict[str, float]:

@@ -384,3 +384,20 @@ def test_batched_float32_recheck_puts_each_exact_score_back_in_its_place(tiny_lm
     rechecked = OnionDefense(OnionConfig(lm=tiny_lm, precision="bf16", batch_size=4)).suspicion(FIXED_SET)
     for a, b in zip(rechecked, exact):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_onion_scores_sentences_in_float32_and_only_near_deletions_again(tiny_lm):
+    from peftguard.defenses.deletion_scoring import DeletionScorer, Sentence
+
+    scorer = CausalLMScorer(tiny_lm, precision="bf16")
+    sentences = [Sentence(*scorer._sentence_ids(t)) for t in FIXED_SET[:8]]
+    deleter = DeletionScorer(scorer.model, scorer.tokenizer.pad_token_id or 0, rows=4, group=12,
+                             bf16_model=scorer._bf16_model())
+    low, exact = deleter.mean_losses(sentences, bf16=True), deleter.mean_losses(sentences, bf16=False)
+    assert deleter.rechecked == 0  # float32 pass: nothing to re-check
+    assert [f for f, _ in low] == [f for f, _ in exact]  # the sentences (so the cached prefixes) ran in float32
+    assert any(np.any(e != E) for (_, e), (_, E) in zip(low, exact))  # the deletions did not
+    rechecked = deleter.mean_losses(sentences, bf16=True, bars=(0.0,), margin=1e9)
+    assert deleter.rechecked == sum(np.isfinite(e).sum() for _, e in exact)
+    for (_, e), (_, E) in zip(rechecked, exact):
+        np.testing.assert_allclose(e, E, rtol=1e-5, atol=1e-6)

@@ -12,23 +12,25 @@ holding about ``GROUP_DELETIONS`` deletions share one full pass, and their delet
 by length across all of them, run ``rows`` at a time (little padding), each on the cached prefix
 trimmed to the longest prefix its batch uses.
 
-Precision ``bf16`` runs the forwards under bfloat16 autocast, on a twin of the model whose linear
-weights are cast to bfloat16 once (``bf16_twin``: the same values autocast would make at every call,
-so the same results), and then re-scores in float32 every deletion whose keep/remove decision, at any
-of the given bars, lies within ``CHECK_MARGIN_NATS`` of flipping (one batched float32 pass for all
-sentences of a call).
+Precision ``bf16`` runs the full sentences in float32 (about a tenth of the tokens), so every cached
+prefix and every sentence loss is exact, and the deletions' suffixes under bfloat16 autocast, on a
+twin of the model whose linear weights are cast to bfloat16 once (``bf16_twin``: the same values
+autocast would make at every call, so the same results). Every deletion whose keep/remove decision,
+at any of the given bars, lies within ``CHECK_MARGIN_NATS`` of flipping is then re-run in float32 on
+the same float32 prefixes, so decisions are float32's wherever bf16's error is below the margin.
 
-Measured (``bench/onion_profile.py``, 16 SST-2 test sentences, 1 thread on a loaded 2-core machine):
-before this layout (groups of ~64 deletions, weights cast at every call, a float32 re-check per
-sentence) the bf16 path spent 80% of its time in the bf16 forwards and 20% in the re-check, and 71%
-of all in matrix products. Of the bf16 forwards alone, groups of ~64 deletions take 1.5x as long as
-groups of 512 (padding: suffix lengths of one or two sentences span 1 to ~40 tokens), autocast on the
-float32 weights 1.02x, the untrimmed prefix 1.09x (a probe); overall the default is 1.54x faster
-than before and 2.24x the reference, decisions identical on 16/16. The margin is an observed
-bound, not a proven one: the bf16 error of (deletion loss - sentence loss), which decides at bar 0,
-had median 0.005 nats but reached 0.105 on those 16 sentences (2 of 357 deletions over 0.05; both
-far from the bar) and 0.082 on the next 24 (1 of 514): bf16 moves single early-position token losses
-by up to ~1.3 nats.
+Measured (``bench/onion_profile.py``, SST-2 test sentences, 1 thread on a loaded 2-core machine).
+Before issue 19's profiling pass (groups of ~64 deletions, everything in bf16 with each weight cast at
+every call, then the sentence and its near deletions re-run in float32 one sentence at a time) the bf16
+path spent 80% of its time in the bf16 forwards and 20% in the re-check, 71% of all in matrix
+products. Of the bf16 forwards, groups of ~64 deletions took 1.57x as long as groups of 512 (padding:
+the suffix lengths of one or two sentences span 1 to ~40 tokens), autocast on float32 weights 1.02x,
+the untrimmed prefix 1.09x (a probe). Now: 1.49x (16 sentences) and 1.56x (the next 24) faster than
+before, 2.27x the reference; cleaned texts identical to the reference's on 16/16 and to before's on
+24/24. The margin is an observed bound, not a proven one: bf16 moves single early-position token losses by up to ~1.3 nats. The bf16 error of
+(deletion loss - sentence loss), which decides at bar 0, reached 0.095 and 0.082 nats when the
+sentences too ran in bf16 (3 of 871 deletions over 0.05, all far from the bar); with float32
+sentences it reached 0.036 and 0.035 (none over 0.05; p99 0.018 and 0.024).
 
 Supported for decoders whose logits are ``lm_head(final hidden state)`` and which take a key/value
 cache with explicit positions and a padding mask (``FAST_MODEL_TYPES``); others use the reference.
@@ -57,6 +59,16 @@ class Sentence:
     deletions: list[list[int]]
 
 
+def near_bar(full: float, each: float, bars: Sequence[float], margin: float) -> bool:
+    """Whether a deletion's keep/remove decision (perplexity drop ``exp(full) - exp(each)`` above a bar) lies
+    within ``margin`` nats of flipping at one of ``bars`` (mean losses in nats; never for NaN)."""
+    for bar in bars:
+        boundary = math.log(math.exp(full) - bar) if math.exp(full) > bar else -math.inf
+        if abs(each - boundary) < margin:
+            return True
+    return False
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -78,11 +90,16 @@ class DeletionScorer:
         self.bf16_model = bf16_model if bf16_model is not None else model
         self.device = next(model.parameters()).device
 
-    def mean_losses(self, sentences: Sequence[Sentence], bf16: bool) -> list[tuple[float, np.ndarray]]:
-        """(mean loss of the sentence, mean loss of each deletion) per sentence; NaN where undefined."""
+    def mean_losses(self, sentences: Sequence[Sentence], bf16: bool, *, bars: Sequence[float] = (),
+                    margin: float = CHECK_MARGIN_NATS) -> list[tuple[float, np.ndarray]]:
+        """(mean loss of the sentence, mean loss of each deletion) per sentence; NaN where undefined.
+
+        ``bf16``: the sentences (so every cached prefix) in float32, the deletions' suffixes in bf16, and
+        those whose decision at one of ``bars`` lies within ``margin`` nats of flipping again in float32."""
         out: list[tuple[float, np.ndarray]] = []
+        self.rechecked = 0
         for group in self._groups(sentences):
-            out.extend(self._score_group(group, bf16))
+            out.extend(self._score_group(group, bf16, bars, margin))
         return out
 
     def _groups(self, sentences: Sequence[Sentence]) -> list[list[Sentence]]:
@@ -97,18 +114,27 @@ class DeletionScorer:
         return groups + ([current] if current else [])
 
     @torch.inference_mode()
-    def _score_group(self, group: list[Sentence], bf16: bool) -> list[tuple[float, np.ndarray]]:
-        model = self.bf16_model if bf16 else self.model
-        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            losses, past = self._full_pass([s.full for s in group])
-            jobs = [(g, i, d) for g, s in enumerate(group) for i, d in enumerate(s.deletions)]
+    def _score_group(self, group: list[Sentence], bf16: bool, bars: Sequence[float],
+                     margin: float) -> list[tuple[float, np.ndarray]]:
+        self._use(self.model)
+        losses, past = self._full_pass([s.full for s in group])  # float32 at every precision: cheap, and exact prefixes
+        fulls = [float(x.mean()) if len(x) else math.nan for x in losses]
+        jobs = [(g, i, d) for g, s in enumerate(group) for i, d in enumerate(s.deletions)]
+        if not bf16:
             suffix = self._suffix_pass(group, jobs, losses, past)
-        results = []
-        for g, sentence in enumerate(group):
-            full = float(losses[g].mean()) if len(losses[g]) else math.nan
-            results.append((full, np.array([suffix[(g, i)] for i in range(len(sentence.deletions))], dtype=float)))
-        return results
+        else:
+            self._use(self.bf16_model)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                suffix = self._suffix_pass(group, jobs, losses, [(k.bfloat16(), v.bfloat16()) for k, v in past])
+            near = [(g, i, d) for g, i, d in jobs if near_bar(fulls[g], suffix[(g, i)], bars, margin)]
+            self.rechecked += len(near)
+            self._use(self.model)
+            suffix |= self._suffix_pass(group, near, losses, past)  # float32, on the same float32 prefixes
+        return [(fulls[g], np.array([suffix[(g, i)] for i in range(len(s.deletions))], dtype=float))
+                for g, s in enumerate(group)]
+
+    def _use(self, model: torch.nn.Module) -> None:
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
 
     def _full_pass(self, ids: list[list[int]]) -> tuple[list[torch.Tensor], tuple]:
         """Per-token losses (float32, one tensor per sentence) and the key/value states of the batch."""

@@ -15,9 +15,9 @@ Departures from the paper and its code:
 * All deletions of a batch of texts go through the LM together (one forward per batch of candidate
   texts) instead of one forward per candidate. By default each deletion also reuses the sentence's
   own pass for the tokens before the removed word (``deletion_scoring``: same perplexities, about
-  half the LM work), and on a CPU with bfloat16 arithmetic the LM runs in bf16 (linear weights cast
-  once, on a copy of the LM) with a float32 re-check, batched over the sentences, of every word near
-  the bar, so that decisions are those of float32 wherever bf16's error stays within the re-check
+  half the LM work), and on a CPU with bfloat16 arithmetic the deletions run in bf16 (linear weights
+  cast once, on a copy of the LM) on float32 sentence prefixes, with a float32 re-run of every word
+  near the bar, so that decisions are those of float32 wherever bf16's error stays within the re-check
   margin (an observed bound, not a proven one: see ``deletion_scoring``). ``share_prefix=False`` and
   ``precision="fp32"`` give the reference computation (one full pass per candidate text).
 * The bar defaults to 0 (remove any word whose removal lowers perplexity). The original code
@@ -89,7 +89,7 @@ class CausalLMScorer:
         self.shares_prefix = supports_prefix_sharing(self.model)  # deletions scored on the cached sentence prefix
         dtype = "bfloat16" if self.device.type == "cuda" else "float32"  # perplexities differ by dtype
         if self.device.type != "cuda" and self.precision == "bf16":
-            dtype = "bfloat16, float32 near the bar"
+            dtype = "float32 sentences, bfloat16 deletions, float32 near the bar"
         key = {"lm": model_reference(ref), "start": start, "max_length": max_length, "dtype": dtype}
         self.cache = PerplexityCache(cache, key) if cache else None
 
@@ -175,10 +175,7 @@ class CausalLMScorer:
         bf16 = self.precision == "bf16"
         scorer = DeletionScorer(self.model, self.tokenizer.pad_token_id or 0, rows=2 * self.batch_size,
                                 bf16_model=self._bf16_model() if bf16 else None)
-        losses = scorer.mean_losses(sentences, bf16=bf16)
-        if bf16:
-            losses = self._recheck(scorer, sentences, losses, bars, CHECK_MARGIN_NATS)
-        return losses
+        return scorer.mean_losses(sentences, bf16=bf16, bars=bars, margin=CHECK_MARGIN_NATS)
 
     def _bf16_model(self):
         """The LM with bfloat16 linear weights (``deletion_scoring.bf16_twin``), made once; CPU only."""
@@ -194,33 +191,6 @@ class CausalLMScorer:
         _, removed = deletions(text)
         ids = self.encode_many([" ".join(text.split()), *removed])
         return ids[0], ids[1:]
-
-    @staticmethod
-    def _recheck(scorer, sentences, losses: list[tuple[float, np.ndarray]], bars: Sequence[float],
-                 margin: float) -> list[tuple[float, np.ndarray]]:
-        """Re-score in float32 the deletions whose decision at some bar lies within ``margin`` nats of flipping
-        (those of all sentences in one batched call), and the full sentences they belong to."""
-        from peftguard.defenses.deletion_scoring import Sentence
-
-        todo = []
-        for k, (sentence, (full, each)) in enumerate(zip(sentences, losses)):
-            near = np.zeros(len(each), dtype=bool)
-            for bar in bars:
-                boundary = math.log(math.exp(full) - bar) if math.exp(full) > bar else -math.inf
-                with np.errstate(invalid="ignore"):
-                    near |= np.abs(each - boundary) < margin
-            if near.any():
-                todo.append((k, np.flatnonzero(near)))
-        if not todo:
-            return losses
-        exact = scorer.mean_losses([Sentence(sentences[k].full, [sentences[k].deletions[i] for i in chosen])
-                                    for k, chosen in todo], bf16=False)
-        losses = list(losses)
-        for (k, chosen), (exact_full, exact_each) in zip(todo, exact):
-            each = losses[k][1].copy()
-            each[chosen] = exact_each
-            losses[k] = (exact_full, each)
-        return losses
 
     def _cached_suspicion(self, text: str) -> np.ndarray | None:
         if self.cache is None:
