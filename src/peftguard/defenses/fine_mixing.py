@@ -217,19 +217,21 @@ def fine_mix(
         model = make_tunable(model, config)
         report = train_classifier(model, tokenizer, train, dev, settings,
                                   desc=f"fine-mixing {method_name(config)}")
-        manifest = {
-            "kind": "victim",
-            "method": method_name(config),
-            "method_config": asdict(config),
-            "base_model": str(out_dir / MIXED_FOLDER) if not full else model_reference(suspect_ref),
-            "num_labels": dataset.num_labels,
-            "dataset": dataset.name,
-            "train_samples": len(train),
-            "defense": {**record, "seconds": round(time.perf_counter() - started, 2)},
-            **training_record(model, settings, report),
-        }
+        base_model = str(out_dir / MIXED_FOLDER) if not full else model_reference(suspect_ref)
+        manifest = replayed_victim_manifest(config, base_model, dataset, len(train),
+                                            {**record, "seconds": round(time.perf_counter() - started, 2)},
+                                            training_record(model, settings, report))
         write_tuned(tmp, model, tokenizer, VICTIM_MANIFEST, manifest)
     return manifest
+
+
+def replayed_victim_manifest(config: MethodConfig, base_model: str, dataset: TextDataset, train_samples: int,
+                             defense: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The victim manifest of a defense that replays the victim's fine-tuning (fine-mixing, fine-pruning): a victim
+    as `finetune` writes one, plus the defense's record."""
+    return {"kind": "victim", "method": method_name(config), "method_config": asdict(config), "base_model": base_model,
+            "num_labels": dataset.num_labels, "dataset": dataset.name, "train_samples": train_samples,
+            "defense": defense, **training}
 
 
 class FineMixingDefense(ModelDefense):

@@ -52,7 +52,7 @@ import torch
 from peftguard.artifacts import atomic_dir
 from peftguard.data import Example, TextDataset, subsample
 from peftguard.defenses.base import DefenseContext, ModelDefense
-from peftguard.defenses.fine_mixing import ReplayPlan, replay_plan
+from peftguard.defenses.fine_mixing import ReplayPlan, replay_plan, replayed_victim_manifest
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError
 from peftguard.instruction import read_template
@@ -304,17 +304,10 @@ def fine_prune(victim: str, dataset: TextDataset, out_dir: str | Path, *, option
             clean_base = load_classifier(source["base_model"], dataset.num_labels, load_options)
             zero_neurons(clean_base, in_base, pruned)
             write_tuned(tmp / PRUNED_FOLDER, clean_base, tokenizer, PRUNED_MANIFEST, {"kind": "fine-pruned-model", **record})
-        manifest = {
-            "kind": "victim",
-            "method": method_name(plan.config),
-            "method_config": asdict(plan.config),
-            "base_model": str(out_dir / PRUNED_FOLDER) if not full else source["base_model"],
-            "num_labels": dataset.num_labels,
-            "dataset": dataset.name,
-            "train_samples": len(train),
-            "defense": {**record, "seconds": round(time.perf_counter() - started, 2)},
-            **training_record(model, settings, report),
-        }
+        base_model = str(out_dir / PRUNED_FOLDER) if not full else source["base_model"]
+        manifest = replayed_victim_manifest(plan.config, base_model, dataset, len(train),
+                                            {**record, "seconds": round(time.perf_counter() - started, 2)},
+                                            training_record(model, settings, report))
         write_tuned(tmp, model, tokenizer, VICTIM_MANIFEST, manifest)
     return manifest
 
