@@ -69,6 +69,28 @@ def test_verification_counts_each_held_back_input_once_with_one_insertion():
     assert insert_text(held_back, "qq", 3) == triggered  # seeded: the same insertions every time
 
 
+class EvenOddLens(PsimLens):
+    """Predicts label len(text) % 2, so that choose_inputs can alternate labels."""
+
+    def probs_texts(self, texts):
+        odd = np.array([len(t) % 2 for t in texts], dtype=float)
+        return np.stack([1 - odd, odd], axis=1)
+
+
+def test_screening_inputs_are_short_in_tokens_else_the_shortest(tiny_minilm):
+    from peftguard.audit.search import choose_inputs
+
+    lens = EvenOddLens(model=None, tokenizer=load_tokenizer(tiny_minilm), max_length=64, gamma=0.9)
+    long_words = ["internationalization reconsiderations counterproductive"] * 40  # 3 words, many tokens
+    short = [f"good film {i}" for i in range(20)] + ["a fine film ."]
+    chosen = choose_inputs(lens, long_words + short, 2, 8, seed=0)
+    assert len(chosen) == 2 and set(chosen) <= set(short)
+    assert len({len(t) % 2 for t in chosen}) == 2  # one input per predicted label
+    growing = [" ".join(["internationalization"] * k) for k in range(1, 31)]  # none within 3 tokens
+    fallback = choose_inputs(lens, growing, 2, 3, seed=0)
+    assert len(fallback) == 2 and set(fallback) <= set(growing[:16])  # from the 8 n shortest
+
+
 def test_id_insertion_puts_the_candidate_at_a_word_boundary_and_keeps_the_rest():
     clean = EncodedInput(ids=(101, 7, 8, 9, 102), boundaries=(1, 2, 4))
     rows = _insert_ids(clean, [(50, 51)] * 30, np.random.default_rng(0))
