@@ -223,20 +223,31 @@ REPORT_MARKER = "cells.csv"  # a report folder holds it; no user's folder is lik
 RECORD_TABLE = "table.md"  # a results record's table: REPRODUCTION.md quotes its rows (tests/test_results_record.py)
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Write results.{md,csv,tex} (+ cells.csv) and the plots; return the files written."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir / "report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def finished_cells(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`load_cells`, refusing a run with no finished cell."""
     plan, cells = load_cells(run_dir)
     if not cells:
         from peftguard.errors import PeftguardError
 
         raise PeftguardError(f"{run_dir}: no finished cells yet (run `peftguard run` first)")
-    header, rows = paper_table(cells)
+    return plan, cells
+
+
+def results_markdown(run_dir: Path, plan: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    """The report's results.md: the run's context, then the paper-layout table."""
     intro = "\n".join(f"- {line}" for line in context_lines(run_dir, plan, cells))
+    return f"# {plan['name']}\n\n{intro}\n\n{markdown(*paper_table(cells))}"
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write results.{md,csv,tex} (+ cells.csv) and the plots; return the files written."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir / "report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan, cells = finished_cells(run_dir)
+    header, rows = paper_table(cells)
     written = []
-    for name, text in (("results.md", f"# {plan['name']}\n\n{intro}\n\n{markdown(header, rows)}"),
+    for name, text in (("results.md", results_markdown(run_dir, plan, cells)),
                        ("results.csv", csv_text(header, rows)),
                        ("results.tex", latex(header, rows)),
                        ("cells.csv", csv_text(*long_rows(cells)))):
@@ -258,16 +269,9 @@ def write_record(run_dir: Path, dest: Path) -> list[Path]:
     paper-layout table), ``cells.csv`` (every cell and metric) and ``cells/<cell>.json`` (each cell's axes and
     metrics, without per-input scores), named by the axes that vary within the run, e.g. ``lora-psim.json``."""
     dest = Path(dest)
-    plan, cells = load_cells(run_dir)
-    if not cells:
-        from peftguard.errors import PeftguardError
-
-        raise PeftguardError(f"{run_dir}: no finished cells yet (run `peftguard run` first)")
-    header, rows = paper_table(cells)
-    intro = "\n".join(f"- {line}" for line in context_lines(Path(run_dir), plan, cells))
+    plan, cells = finished_cells(Path(run_dir))
     written = []
-    for name, text in ((RECORD_TABLE, f"# {plan['name']}\n\n{intro}\n\n{markdown(header, rows)}"),
-                       ("cells.csv", csv_text(*long_rows(cells)))):
+    for name, text in ((RECORD_TABLE, results_markdown(Path(run_dir), plan, cells)), ("cells.csv", csv_text(*long_rows(cells)))):
         write_text(dest / name, text)
         written.append(dest / name)
     from peftguard.artifacts import write_json

@@ -41,7 +41,7 @@ from peftguard.errors import OptionError
 from peftguard.training import flush_denormals, predict_proba
 from peftguard.triggers import insert_at_random_boundary
 
-SCREEN_PRECISIONS = ("fp32", "bf16")  # int8 is left out: its confidence moves up to 0.09 (BENCHMARKS.md)
+SCREEN_PRECISIONS = ("fp32", "bf16")  # int8 is left out: it moves PSIM confidences up to 0.09 (bench/int8_margin.json)
 TextPredictor = Callable[[Sequence[str]], np.ndarray]  # texts -> probabilities (n, K)
 
 
