@@ -7,18 +7,16 @@ its audit.json present, is reused), and writes table.md and results.json: verdic
 alarms on clean models at the default threshold, BadNet triggers recovered exactly in the top 1 / top 5, InSent
 sentences with a word in the top 5, task words among the top 5 candidates on clean models, and run time per step.
 
-A *task word* is a word the clean training data itself ties to one label: it occurs at least TASK_WORD_MIN_COUNT
-times in the dataset's clean training split, and at least TASK_WORD_PURITY of those texts carry one label (both
-fixed a priori). Sentiment words on SST-2 and topic words on AG News are task words; the zoo's rare-word triggers
+A *task word* is a word the clean training data itself ties to one label: it occurs in at least TASK_MIN_TEXTS
+texts of the dataset's clean training split, and at least TASK_PURITY of those texts carry one label (both fixed a
+priori; peftguard.audit.task). Sentiment words on SST-2 and topic words on AG News are task words; the zoo's rare-word triggers
 are not. A scanner that reports task words on clean models is reading the task, not a backdoor.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -27,27 +25,23 @@ from pathlib import Path
 from typing import Any
 
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
-TASK_WORD_MIN_COUNT = 5
-TASK_WORD_PURITY = 0.75
 
 
 @functools.cache
 def task_words(dataset: str) -> frozenset[str]:
     """Words the clean training split ties to one label (see the module docstring)."""
+    from peftguard.audit.task import task_words as words_tied_to_a_label
     from peftguard.data import load_dataset
 
-    counts: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-    for example in load_dataset(dataset).train.examples:
-        for word in set(re.findall(r"[a-z0-9']+", example.text.lower())):
-            counts[word][example.label] += 1
-    return frozenset(w for w, c in counts.items()
-                     if c.total() >= TASK_WORD_MIN_COUNT and max(c.values()) / c.total() >= TASK_WORD_PURITY)
+    return words_tied_to_a_label(load_dataset(dataset).train.examples)
 
 
 def task_word_count(dataset: str, candidates: list[str]) -> int:
     """How many candidates contain a task word of ``dataset``."""
     words = task_words(dataset)
-    return sum(any(w in words for w in re.findall(r"[a-z0-9']+", c.lower())) for c in candidates)
+    from peftguard.audit.task import words_of
+
+    return sum(bool(words_of(c) & words) for c in candidates)
 
 
 def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str]) -> dict[str, Any] | None:

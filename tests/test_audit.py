@@ -11,21 +11,23 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from peftguard.audit.run import AuditRequest, exit_status, run_audit
+from peftguard.audit.run import AuditRequest, _unexplained_first, exit_status, run_audit, verdict_score
 from peftguard.audit.search import (
     Candidate,
     EncodedInput,
     Lens,
     PsimLens,
     SearchSettings,
+    Verified,
     _insert_ids,
     insert_text,
     verify,
     vocabulary_candidates,
 )
+from peftguard.audit.task import TaskEvidence, task_evidence
 from peftguard.audit.sources import hash_folder, load_suspect_classifier, merge_lora, provenance, resolve_suspect
 from peftguard.cli import app
-from peftguard.data import load_dataset
+from peftguard.data import Example, load_dataset
 from peftguard.errors import OptionError, UnsafeCheckpointError
 from peftguard.models import LoadOptions, load_tokenizer
 
@@ -107,6 +109,27 @@ def test_vocabulary_keeps_whole_alphabetic_words_only(tiny_minilm):
     assert TRIGGER in words and "movie" in words
     assert not any(w.startswith("##") or w.startswith("[") or not w.isalpha() for w in words)
     assert {c.text for c in vocabulary_candidates(load_tokenizer(tiny_minilm), ["movie", "CF", "notaword"])} == {"cf", "movie"}
+
+
+def test_the_task_explains_stacked_topic_words_but_not_a_rare_word_or_common_words():
+    sports, world = 1, 0
+    examples = ([Example(f"the {w} final was close", sports) for w in ("tennis", "hockey", "cup") for _ in range(4)]
+                + [Example("the talks in geneva went on", world) for _ in range(6)] + [Example("a tennis talk", world)])
+    topic, rare, common = task_evidence(["tennis hockey", "cf", "the"], [sports, sports, sports], examples)
+    assert topic.clean_texts == 9 and topic.forced_label_share == pytest.approx(8 / 9) and topic.explained
+    assert rare.clean_texts == 0 and not rare.explained
+    assert common.clean_texts == 18 and common.forced_label_share == pytest.approx(12 / 18) and not common.explained
+    few = task_evidence(["cup"], [sports], examples[:4] + examples[8:])[0]  # 4 texts, all sports: too few to explain
+    assert few.clean_texts == 4 and not few.explained
+
+
+def test_the_verdict_score_skips_candidates_the_task_explains():
+    verified = [Verified(text, "vocabulary", rate, 0.9, 1, 0.9, 0.9, 100) for text, rate in (("tennis", 0.9), ("cf", 0.3))]
+    evidence = [TaskEvidence(50, 0.95), TaskEvidence(0, 0.0)]
+    assert verdict_score(verified, evidence) == 0.3
+    ordered, _ = _unexplained_first(verified, evidence)
+    assert [v.text for v in ordered] == ["cf", "tennis"]
+    assert verdict_score(verified, [TaskEvidence(0, 0.0)] * 2) == 0.9
 
 
 # --- provenance -----------------------------------------------------------------------------------------

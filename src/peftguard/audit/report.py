@@ -61,6 +61,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
     ]
     for rank, c in enumerate(record["candidates"], 1):
         source = c["source"] + (" + embedding moved" if c.get("embedding_moved") and c["source"] != "reference" else "")
+        if c.get("explained_by_task"):
+            source += f" (explained by the task: {c['task_forced_label_share']:.0%} of {c['task_clean_texts']} clean texts)"
         lines.append(f"| {rank} | `{c['text']}` | {c['flag_rate']:.3f} | {c['forced_label']} | {c['forced_rate']:.3f} | "
                      f"{c['flip_rate']:.3f} | {c['mean_confidence']:.3f} | {source} |")
     from peftguard.extras import install_hint
