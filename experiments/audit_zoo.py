@@ -38,9 +38,9 @@ def task_words(dataset: str) -> frozenset[str]:
 
 def task_word_count(dataset: str, candidates: list[str]) -> int:
     """How many candidates contain a task word of ``dataset``."""
-    words = task_words(dataset)
     from peftguard.audit.task import words_of
 
+    words = task_words(dataset)
     return sum(bool(words_of(c) & words) for c in candidates)
 
 
