@@ -8,7 +8,7 @@ import pytest
 
 from peftguard.config import load_config, parse_config
 from peftguard.errors import DataError, OptionError
-from peftguard.experiment import plan_grid, run_local, run_ray, stage_dir, write_plan
+from peftguard.experiment import StageError, plan_grid, run_local, run_parallel, run_ray, stage_dir, write_plan
 from peftguard.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def metrics_of(run_dir: Path, plan) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_local_run_reuses_finished_stages_and_ray_gives_the_same_metrics(tmp_path, tiny_minilm, data_dir):
+def test_local_run_reuses_finished_stages_and_ray_and_workers_give_the_same_metrics(tmp_path, tiny_minilm, data_dir):
     ray = pytest.importorskip("ray")
     config = parse_config(tiny_grid(tiny_minilm, data_dir))
     plan = plan_grid(config)
@@ -107,6 +107,22 @@ def test_local_run_reuses_finished_stages_and_ray_gives_the_same_metrics(tmp_pat
         ray.shutdown()
     assert counts["ran"] == len(plan.stages)
     assert metrics_of(ray_dir, plan) == metrics_of(local_dir, plan)
+
+    # Worker processes give the same metrics; a model that does not exist fails its chain only.
+    raw = tiny_grid(tiny_minilm, data_dir)
+    raw["grid"]["models"] = [tiny_minilm, str(tmp_path / "no-such-model")]
+    with_broken = parse_config(raw)
+    parallel_plan = plan_grid(with_broken)
+    parallel_dir = tmp_path / "parallel"
+    write_plan(parallel_dir, with_broken, parallel_plan)
+    with pytest.raises(StageError, match=r"stages failed or were skipped \(first: poison-"):
+        run_parallel(parallel_dir, parallel_plan, workers=2, threads=1, echo=lambda m: None)
+    broken = {n for n, s in parallel_plan.stages.items() if "no-such-model" in json.dumps(s.settings)
+              or any("no-such-model" in json.dumps(parallel_plan.stages[d].settings) for d in s.deps)}
+    assert broken and not any((stage_dir(parallel_dir, n) / "stage.json").exists() for n in broken)
+    assert metrics_of(parallel_dir, plan) == metrics_of(local_dir, plan)  # the good model's stages all ran
+    log_text = (parallel_dir / "run.log").read_text()
+    assert log_text.count("FAILED poison-") == 1 and "ran evaluate-" in log_text
 
     written = {p.name for p in write_report(local_dir)}
     assert {"results.md", "results.csv", "results.tex", "cells.csv", "confidence_histograms.png", "roc_curves.png"} <= written

@@ -693,8 +693,9 @@ def run(
     config: Annotated[Path, typer.Argument(help="Experiment config (YAML): a grid of models, datasets, attacks, methods, defenses, seeds.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: stages/, cells.json, run.log; rerun to resume.")],
     executor: Annotated[str, typer.Option("--executor", help="local (in this process) or ray (stages as Ray tasks).")] = "local",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="local: run this many stages at once in worker processes, each after its dependencies (one large GPU or many cores); a failed stage no longer stops the others.")] = 1,
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray).")] = None,
-    cpus_per_stage: Annotated[Optional[int], typer.Option("--cpus-per-stage", help="Threads (and Ray CPUs) per stage [local: all cores; ray: 1].")] = None,
+    cpus_per_stage: Annotated[Optional[int], typer.Option("--cpus-per-stage", help="Threads (and Ray CPUs) per stage [local: all cores, or cores / --workers; ray: 1].")] = None,
     stage_cache: Annotated[Optional[Path], typer.Option("--stage-cache", help="Keep stages in this shared folder, so runs of other configs reuse the stages they have in common.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and --out, print the stages and cells, run nothing.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report when the grid finishes.")] = True,
@@ -705,11 +706,15 @@ def run(
     """Run an experiment grid: poison once, then victims and PSIMs, then evaluations; finished stages are reused."""
     from peftguard.config import load_config
     from peftguard.errors import OptionError
-    from peftguard.experiment import CELLS_FILE, check_grid_size, is_done_in, link_stage_cache, plan_grid, run_local, run_ray, write_plan
+    from peftguard.experiment import (CELLS_FILE, check_grid_size, is_done_in, link_stage_cache, plan_grid, run_local,
+                                      run_parallel, run_ray, write_plan)
+    from peftguard.runtime import available_cores
 
     check_options(locals())
     if executor not in ("local", "ray"):
         raise OptionError(f"unknown --executor '{executor}'; choose local or ray")
+    if workers > 1 and executor != "local":
+        raise OptionError("--workers is for --executor local (Ray schedules its own tasks)")
     _setup_logging(verbose)
     experiment = load_config(config)
     check_grid_size(experiment, max_cells)
@@ -725,7 +730,9 @@ def run(
     if stage_cache is not None:
         link_stage_cache(out, stage_cache)
     echo = lambda message: typer.echo(message, err=True)  # noqa: E731
-    if executor == "local":
+    if executor == "local" and workers > 1:
+        counts = run_parallel(out, plan, workers=workers, threads=cpus_per_stage or max(1, available_cores() // workers), echo=echo)
+    elif executor == "local":
         counts = run_local(out, plan, threads=cpus_per_stage, echo=echo)
     else:
         counts = run_ray(out, plan, address=address, cpus_per_stage=cpus_per_stage or 1, echo=echo)

@@ -28,12 +28,17 @@ from tqdm.auto import tqdm
 from peftguard.artifacts import read_json, write_json
 from peftguard.config import METHOD_SETTINGS, ExperimentConfig
 from peftguard.defenses.psim_budget import BudgetRule
+from peftguard.errors import PeftguardError
 from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
 
-__all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "is_stage_name", "plan_grid", "run_local", "run_ray",
-           "stage_dir"]
+__all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "StageError", "is_stage_name", "plan_grid", "run_local",
+           "run_parallel", "run_ray", "stage_dir"]
 log = logging.getLogger(__name__)
 CELLS_FILE = "cells.json"
+
+
+class StageError(PeftguardError):
+    """Stages of a grid failed; the others finished and are kept."""
 
 
 @dataclass
@@ -259,7 +264,11 @@ def run_stage(run_dir: Path, stage: Stage, threads: int | None = None, *_upstrea
     started = time.perf_counter()
     with _stage_log(folder / "stage.log"):
         log.info("stage %s: %s", stage.name, json.dumps(stage.settings, sort_keys=True))
-        stages.RUNNERS[stage.kind](run_dir, stage, folder)
+        try:
+            stages.RUNNERS[stage.kind](run_dir, stage, folder)
+        except Exception:
+            log.exception("stage %s failed", stage.name)  # the traceback, for a worker process or a rerun
+            raise
     record = {"name": stage.name, "kind": stage.kind, "settings": stage.settings, "deps": list(stage.deps),
               "seconds": round(time.perf_counter() - started, 2)}
     write_json(folder / STAGE_FILE, record)
@@ -306,6 +315,70 @@ def run_local(run_dir: Path, plan: Plan, *, threads: int | None = None, echo: Ca
             _note(run_log, echo, f"ran {stage.name} in {record['seconds']:.1f} s "
                                  f"({counts['ran'] + counts['reused']}/{len(plan.stages)}, "
                                  f"{time.perf_counter() - started:.0f} s elapsed)")
+    return counts
+
+
+def run_parallel(run_dir: Path, plan: Plan, *, workers: int, threads: int | None = None,
+                 echo: Callable[[str], None] = print) -> dict[str, int]:
+    """Run unfinished stages in ``workers`` processes of this machine, each after its dependencies.
+
+    For one machine with many cores or one large GPU, where a single small-model stage uses a
+    fraction of it (the processes share the card). Ready stages start lowest seed first, then in
+    plan order, so a run stopped early holds whole seeds. A failed stage does not stop the others:
+    its dependants are skipped, the rest run, and the failures are raised together at the end (a
+    rerun retries them and reuses everything finished).
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    order = {name: (stage.settings.get("seed", 0), index) for index, (name, stage) in enumerate(plan.stages.items())}
+    counts = {"reused": 0, "ran": 0}
+    pending: dict[str, Stage] = {}
+    for name, stage in plan.stages.items():
+        if is_done(run_dir, stage):
+            counts["reused"] += 1
+        else:
+            pending[name] = stage
+    failed: dict[str, str] = {}
+    running: dict[Any, str] = {}
+    started = time.perf_counter()
+    # spawn: a forked child would inherit this process's torch threads and any CUDA context
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    with (run_dir / "run.log").open("a", encoding="utf-8") as run_log, \
+            tqdm(total=len(pending), desc=f"grid ({workers} workers)", unit="stage") as bar:
+        try:
+            while pending or running:
+                for name in sorted(pending, key=order.__getitem__):
+                    stage = pending[name]
+                    blocked_by = next((d for d in stage.deps if d in failed), None)
+                    if blocked_by:
+                        failed[name] = f"skipped: {blocked_by} failed"
+                        del pending[name]
+                        bar.update()
+                    elif len(running) < workers and not any(d in pending or d in running.values() for d in stage.deps):
+                        running[pool.submit(run_stage, run_dir, stage, threads)] = name
+                        del pending[name]
+                if not running:
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    bar.update()
+                    try:
+                        record = future.result()
+                    except Exception as error:  # noqa: BLE001 -- one stage's failure must not lose the others
+                        failed[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+                        _note(run_log, echo, f"FAILED {name}: {failed[name]} (log: {stage_dir(run_dir, name) / 'stage.log'})")
+                        continue
+                    counts["ran"] += 1
+                    _note(run_log, echo, f"ran {name} in {record['seconds']:.1f} s ({counts['ran']} run, "
+                                         f"{time.perf_counter() - started:.0f} s elapsed)")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        first = next(iter(failed.items()))
+        raise StageError(f"{len(failed)} of {len(plan.stages)} stages failed or were skipped (first: {first[0]}: {first[1]}); "
+                         f"see {run_dir / 'run.log'}; rerun to retry them")
     return counts
 
 

@@ -73,8 +73,9 @@ def train_rows(model: Any, tokenizer: Any, examples: Sequence[Example], rows: li
             for start in range(0, len(order), settings.batch_size):
                 batch = [examples[i] for i in order[start:start + settings.batch_size]]
                 ids, _ = encode(tokenizer, [ex.text for ex in batch], settings.max_length)
-                logits = model(**collate(tokenizer, ids)).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([ex.label for ex in batch]))
+                logits = model(**collate(tokenizer, ids).to(weight.device)).logits
+                labels = torch.tensor([ex.label for ex in batch], device=weight.device)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
                 weight.grad = None
                 loss.backward()
                 with torch.no_grad():

@@ -143,7 +143,8 @@ class RapScorer:
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
         ids, _ = encode(self.tokenizer, texts, self.max_length)
-        return torch.softmax(self.model(**collate(self.tokenizer, ids)).logits.float(), dim=-1)
+        batch = collate(self.tokenizer, ids).to(self.embeddings.weight.device)
+        return torch.softmax(self.model(**batch).logits.float(), dim=-1)
 
     def _probabilities(self, texts: Sequence[str], desc: str | None = None) -> np.ndarray:
         return predict_proba(self.model, self.tokenizer, texts, self.batch_size, self.max_length, desc=desc)
