@@ -18,7 +18,7 @@ from peftguard.config import parse_config
 from peftguard.data import Example, load_dataset
 from peftguard.errors import OptionError
 from peftguard.inference import predict_proba
-from peftguard.metrics import perplexity_increase
+from peftguard.metrics import perplexity_change_spread, perplexity_increase
 from peftguard.models import load_classifier, load_tokenizer
 from peftguard.poisoning import PoisonSpec, poison_weights
 from peftguard.stealth import stealthiness
@@ -292,6 +292,8 @@ class Identity(Trigger):
 def test_perplexity_increase_is_the_mean_of_pairwise_differences():
     assert perplexity_increase([10.0, 20.0, np.nan], [15.0, 22.0, 5.0]) == pytest.approx(3.5)
     assert np.isnan(perplexity_increase([np.nan], [1.0]))
+    spread = perplexity_change_spread([10.0, 20.0, 30.0, np.nan], [15.0, 19.0, 130.0, 5.0])
+    assert spread == {"median_delta_perplexity": pytest.approx(5.0), "share_raised": pytest.approx(2 / 3)}
     with pytest.raises(ValueError):
         perplexity_increase([1.0], [1.0, 2.0])
 
@@ -306,6 +308,7 @@ def test_delta_ppl_is_positive_for_a_rare_word_and_zero_for_an_identity_insertio
     assert result["badnet"]["delta_perplexity"] > 1.0
     assert result["badnet"]["triggered_perplexity"] > result["badnet"]["clean_perplexity"]
     assert result["identity"]["delta_perplexity"] == pytest.approx(0.0, abs=1e-6)
+    assert result["badnet"]["share_raised"] > 0.5 and result["identity"]["median_delta_perplexity"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_stealth_command_reports_delta_ppl_per_attack(tiny_causal_lm, tmp_path):

@@ -89,6 +89,18 @@ def perplexity_increase(clean_perplexities: Sequence[float], triggered_perplexit
     return float((triggered[usable] - clean[usable]).mean()) if usable.any() else float("nan")
 
 
+def perplexity_change_spread(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> dict[str, float]:
+    """Beside ΔPPL's mean, which a few very short texts with huge perplexities can dominate: the median of the
+    per-pair differences and the share of pairs whose perplexity the trigger raised (NaN pairs left out)."""
+    clean, triggered = np.asarray(clean_perplexities, dtype=np.float64), np.asarray(triggered_perplexities, dtype=np.float64)
+    _check_same_length(clean, triggered)
+    usable = np.isfinite(clean) & np.isfinite(triggered)
+    if not usable.any():
+        return {"median_delta_perplexity": float("nan"), "share_raised": float("nan")}
+    change = triggered[usable] - clean[usable]
+    return {"median_delta_perplexity": float(np.median(change)), "share_raised": float((change > 0).mean())}
+
+
 def confidence_histogram(scores: Sequence[float], edges: Sequence[float] = HISTOGRAM_EDGES) -> dict[str, object]:
     """Counts and shares of scores per bin; the last bin includes 1.0."""
     counts, _ = np.histogram(np.asarray(scores, dtype=np.float64), bins=np.asarray(edges))

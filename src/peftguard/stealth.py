@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from peftguard.data import Example
-from peftguard.metrics import perplexity_increase
+from peftguard.metrics import perplexity_change_spread, perplexity_increase
 from peftguard.triggers import Trigger
 
 DEFAULT_STEALTH_LM = "smollm2"
@@ -44,7 +44,8 @@ def trigger_pairs(examples: Sequence[Example], trigger: Trigger, *, target_label
 
 def stealthiness(examples: Sequence[Example], triggers: Sequence[Trigger], scorer: PerplexityScorer, *,
                  target_label: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Per attack: samples, mean clean and triggered perplexity, and ΔPPL (mean of per-pair differences)."""
+    """Per attack: samples, mean clean and triggered perplexity, ΔPPL (mean of per-pair differences), and the
+    median difference and share of texts the trigger made less fluent."""
     pairs = {trigger.name: trigger_pairs(examples, trigger, target_label=target_label, seed=seed) for trigger in triggers}
     clean_texts = list(dict.fromkeys(text for clean, _ in pairs.values() for text in clean))
     clean_ppl = dict(zip(clean_texts, scorer.perplexities(clean_texts, desc="ΔPPL: clean texts")))
@@ -59,6 +60,7 @@ def stealthiness(examples: Sequence[Example], triggers: Sequence[Trigger], score
             "clean_perplexity": _mean(before),
             "triggered_perplexity": _mean(after),
             "delta_perplexity": perplexity_increase(before, after),
+            **perplexity_change_spread(before, after),
         }
     return out
 
