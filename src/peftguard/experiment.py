@@ -29,7 +29,7 @@ from peftguard.artifacts import read_json, write_json
 from peftguard.config import METHOD_SETTINGS, ExperimentConfig
 from peftguard.defenses.psim_budget import BudgetRule
 from peftguard.errors import PeftguardError
-from peftguard.stage_names import STAGE_FILE, Stage, is_stage_name, stage_dir
+from peftguard.stage_names import STAGE_FILE, STAGE_KINDS, Stage, is_stage_name, stage_dir
 
 __all__ = ["CELLS_FILE", "STAGE_FILE", "Plan", "Stage", "StageError", "is_stage_name", "plan_grid", "run_local",
            "run_parallel", "run_ray", "stage_dir"]
@@ -323,15 +323,18 @@ def run_parallel(run_dir: Path, plan: Plan, *, workers: int, threads: int | None
     """Run unfinished stages in ``workers`` processes of this machine, each after its dependencies.
 
     For one machine with many cores or one large GPU, where a single small-model stage uses a
-    fraction of it (the processes share the card). Ready stages start lowest seed first, then in
-    plan order, so a run stopped early holds whole seeds. A failed stage does not stop the others:
+    fraction of it (the processes share the card). Ready stages start lowest seed first, upstream
+    kinds before downstream ones (a long poisoning must not wait behind another attack's
+    evaluations: it is on the critical path), then in plan order, so a run stopped early holds whole
+    seeds. A failed stage does not stop the others:
     its dependants are skipped, the rest run, and the failures are raised together at the end (a
     rerun retries them and reuses everything finished).
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    order = {name: (stage.settings.get("seed", 0), index) for index, (name, stage) in enumerate(plan.stages.items())}
+    order = {name: (stage.settings.get("seed", 0), STAGE_KINDS.index(stage.kind), index)
+             for index, (name, stage) in enumerate(plan.stages.items())}
     counts = {"reused": 0, "ran": 0}
     pending: dict[str, Stage] = {}
     for name, stage in plan.stages.items():
