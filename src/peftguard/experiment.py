@@ -326,9 +326,8 @@ def run_parallel(run_dir: Path, plan: Plan, *, workers: int, threads: int | None
     fraction of it (the processes share the card). Ready stages start lowest seed first, upstream
     kinds before downstream ones (a long poisoning must not wait behind another attack's
     evaluations: it is on the critical path), then in plan order, so a run stopped early holds whole
-    seeds. A failed stage does not stop the others:
-    its dependants are skipped, the rest run, and the failures are raised together at the end (a
-    rerun retries them and reuses everything finished).
+    seeds. A failed stage does not stop the others: its dependants are skipped, the rest run, and
+    the failures are raised together at the end (a rerun retries them and reuses everything finished).
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait

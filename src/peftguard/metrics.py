@@ -83,22 +83,25 @@ def perplexity_increase(clean_perplexities: Sequence[float], triggered_perplexit
 
     Pairs with no perplexity on either side (NaN: an empty text) are left out; NaN when none is left.
     """
-    clean, triggered = np.asarray(clean_perplexities, dtype=np.float64), np.asarray(triggered_perplexities, dtype=np.float64)
-    _check_same_length(clean, triggered)
-    usable = np.isfinite(clean) & np.isfinite(triggered)
-    return float((triggered[usable] - clean[usable]).mean()) if usable.any() else float("nan")
+    change = _perplexity_changes(clean_perplexities, triggered_perplexities)
+    return float(change.mean()) if len(change) else float("nan")
 
 
 def perplexity_change_spread(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> dict[str, float]:
     """Beside ΔPPL's mean, which a few very short texts with huge perplexities can dominate: the median of the
     per-pair differences and the share of pairs whose perplexity the trigger raised (NaN pairs left out)."""
+    change = _perplexity_changes(clean_perplexities, triggered_perplexities)
+    if not len(change):
+        return {"median_delta_perplexity": float("nan"), "share_raised": float("nan")}
+    return {"median_delta_perplexity": float(np.median(change)), "share_raised": float((change > 0).mean())}
+
+
+def _perplexity_changes(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> np.ndarray:
+    """Triggered minus clean perplexity per pair, pairs with a NaN on either side left out."""
     clean, triggered = np.asarray(clean_perplexities, dtype=np.float64), np.asarray(triggered_perplexities, dtype=np.float64)
     _check_same_length(clean, triggered)
     usable = np.isfinite(clean) & np.isfinite(triggered)
-    if not usable.any():
-        return {"median_delta_perplexity": float("nan"), "share_raised": float("nan")}
-    change = triggered[usable] - clean[usable]
-    return {"median_delta_perplexity": float(np.median(change)), "share_raised": float((change > 0).mean())}
+    return triggered[usable] - clean[usable]
 
 
 def confidence_histogram(scores: Sequence[float], edges: Sequence[float] = HISTOGRAM_EDGES) -> dict[str, object]:
