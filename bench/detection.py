@@ -12,7 +12,10 @@ Inputs: N SST-2 test sentences, every other one with a BadNet trigger inserted (
 3. ONION (packaged SmolLM2, bar 0) on the first M sentences: the reference (one full LM pass per candidate
    text, float32) vs the default (prefix-shared deletions, default precision); decisions (cleaned texts) compared.
 4. ``psim serve`` on loopback: concurrent clients, bounded requests (``serve_load.py``).
-5. ``peftguard psim scan`` of one input in a fresh process: time to first result, and its imports alone.
+5. ``peftguard psim scan`` of one input in a fresh process: time to first result, and its imports alone; the
+   same for the PSIM's ONNX export (``psim export``), whose scan imports onnxruntime instead of torch.
+6. The ONNX export scanned through onnxruntime at fp32 and int8 (inputs near gamma re-scored by the fp32 graph),
+   taking turns with the torch cases; its flags against torch fp32's.
 
 Models: ``--psim``/``--victim`` (e.g. the demo's PSIM and LoRA victim, ``runs/demo/stages/*/artifact``), else a
 small poisoned MiniLM, PSIM and LoRA victim built once and cached (``bench_models.py``, about 5 minutes).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,21 @@ def psim_cases(psims: dict[str, Any], texts: list[str], gamma: float) -> dict[st
             return psim.confidences(texts, gamma=gamma)
         return run
     return {f"psim_{name}": case(psim) for name, psim in psims.items()}
+
+
+def onnx_export(psim_dir: Path, folder: Path) -> dict[str, Any]:
+    """The PSIM exported to ONNX in ``folder``, and a scanner per ONNX precision."""
+    from peftguard.defenses.psim_onnx import GRAPHS, OnnxPSIM, export_psim
+    from peftguard.models import LoadOptions
+
+    export_psim(psim_dir, folder, options=LoadOptions())
+    return {name: OnnxPSIM(folder, precision=name) for name in GRAPHS}
+
+
+def onnx_cases(scanners: dict[str, Any], texts: list[str], gamma: float) -> dict[str, Any]:
+    def case(scanner: Any) -> Any:
+        return lambda: scanner.confidences(texts, gamma=gamma)  # no memo and no shared tokenization cache: always cold
+    return {f"psim_onnx_{name}": case(scanner) for name, scanner in scanners.items()}
 
 
 def guarded_cases(psim: Any, victim: Any, tokenizer: Any, texts: list[str], gamma: float, max_length: int) -> dict[str, Any]:
@@ -168,10 +187,9 @@ def serve_figures(psim_dir: Path, victim_dir: Path, requests: int) -> dict[str, 
     return serve_load.run_load_test(psim_dir, victim_dir, requests=requests)
 
 
-def time_to_first_result(psim_dir: Path, text: str, runs: int = 3) -> dict[str, float]:
+def time_to_first_result(psim_dir: Path, text: str, runs: int = 3, prefix: str = "scan") -> dict[str, float]:
     """Wall seconds of ``peftguard psim scan`` on one input, a fresh process each run (median), and of its imports."""
     import subprocess
-    import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "one.txt"
@@ -180,7 +198,7 @@ def time_to_first_result(psim_dir: Path, text: str, runs: int = 3) -> dict[str, 
         imports = [sys.executable, "-c", "import peftguard.cli, peftguard.scan"]
         timed = {name: [common.timed(lambda c=command: subprocess.run(c, check=True, capture_output=True))[0] for _ in range(runs)]
                  for name, command in (("scan", scan), ("imports", imports))}
-    return {"scan_time_to_first_result_s": common.median(timed["scan"]), "scan_import_s": common.median(timed["imports"])}
+    return {f"{prefix}_time_to_first_result_s": common.median(timed["scan"]), f"{prefix}_import_s": common.median(timed["imports"])}
 
 
 def summarize(seconds: dict[str, dict[str, list[float]]], counts: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -219,13 +237,17 @@ def main() -> None:
     gamma = float(default.manifest["gamma"])
     victim, tokenizer, manifest = load_tuned(victim_dir, MANIFEST)
     max_length = int(manifest["settings"]["max_length"])
-    cases = psim_cases(psims, texts, gamma) | guarded_cases(default, victim, tokenizer, texts, gamma, max_length)
+    export_folder = tempfile.TemporaryDirectory()
+    scanners = onnx_export(psim_dir, Path(export_folder.name) / "export")
+    cases = (psim_cases(psims, texts, gamma) | onnx_cases(scanners, texts, gamma)
+             | guarded_cases(default, victim, tokenizer, texts, gamma, max_length))
     for fn in cases.values():  # warm-up: first-call allocations, oneDNN kernels
         fn()
     started = time.perf_counter()
     seconds = common.interleaved(cases, args.repeats)
     counts = {name: len(texts) for name in seconds}
     scores = {name: psims[name].confidences(texts, gamma=gamma) for name in PRECISIONS}
+    scores |= {f"onnx_{name}": scanner.confidences(texts, gamma=gamma) for name, scanner in scanners.items()}
     onion = {}
     if not args.skip_onion:
         onion = onion_figures(texts[: args.onion_samples], args.onion_repeats)
@@ -246,6 +268,10 @@ def main() -> None:
         "psim_speedup_vs_fp32_cpu_time": ratio(figures, "psim_fp32", default_case, "median_cpu_s"),
         "flag_agreement_vs_fp32": agree[default.precision]["flag_agreement_vs_fp32"],
         "precisions": agree,
+        "psim_onnx_int8_inputs_per_s": figures["psim_onnx_int8"]["inputs_per_s"],
+        "psim_onnx_int8_speedup_vs_fp32": ratio(figures, "psim_fp32", "psim_onnx_int8"),
+        "psim_onnx_fp32_speedup_vs_fp32": ratio(figures, "psim_fp32", "psim_onnx_fp32"),
+        "onnx_int8_flag_agreement_vs_fp32": agree["onnx_int8"]["flag_agreement_vs_fp32"],
         "guarded_overhead": ratio(figures, "psim_plus_victim", "victim_alone"),
         "onion_speedup_vs_reference": ratio(figures, "onion_reference", "onion_fast"),
         "onion_speedup_vs_reference_cpu_time": ratio(figures, "onion_reference", "onion_fast", "median_cpu_s"),
@@ -257,6 +283,8 @@ def main() -> None:
     if args.sweep:
         result["batch_size_sweep_inputs_per_s"] = batch_sweep(psim_dir, texts, gamma, args.repeats)
     result |= time_to_first_result(psim_dir, texts[0])
+    result |= time_to_first_result(Path(export_folder.name) / "export", texts[0], prefix="onnx_scan")
+    export_folder.cleanup()
     if args.serve_requests > 0:
         result["serve"] = serve_figures(psim_dir, victim_dir, args.serve_requests)
     result["timed_seconds"] = time.perf_counter() - started
@@ -272,7 +300,8 @@ def report(result: dict[str, Any], figures: dict[str, dict[str, float]]) -> None
           f"load {result['load_average_at_start'][0]:.1f} -> {result['load_average_at_end'][0]:.1f}")
     print(common.table(rows, ["case", "runs", "median_s", "median_cpu_s", "inputs_per_s"]))
     keys = ("default_precision", "psim_inputs_per_s", "psim_fp32_inputs_per_s", "psim_speedup_vs_fp32", "flag_agreement_vs_fp32",
-            "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "scan_time_to_first_result_s", "gflop_per_s",
+            "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "scan_time_to_first_result_s", "psim_onnx_int8_inputs_per_s",
+            "psim_onnx_int8_speedup_vs_fp32", "onnx_int8_flag_agreement_vs_fp32", "onnx_scan_time_to_first_result_s", "gflop_per_s",
             "matmul_fp32_gflop_per_s", "matmul_bf16_gflop_per_s")
     print({k: result.get(k) for k in keys})
     if "serve" in result:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from peftguard.cli import app
+from peftguard.cli import app, describe_registries
 from peftguard.config import parse_config
 from peftguard.data import load_dataset
 from peftguard.methods import METHODS
@@ -28,6 +28,7 @@ def test_ia3_trains_saves_and_loads_as_an_adapter(tiny_minilm, tiny_dataset, tmp
 
 def test_ia3_is_in_the_cli_config_validation_and_report_order(tiny_minilm, data_dir, tmp_path):
     assert METHODS.names()[-1] == "ia3" and METHODS["ia3"].peft_type == "IA3"
+    describe_registries()  # as main() does on --help
     result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "400"})
     assert "ia3 (learned rescaling" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["finetune", "--model", tiny_minilm, "--out", str(tmp_path / "x"), "--method", "adapterx"])

@@ -52,8 +52,8 @@ def test_cli_choices_config_names_report_order_and_manifests_agree_with_the_regi
         == f"unknown attack 'nope'; choose from {', '.join(attacks)}"
     assert cli_error("evaluate", "--model", tiny_minilm, "--data-dir", str(data_dir), "--defense", "nope") \
         == f"unknown defense 'nope'; choose from {', '.join(defenses)}"
+    cli.describe_registries()  # main() does this on --help: listing the registries imports torch
     assert f"{METHODS.help()}." in help_text("finetune")
-    cli.describe_defenses()
     evaluate_help = help_text("evaluate")
     assert f"Trigger kind: {ATTACKS.help()}." in evaluate_help
     assert f"Defense to apply: {DEFENSES.help()}." in evaluate_help

@@ -13,9 +13,7 @@ from peftguard.bounds import MAX_CELLS, check_options
 from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR
 from peftguard.errors import PeftguardError
 from peftguard.metrics import DEFAULT_TARGET_FPR
-from peftguard.methods import METHODS
 from peftguard.runtime import configure_threads
-from peftguard.triggers import ATTACKS
 
 app = typer.Typer(
     help="Weight-poisoning backdoors in parameter-efficient fine-tuning, and the PSIM defense.\n\n"
@@ -42,7 +40,8 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate [def
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text; longer texts are truncated (counted in the manifest).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger positions, label resets and training.")]
-AttackOpt = Annotated[list[str], typer.Option("--attack", help=f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once.")]
+ATTACK_OPTION = typer.Option("--attack", help="Trigger kind (see --help for the registered ones). Repeat for several triggers at once.")
+AttackOpt = Annotated[list[str], ATTACK_OPTION]
 ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic].")]
 ParaphraserOpt = Annotated[Optional[str], typer.Option("--paraphraser", help="SynAttack: a seq2seq paraphrase model (folder or hub id) to generate paraphrases instead.")]
 TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="Word attacks (badnet, ep, ripple, lwp, sos): a trigger word, repeat for a list (defaults: badnet/ep mn; ripple cf mn bb tq mb; lwp pieces cf bb ak mn; sos friends weekend store). InSent: the sentence (default 'I watched this 3D movie').")]
@@ -55,30 +54,42 @@ FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help=f"Calibrat
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-target-modules", help="LoRA: layers to adapt, by name, comma-separated (e.g. query,value) [derived from the architecture].")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU. See BENCHMARKS.md.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU; an ONNX export runs fp32 or int8. See BENCHMARKS.md.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds even if it is not an output of this kind made by peftguard (kept until the new one is complete; never an input).")]
 
 
-# --- defense options: read from the defenses' option dataclasses (peftguard.defenses.registry) ---------
-# Importing every defense costs seconds (torch), so their names and flag help are filled in only when
-# help is shown (describe_defenses); commands check the names through the registry when they run.
+# --- options that list registered names (methods, attacks, defenses) ----------------------------------
+# Listing a registry imports every module in it, and the attack and defense modules import torch and
+# transformers (seconds). So these options' help is filled in only when help is shown (describe_registries,
+# called by main on --help); commands check the names through the registries when they run, and a command
+# that needs no model (psim scan of an exported PSIM) starts without torch.
+FINETUNE_METHOD_OPTION = typer.Option("--method", help="PEFT method (see --help for the registered ones).")
+PSIM_METHOD_OPTION = typer.Option("--method", help="PEFT method of the PSIM (paper: ptuning-v1).")
+MIXING_METHOD_OPTION = typer.Option("--method", help="With a poisoned model: the PEFT method [lora].")
+STEALTH_ATTACK_OPTION = typer.Option("--attack", help="Attack to measure, repeat for several (each on its own).")
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
     "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples")}
 
 
-def describe_defenses() -> None:
-    """Fill in --defense's choices and each defense flag's help from the defense registry."""
+def describe_registries() -> None:
+    """Fill in the help of every option that lists methods, attacks or defenses, from their registries."""
     from peftguard.defenses.registry import DEFENSES, defense_flags, flag_help
+    from peftguard.methods import METHODS
+    from peftguard.triggers import ATTACKS
 
+    FINETUNE_METHOD_OPTION.help = f"{METHODS.help()}."
+    PSIM_METHOD_OPTION.help = f"PEFT method of the PSIM (paper: ptuning-v1): {' | '.join(METHODS)}."
+    MIXING_METHOD_OPTION.help = f"With a poisoned model: {' | '.join(METHODS)} [lora]."
+    ATTACK_OPTION.help = f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once."
+    STEALTH_ATTACK_OPTION.help = f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}."
     DEFENSE_OPTION.help = f"Defense to apply: {DEFENSES.help()}."
     unknown = sorted(set(DEFENSE_FLAGS) - set(defense_flags()))
     if unknown:
         raise PeftguardError(f"CLI flags {unknown} are options of no registered defense")
     for flag, info in DEFENSE_FLAGS.items():
-        text = flag_help(flag)
-        info.help = text + "."
+        info.help = flag_help(flag) + "."
 
 
 def _output_folder(out: Path, marker: str, kind: str, *, inputs=(), models=(), overwrite: bool = False) -> None:
@@ -203,7 +214,7 @@ def poison(
 def finetune(
     model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) model to adapt: a folder, 'minilm', or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the tuned model or adapter (safetensors + finetune.json).")],
-    method: Annotated[str, typer.Option("--method", help=f"{METHODS.help()}.")] = "lora",
+    method: Annotated[str, FINETUNE_METHOD_OPTION] = "lora",
     dataset: DatasetOpt = "sst2",
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prompt methods: virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1: prompt encoder width [128].")] = None,
@@ -342,7 +353,7 @@ def evaluate(
 def stealth(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the per-attack perplexities as JSON here (default: print only).")] = None,
     dataset: DatasetOpt = "sst2",
-    attack: Annotated[list[str], typer.Option("--attack", help=f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}.")] = ["badnet"],
+    attack: Annotated[list[str], STEALTH_ATTACK_OPTION] = ["badnet"],
     trigger: TriggerOpt = None,
     trigger_count: TriggerCountOpt = 1,
     paraphrases: ParaphrasesOpt = None,
@@ -395,7 +406,7 @@ def psim_train(
     model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) weights to guard: a folder, 'minilm', or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PSIM (adapter safetensors + psim.json).")],
     dataset: DatasetOpt = "sst2",
-    method: Annotated[str, typer.Option("--method", help=f"PEFT method of the PSIM (paper: ptuning-v1): {' | '.join(METHODS)}.")] = "ptuning-v1",
+    method: Annotated[str, PSIM_METHOD_OPTION] = "ptuning-v1",
     reset_rate: Annotated[float, typer.Option("--reset-rate", help="Share of training labels reset at random (paper: 1.0).")] = 1.0,
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1 encoder width [128].")] = None,
@@ -455,7 +466,7 @@ def psim_train(
 
 @psim_app.command("scan")
 def psim_scan(
-    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder.")],
+    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder, or its ONNX export (`psim export`: starts in under a second, no torch).")],
     input: Annotated[str, typer.Option("--input", help="CSV/TSV (text column), JSONL, or plain text lines; '-' reads stdin.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Write results here (.csv or .jsonl); default stdout as CSV.")] = None,
     text_column: TextColOpt = "text",
@@ -476,7 +487,30 @@ def psim_scan(
                           overwrite=overwrite)
     _setup_logging(verbose)
     scan_command(psim, input, out, text_column=text_column, gamma=gamma, batch_size=batch_size,
-                 options=_options(allow_pickle, False), precision=precision)
+                 allow_pickle=allow_pickle, precision=precision)
+
+
+@psim_app.command("export")
+def psim_export(
+    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder (from `psim train` or a grid's PSIM stage).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the export: model.onnx, model.int8.onnx, tokenizer.json, psim-onnx.json.")],
+    allow_pickle: AllowPickleOpt = False,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export a PSIM to ONNX (float32 and int8) for `psim scan --psim OUT`, which then runs on onnxruntime without torch.
+
+    The export is refused unless its float32 graph gives the PSIM's probabilities to 1e-4 on a check batch.
+    Needs the extra: pip install 'peftguard[onnx]'.
+    """
+    from peftguard.defenses.psim_onnx import MANIFEST, export_psim
+
+    _output_folder(out, MANIFEST, "exported PSIM", models=(psim,), overwrite=overwrite)
+    _setup_logging(verbose)
+    manifest = export_psim(psim, out, options=_options(allow_pickle, False))
+    check = manifest["export_check"]["max_probability_difference"]
+    typer.echo(f"exported {psim} to {out}; largest probability change on the check batch: float32 {check['fp32']:.1e}, "
+               f"int8 {check['int8']:.3f} (inputs near gamma are re-scored in float32); gamma {manifest['gamma']:.4f}")
 
 
 @psim_app.command("serve")
@@ -602,7 +636,7 @@ def defend_fine_mixing(
     out: Annotated[Path, typer.Option("--out", help="Folder for the fine-mixed victim (finetune.json; a PEFT victim keeps its mixed base in mixed/).")],
     mix_ratio: Annotated[Optional[float], typer.Option("--mix-ratio", help="Share of weights kept from the suspect model: 0 = clean model, 1 = suspect [a victim: chosen on clean dev data (defenses/fine_mixing.py, RatioSearch); a poisoned model: required].")] = None,
     clean_model: Annotated[Optional[str], typer.Option("--clean-model", help="The clean pretrained model [the base_model in poisoning.json].")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help=f"With a poisoned model: {' | '.join(METHODS)} [lora].")] = None,
+    method: Annotated[Optional[str], MIXING_METHOD_OPTION] = None,
     dataset: DatasetOpt = "sst2",
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
@@ -778,8 +812,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         configure_threads()  # torch threads from $PEFTGUARD_THREADS or the cores (peftguard.runtime)
-        if sys.argv[1:2] == ["evaluate"] and "--help" in sys.argv:  # the one command whose help lists defenses
-            describe_defenses()
+        if "--help" in sys.argv[1:]:
+            describe_registries()
         code = app(standalone_mode=False)
     except PeftguardError as exc:
         _fail(str(exc), 2)

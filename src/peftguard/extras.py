@@ -13,7 +13,7 @@ from types import ModuleType
 from peftguard.errors import PeftguardError
 
 # importable module -> the extra that installs it
-EXTRAS: dict[str, str] = {"ray": "ray", "matplotlib": "plots", "gguf": "gguf"}
+EXTRAS: dict[str, str] = {"ray": "ray", "matplotlib": "plots", "gguf": "gguf", "onnx": "onnx", "onnxruntime": "onnx"}
 
 
 def install_hint(module: str) -> str:

@@ -102,6 +102,24 @@ class PSIMManifest(TunedManifest):
         return self
 
 
+class ExportedPSIMManifest(Record):
+    """``psim-onnx.json``: a PSIM exported by ``peftguard psim export`` (:mod:`peftguard.defenses.psim_onnx`)."""
+
+    kind: Literal["psim-onnx"]
+    num_labels: int = bounded("num_labels")
+    max_length: int = Field(ge=1)
+    pad_token_id: int = Field(ge=0)
+    gamma: float = bounded("gamma")
+    gamma_choice: GammaChoiceRecord
+    files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
+
+    @model_validator(mode="after")
+    def _one_gamma(self) -> ExportedPSIMManifest:
+        if self.gamma != self.gamma_choice.gamma:
+            raise ValueError(f"gamma: {self.gamma} differs from gamma_choice.gamma {self.gamma_choice.gamma}")
+        return self
+
+
 class PoisoningManifest(Record):
     base_model: Optional[str] = Field(None, min_length=1)
     num_labels: Optional[int] = bounded("num_labels", None)
@@ -114,6 +132,7 @@ class AdapterConfigRecord(Record):
 SCHEMAS: dict[str, type[Record]] = {
     "finetune.json": VictimManifest,
     "psim.json": PSIMManifest,
+    "psim-onnx.json": ExportedPSIMManifest,
     "poisoning.json": PoisoningManifest,
     "adapter_config.json": AdapterConfigRecord,
 }

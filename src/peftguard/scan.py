@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import logging
+from typing import Any
 
 from peftguard import metrics
 from peftguard.artifacts import write_text
+from peftguard.bounds import BOUNDS
 from peftguard.data import check_nul, decode_utf8, read_rows, read_utf8, split_lines
-from peftguard.defenses.psim import PSIM
+from peftguard.defenses.psim_onnx import OnnxPSIM, is_exported_psim
 from peftguard.errors import DataError
-from peftguard.models import LoadOptions
 from peftguard.precision import DEFAULT_PRECISION
 
 log = logging.getLogger(__name__)
@@ -68,22 +69,34 @@ def is_scan_output(path: Path) -> bool:
     return isinstance(record, dict) and set(record) == set(SCAN_HEADER)
 
 
+def open_psim(psim_dir: Path, *, batch_size: int, precision: str, allow_pickle: bool = False) -> Any:
+    """A PSIM folder for scanning: an ONNX export (``psim export``; no torch is imported) or a torch PSIM."""
+    if is_exported_psim(psim_dir):
+        return OnnxPSIM(psim_dir, batch_size=batch_size, precision=precision)
+    from peftguard.defenses.psim import PSIM
+    from peftguard.models import LoadOptions
+
+    return PSIM(psim_dir, options=LoadOptions(allow_pickle=allow_pickle), batch_size=batch_size, precision=precision)
+
+
 def scan_command(
     psim_dir: Path, source: str, out: Path | None, *, text_column: str, gamma: float | None, batch_size: int,
-    options: LoadOptions, precision: str = DEFAULT_PRECISION,
+    allow_pickle: bool = False, precision: str = DEFAULT_PRECISION,
 ) -> None:
+    if gamma is not None:
+        BOUNDS["gamma"].check(gamma, "--gamma")
     texts = read_inputs(source, text_column)
-    psim = PSIM(psim_dir, options=options, batch_size=batch_size, precision=precision)
-    choice = psim.gamma_for(None, gamma, None)
-    scores = psim.confidences(texts, desc="scan" if source != "-" else None, gamma=choice.gamma)
-    flags = metrics.flagged(scores, choice.gamma)
+    psim = open_psim(psim_dir, batch_size=batch_size, precision=precision, allow_pickle=allow_pickle)
+    gamma = float(psim.manifest["gamma"]) if gamma is None else gamma
+    scores = psim.confidences(texts, desc="scan" if source != "-" else None, gamma=gamma)
+    flags = metrics.flagged(scores, gamma)
     as_jsonl = out is not None and out.suffix == ".jsonl"
     rendered = _render(texts, scores, flags, as_jsonl)
     if out is None:
         sys.stdout.write(rendered)
     else:
         write_text(out, rendered)
-        print(f"scanned {len(texts)} inputs, {int(flags.sum())} flagged (gamma {choice.gamma:.4f}, {psim.precision}); wrote {out}",
+        print(f"scanned {len(texts)} inputs, {int(flags.sum())} flagged (gamma {gamma:.4f}, {psim.precision}); wrote {out}",
               file=sys.stderr)
 
 

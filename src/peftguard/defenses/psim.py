@@ -45,7 +45,15 @@ from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.inference import predict_proba
 from peftguard.models import LoadOptions, model_reference
-from peftguard.precision import DEFAULT_PRECISION, int8_activation_bits, native, quantize_int8, resolve_precision
+from peftguard.precision import (
+    DEFAULT_PRECISION,
+    INT8_RECHECK_MARGIN,
+    INT8_RECHECK_MARGIN_7BIT,
+    int8_activation_bits,
+    native,
+    quantize_int8,
+    resolve_precision,
+)
 from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, prepare_tunable, save_tuned
 
 if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
@@ -277,16 +285,6 @@ def under_trained(dev_confidence_mean: float, num_labels: int, rule: BudgetRule 
     return excess_over_chance(dev_confidence_mean, num_labels) > rule.target_share
 
 
-# The re-check margin with 8-bit activations (a CPU with VNNI). Rule, fixed before any validation PSIM was scored:
-# 2 x the largest |int8 - fp32| confidence change on clean dev sentences over the development PSIMs (the PSIM
-# stages of runs/v2/psim_budget_dev and psim_budget_dev_agnews), rounded up to 0.01. Those changes: 0.0502 (sst2,
-# 872 sentences) and 0.0252 (agnews, 1000), so 2 x 0.0502 -> 0.11. Validated, not tuned, on the 11 held-apart
-# runs/zoo-audit PSIMs: largest change 0.0920 (clean-cr-lora-s2), none above 0.11 (bench/int8_margin.py and .json).
-INT8_RECHECK_MARGIN = 0.11
-# torch's default 7-bit activations (a CPU without VNNI, only when --precision int8 is asked for: `auto` never
-# picks it there). The same rule on the 7-bit development figures (0.0793 sst2, 0.0417 agnews) gives 0.16; it is
-# no guarantee: validation found changes up to 0.184 (cr-jj-dirty-lora, clean-sst2-lora-s3).
-INT8_RECHECK_MARGIN_7BIT = 0.16
 DEFAULT_BATCH_SIZE = 64  # measured: 32-64 fastest on 2 cores, 16 and 128 slower (bench/detection.py --sweep)
 
 
