@@ -127,3 +127,26 @@ def test_an_export_runs_fp32_or_int8_only():
     assert resolve_onnx_precision("fp32") == "fp32" and resolve_onnx_precision("auto") in ("fp32", "int8")
     with pytest.raises(OptionError, match="an exported PSIM runs fp32 or int8"):
         resolve_onnx_precision("bf16")
+
+
+def test_serve_answers_from_an_export_with_the_torch_psims_scores(tiny_psim, exported):
+    import http.client
+    import threading
+
+    from peftguard.defenses.psim import PSIM
+    from peftguard.serve import build_server
+
+    server = build_server(exported, None, port=0, precision="fp32", gamma=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        connection.request("POST", "/screen", json.dumps({"texts": TEXTS}), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        status, payload = response.status, json.loads(response.read())
+    finally:
+        server.shutdown()
+        server.screener.close()
+    expected = PSIM(tiny_psim, precision="fp32").confidences(TEXTS)
+    assert status == 200 and server.info["precision"] == "fp32"
+    for result, score in zip(payload["results"], expected):
+        assert result["confidence"] == pytest.approx(float(score), abs=1e-4) and result["flagged"] == (score > 0.5)

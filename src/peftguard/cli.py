@@ -515,7 +515,7 @@ def psim_export(
 
 @psim_app.command("serve")
 def psim_serve(
-    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder.")],
+    psim: Annotated[Path, typer.Option("--psim", help="PSIM folder, or its ONNX export (`psim export`).")],
     victim: Annotated[Optional[Path], typer.Option("--victim", help="A victim folder to answer with its label behind the PSIM [none: flags and confidences only].")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed).")] = 8321,

@@ -227,11 +227,14 @@ def build_server(psim_dir: Path, victim_dir: Path | None, *, host: str = "127.0.
                  gamma: float | None = None, settings: ServeSettings = ServeSettings(),
                  precision: str = DEFAULT_PRECISION, options: LoadOptions = LoadOptions()) -> ScreeningServer:
     """Load the models and bind the server (not yet serving: call ``serve_forever``)."""
-    from peftguard.defenses.psim import PSIM
+    from peftguard.bounds import BOUNDS
+    from peftguard.scan import open_psim
 
     settings.validate()
-    psim = PSIM(psim_dir, options=options, batch_size=settings.max_batch, precision=precision)
-    choice = psim.gamma_for(None, gamma, None)
+    if gamma is not None:
+        BOUNDS["gamma"].check(gamma, "--gamma")
+    psim = open_psim(psim_dir, batch_size=settings.max_batch, precision=precision, allow_pickle=options.allow_pickle)
+    gamma = float(psim.manifest["gamma"]) if gamma is None else gamma
     victim = tokenizer = None
     max_length = psim.max_length
     if victim_dir is not None:
@@ -240,8 +243,8 @@ def build_server(psim_dir: Path, victim_dir: Path | None, *, host: str = "127.0.
 
         victim, tokenizer, manifest = load_tuned(victim_dir, MANIFEST, options)
         max_length = int(manifest["settings"]["max_length"])
-    screener = BatchingScreener(psim_scorer(psim, choice.gamma, victim, tokenizer, max_length), settings)
-    info = {"psim": str(psim_dir), "victim": str(victim_dir) if victim_dir else None, "gamma": choice.gamma,
+    screener = BatchingScreener(psim_scorer(psim, gamma, victim, tokenizer, max_length), settings)
+    info = {"psim": str(psim_dir), "victim": str(victim_dir) if victim_dir else None, "gamma": gamma,
             "precision": psim.precision, "int8_activation_bits": psim.activation_bits, "max_batch": settings.max_batch,
             "queue_limit": settings.queue_limit}
     try:

@@ -238,6 +238,7 @@ class OnnxPSIM:
         self.batch_size = batch_size
         self.max_length = int(self.manifest["max_length"])
         self.recheck_margin = INT8_RECHECK_MARGIN
+        self.activation_bits = 8 if self.precision == "int8" else None  # onnxruntime's dynamic int8: u8 activations
         self._ort = require("onnxruntime", "scanning an exported PSIM")
         self._threads = thread_count()
         self._sessions: dict[str, Any] = {}
