@@ -615,7 +615,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a run folder (files of the same names are replaced; never an input).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 1."""
+    """The main job: poison MiniLM on SST-2, fine-tune with all five methods, train a PSIM, print Table 2 (full data knowledge)."""
     from peftguard.demo import demo_config, run_demo
     from peftguard.experiment import CELLS_FILE
 
