@@ -240,3 +240,23 @@ def test_scan_imports_no_training_plotting_ray_or_datasets():  # (peft itself im
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "fp32"), ("int8", "int8")])
+def test_the_psim_defense_measures_in_float32_unless_asked(tiny_psim, data_dir, asked, expected):
+    """Evaluations report AUROC and confidence histograms: their PSIM scores every input exactly by default;
+    `--precision` (or a grid's defense_options) picks the deployment's faster path."""
+    from peftguard.data import load_dataset
+    from peftguard.defenses.registry import options_from_flags
+    from peftguard.pipeline import build_defense
+
+    dataset = load_dataset("sst2", data_dir=data_dir)
+    options = options_from_flags("psim", {"--psim": tiny_psim, "--gamma": 0.6, "--precision": asked})
+    defense = build_defense("psim", dataset, options=options, max_eval_samples=8, seed=0)
+    assert defense.psim.precision == expected and defense.describe()["precision"] == expected
+    exact = defense.psim._probabilities(defense.psim.model, TEXTS, "fp32").max(1)
+    scores = defense.screen(TEXTS).scores
+    if expected == "fp32":
+        np.testing.assert_array_equal(scores, exact)
+    else:
+        assert np.abs(scores - exact).max() < defense.psim.recheck_margin

@@ -70,7 +70,7 @@ STEALTH_ATTACK_OPTION = typer.Option("--attack", help="Attack to measure, repeat
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
-    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples")}
+    "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples", "--precision")}
 
 
 def describe_registries() -> None:
@@ -297,6 +297,7 @@ def evaluate(
     fine_mixed: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-mixed"]] = None,
     fine_pruned: Annotated[Optional[Path], DEFENSE_FLAGS["--fine-pruned"]] = None,
     max_train_samples: Annotated[Optional[int], DEFENSE_FLAGS["--max-train-samples"]] = None,
+    precision: Annotated[Optional[str], DEFENSE_FLAGS["--precision"]] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -334,7 +335,7 @@ def evaluate(
         "--psim": psim, "--gamma": gamma, "--target-fpr": target_fpr, "--backend": backend, "--lm": lm,
         "--onion-bar": onion_bar, "--onion-cache": onion_cache, "--precomputed": precomputed,
         "--precomputed-triggered": precomputed_triggered, "--mix-ratio": mix_ratio, "--clean-model": clean_model,
-        "--fine-mixed": fine_mixed, "--fine-pruned": fine_pruned, "--max-train-samples": max_train_samples,
+        "--fine-mixed": fine_mixed, "--fine-pruned": fine_pruned, "--max-train-samples": max_train_samples, "--precision": precision,
     })
     result = evaluate_model(
         model, data, triggers, target_label=target_label, defense=defense, defense_options=defense_options,

@@ -285,6 +285,9 @@ def under_trained(dev_confidence_mean: float, num_labels: int, rule: BudgetRule 
     return excess_over_chance(dev_confidence_mean, num_labels) > rule.target_share
 
 
+# Measured figures (the defense's evaluations) score in float32: int8 keeps flags equal by re-checking inputs near
+# gamma, but the confidences behind AUROC and the histograms would move by up to the re-check margin elsewhere.
+MEASUREMENT_PRECISION = "fp32"
 DEFAULT_BATCH_SIZE = 64  # measured: 32-64 fastest on 2 cores, 16 and 128 slower (bench/detection.py --sweep)
 
 
@@ -386,6 +389,10 @@ class PSIMOptions:
     target_fpr: float | None = field(default=None, metadata={
         "help": f"calibrate gamma on clean dev data to flag at most this share [{DEFAULT_TARGET_FPR}]",
         "flag": "--target-fpr", "grid": False})
+    precision: str = field(default=MEASUREMENT_PRECISION, metadata={
+        "help": f"scoring precision [{MEASUREMENT_PRECISION}: exact confidences for AUROC and histograms]; auto "
+                "(`psim scan`'s default: int8 re-checked near gamma) gives the same flags faster, approximate "
+                "confidences elsewhere", "flag": "--precision"})
 
 
 @register_defense("psim", options=PSIMOptions, summary="flag inputs a PSIM is confident on (Zhao et al., 2024)", order=0)
@@ -394,7 +401,7 @@ def build_psim_defense(options: PSIMOptions, context: DefenseContext) -> PSIMDef
     check_gamma_options(options.gamma, options.target_fpr)
     if options.psim is None:
         raise OptionError("--defense psim needs --psim PSIM_DIR (train one with `peftguard psim train`)")
-    psim = PSIM(options.psim, options=context.options)
+    psim = PSIM(options.psim, options=context.options, precision=options.precision)
     if psim.num_labels != context.dataset.num_labels:
         raise PeftguardError(f"PSIM {options.psim} has {psim.num_labels} labels; the dataset has {context.dataset.num_labels}")
     dev = subsample(context.dataset.dev.examples, context.max_eval_samples, context.seed)
