@@ -246,14 +246,20 @@ def test_scan_imports_no_training_plotting_ray_or_datasets():  # (peft itself im
 def test_the_psim_defense_measures_in_float32_unless_asked(tiny_psim, data_dir, asked, expected):
     """Evaluations report AUROC and confidence histograms: their PSIM scores every input exactly by default;
     `--precision` (or a grid's defense_options) picks the deployment's faster path."""
-    from peftguard.data import load_dataset
+    from peftguard.data import load_dataset, subsample
+    from peftguard.defenses.psim import choose_gamma
     from peftguard.defenses.registry import options_from_flags
     from peftguard.pipeline import build_defense
 
     dataset = load_dataset("sst2", data_dir=data_dir)
-    options = options_from_flags("psim", {"--psim": tiny_psim, "--gamma": 0.6, "--precision": asked})
+    options = options_from_flags("psim", {"--psim": tiny_psim, "--target-fpr": 0.25, "--precision": asked})
     defense = build_defense("psim", dataset, options=options, max_eval_samples=8, seed=0)
     assert defense.psim.precision == expected and defense.describe()["precision"] == expected
+    # gamma is calibrated at the precision that decides the flags (int8: its re-check's)
+    calibration = "fp32" if expected == "fp32" else defense.psim.recheck_precision
+    dev = subsample(dataset.dev.examples, 8, 0)
+    dev_scores = defense.psim._probabilities(defense.psim.model, [ex.text for ex in dev], calibration).max(1)
+    assert defense.choice.gamma == choose_gamma(dev_scores, None, 0.25).gamma
     exact = defense.psim._probabilities(defense.psim.model, TEXTS, "fp32").max(1)
     scores = defense.screen(TEXTS).scores
     if expected == "fp32":

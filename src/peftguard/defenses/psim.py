@@ -356,8 +356,13 @@ class PSIM:
         if gamma is None and target_fpr is None:
             return GammaChoice(**self.manifest["gamma_choice"])
         texts = [ex.text for ex in dev] if dev and gamma is None else None
-        scores = self._probabilities(self.model, texts, self.recheck_precision).max(1) if texts else None  # no int8: a calibration
+        scores = self._probabilities(self.model, texts, self.calibration_precision).max(1) if texts else None
         return choose_gamma(scores, gamma, target_fpr)
+
+    @property
+    def calibration_precision(self) -> str:
+        """gamma is calibrated at the precision that decides flags: int8's re-check precision, else the scoring one."""
+        return self.recheck_precision if self.precision == "int8" else self.precision
 
 
 class PSIMDefense(InputDefense):
