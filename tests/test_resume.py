@@ -187,3 +187,19 @@ def test_demo_refuses_an_unknown_baseline_before_writing(tmp_path):
     baselines = ", ".join(name for name in DEFENSES if name != "psim")
     assert f"--defense magic: choose from {baselines}, or all" in str(result.exception)
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_with_two_workers_runs_the_same_stages_and_reports_every_cell(uninterrupted: Path, tiny_minilm: str,
+                                                                           data_dir: Path) -> None:
+    """`demo --workers 2` runs the grid in worker processes: the same stages (keys are settings), every cell reported."""
+    from peftguard.report import load_cells
+
+    out = uninterrupted.parent / "two-workers"
+    log = uninterrupted.parent / "two-workers.log"
+    process = start_cli(demo_args(out, tiny_minilm, data_dir) + ["--workers", "2"], log)
+    assert process.wait(timeout=STAGE_TIMEOUT_S * 2) == 0, log.read_text()[-3000:]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(p.name for p in (uninterrupted / "stages").iterdir())
+    _, cells = load_cells(out)
+    _, expected = load_cells(uninterrupted)
+    assert len(cells) == len(expected) and all("clean_accuracy" in c["metrics"] for c in cells)
+    assert leftovers(out) == []

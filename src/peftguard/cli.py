@@ -613,6 +613,7 @@ def demo(
              "takes hours on 2 cores (use --max-eval-samples).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text in every stage.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="grid.seeds: one seed.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Run this many stages at once in worker processes, each on cores / workers threads (as `peftguard run --workers`).")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it is not a run folder (files of the same names are replaced; never an input).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -628,7 +629,7 @@ def demo(
     _output_folder(out, CELLS_FILE, "run folder", inputs=(config, *experiment.grid.datasets, data_dir),
                    models=tuple(experiment.grid.models), overwrite=overwrite)
     _setup_logging(verbose)
-    typer.echo(run_demo(out, experiment, echo=lambda message: typer.echo(f"demo: {message}", err=True)))
+    typer.echo(run_demo(out, experiment, workers=workers, echo=lambda message: typer.echo(f"demo: {message}", err=True)))
 
 
 @defend_app.command("fine-mixing")
