@@ -742,9 +742,8 @@ def run(
     """Run an experiment grid: poison once, then victims and PSIMs, then evaluations; finished stages are reused."""
     from peftguard.config import load_config
     from peftguard.errors import OptionError
-    from peftguard.experiment import (CELLS_FILE, check_grid_size, is_done_in, link_stage_cache, plan_grid, run_local,
-                                      run_parallel, run_ray, write_plan)
-    from peftguard.runtime import available_cores
+    from peftguard.experiment import (CELLS_FILE, check_grid_size, is_done_in, link_stage_cache, plan_grid,
+                                      run_on_this_machine, run_ray, write_plan)
 
     check_options(locals())
     if executor not in ("local", "ray"):
@@ -766,10 +765,8 @@ def run(
     if stage_cache is not None:
         link_stage_cache(out, stage_cache)
     echo = lambda message: typer.echo(message, err=True)  # noqa: E731
-    if executor == "local" and workers > 1:
-        counts = run_parallel(out, plan, workers=workers, threads=cpus_per_stage or max(1, available_cores() // workers), echo=echo)
-    elif executor == "local":
-        counts = run_local(out, plan, threads=cpus_per_stage, echo=echo)
+    if executor == "local":
+        counts = run_on_this_machine(out, plan, workers=workers, threads=cpus_per_stage, echo=echo)
     else:
         counts = run_ray(out, plan, address=address, cpus_per_stage=cpus_per_stage or 1, echo=echo)
     typer.echo(f"{experiment.name}: {counts['ran']} stages run, {counts['reused']} reused; results in {out}")

@@ -83,17 +83,15 @@ def run_demo(out: Path, config: ExperimentConfig, *, workers: int = 1, echo: Cal
     """Run (or resume) the demo's grid into ``out``, write its report and return the report's table.
 
     ``workers`` > 1 runs that many stages at once in worker processes, sharing the cores between them."""
-    from peftguard.experiment import plan_grid, run_local, run_parallel, write_plan
+    from peftguard.experiment import plan_grid, run_on_this_machine, write_plan
     from peftguard.report import write_report
-    from peftguard.runtime import available_cores
 
     out = Path(out)
     plan = plan_grid(config)
     write_plan(out, config, plan)  # first: it makes --out a run folder, so a killed demo resumes
     echo(f"{len(plan.stages)} stages, {len(plan.cells)} result cells; training on "
          f"{config.data.max_train_samples or 'all'} samples per stage (data.max_train_samples)")
-    counts = (run_parallel(out, plan, workers=workers, threads=max(1, available_cores() // workers), echo=echo)
-              if workers > 1 else run_local(out, plan, echo=echo))
+    counts = run_on_this_machine(out, plan, workers=workers, echo=echo)
     echo(f"{counts['ran']} stages run, {counts['reused']} reused")
     write_report(out)
     return (out / "report" / "results.md").read_text(encoding="utf-8")

@@ -298,6 +298,17 @@ def write_plan(run_dir: Path, config: ExperimentConfig, plan: Plan) -> None:
                                       "stages": {name: {"kind": s.kind, "deps": list(s.deps)} for name, s in plan.stages.items()}})
 
 
+def run_on_this_machine(run_dir: Path, plan: Plan, *, workers: int = 1, threads: int | None = None,
+                        echo: Callable[[str], None] = print) -> dict[str, int]:
+    """The local executor: in this process for one worker, else ``workers`` processes sharing the cores
+    (``threads`` per stage; default: cores / workers)."""
+    if workers > 1:
+        from peftguard.runtime import available_cores
+
+        return run_parallel(run_dir, plan, workers=workers, threads=threads or max(1, available_cores() // workers), echo=echo)
+    return run_local(run_dir, plan, threads=threads, echo=echo)
+
+
 def run_local(run_dir: Path, plan: Plan, *, threads: int | None = None, echo: Callable[[str], None] = print) -> dict[str, int]:
     """Run every unfinished stage in order, in this process, with overall progress."""
     counts = {"reused": 0, "ran": 0}
