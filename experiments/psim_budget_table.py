@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("run", "role", "model", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+COLUMNS = ("run", "role", "model", "dataset", "attack", "scenario", "seed", "victim", "psim_method", "row", "threshold", "target_fpr", "ca", "asr", "defended_ca",
            "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "settle_steps", "psim_epochs", "stop_reason",
            "dev_confidence_mean", "under_trained", "psim_seconds")
 KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
@@ -52,7 +52,8 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
             sources["attack_metrics.json"] = stages / before_stage / "metrics.json"
         rows.append({"_files": sources,
             "run": plan["name"], "role": role, "model": cell["model"], "dataset": cell["dataset"], "attack": cell["attack"],
-            "scenario": cell["scenario"], "seed": cell["seed"], "psim_method": manifest["method"], "row": cell["row"],
+            "scenario": cell["scenario"], "seed": cell["seed"], "victim": cell["method"], "psim_method": manifest["method"],
+            "row": cell["row"], "threshold": threshold_rule(cell),
             "target_fpr": cell.get("evaluate.target_fpr", default_fpr),
             "ca": pct(before["clean_accuracy"]) if before else pct(m["clean_accuracy"]),
             "asr": pct(before.get("attack_success_rate")) if before else "",
@@ -66,10 +67,19 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def threshold_rule(cell: dict[str, Any]) -> str:
+    """``calibrated`` (gamma from clean dev data at the target FPR) or the fixed gamma a sweep set."""
+    gamma = cell.get("evaluate.gamma")
+    return "calibrated" if gamma is None else f"gamma {gamma}"
+
+
 def cell_name(row: dict[str, Any]) -> str:
     fpr = f"-fpr{row['target_fpr']}" if row["target_fpr"] != 0.02 else ""
     model = "" if row["model"] == "minilm" else f"{row['model']}-"
-    return f"{model}{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}-{row['row']}-psim-{row['psim_method']}{fpr}"
+    victim = "" if row["victim"] == "lora" else f"-{row['victim']}"
+    fixed = "" if row["threshold"] == "calibrated" else f"-{row['threshold'].replace(' ', '')}"
+    return (f"{model}{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}{victim}-{row['row']}"
+            f"-psim-{row['psim_method']}{fpr}{fixed}")
 
 
 def pct(value: float | None) -> str:
@@ -77,7 +87,7 @@ def pct(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    shown = ("role", "model", "dataset", "attack", "scenario", "seed", "psim_method", "row", "target_fpr", "ca", "asr", "defended_ca",
+    shown = ("role", "model", "dataset", "attack", "scenario", "seed", "victim", "psim_method", "row", "threshold", "target_fpr", "ca", "asr", "defended_ca",
              "defended_asr", "fpr", "auroc", "psim_steps", "settle_steps", "psim_epochs", "stop_reason", "dev_confidence_mean",
              "psim_seconds")
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
