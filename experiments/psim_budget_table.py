@@ -6,7 +6,7 @@ each defended cell, the undefended CA/ASR beside the defended CA/ASR, FPR, AUROC
 rate at the calibrated gamma, and the rule's decision (steps, epochs, stop reason, clean dev
 confidence, under_trained) with the PSIM's training seconds; as ``cells.csv`` and ``table.md``, and
 copies each cell's small result files (``psim.json``, both ``metrics.json``) under ``cells/``.
-Usage: python experiments/psim_budget_table.py --out results/psim_budget RUN_DIR...
+Usage: python experiments/psim_budget_table.py --out results/psim_budget [--victim lora] [--calibrated-only] RUN_DIR...
 """
 from __future__ import annotations
 
@@ -100,12 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="folder for cells.csv and table.md")
+    parser.add_argument("--victim", help="keep only the rows of this victim method (e.g. lora); default: every victim")
+    parser.add_argument("--calibrated-only", action="store_true", help="leave out the rows at a fixed gamma")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    rows = [row for run in args.runs for row in rows_of(run)]
+    rows = [row for run in args.runs for row in rows_of(run)
+            if (args.victim is None or row["victim"] == args.victim) and (not args.calibrated_only or row["threshold"] == "calibrated")]
     args.out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         folder = args.out / "cells" / cell_name(row)
