@@ -255,7 +255,7 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     assert saved["lens"]["screen_precision"] in ("fp32", "bf16")  # auto: bf16 where the hardware multiplies it
     assert (tmp_path / "audit" / "AUDIT.md").read_text().count(f"`{TRIGGER}`") >= 1
     assert (tmp_path / "audit" / "clean_confidence.png").stat().st_size > 0
-    assert (tmp_path / "audit" / "psim" / "psim.json").is_file()
+    assert json.loads((tmp_path / "audit" / "psim" / "psim.json").read_text())["method"] == "ptuning-v1"  # its zoo's lens
 
 
 @pytest.mark.slow

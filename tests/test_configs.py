@@ -133,3 +133,29 @@ def test_a_gamma_sweep_does_not_repeat_another_defenses_evaluation() -> None:
     assert [c.get("evaluate.batch_size") for c in onion] == [16, 64] and all("evaluate.gamma" not in c for c in onion)
     assert sum(c.get("defense") == "psim" for c in plan.cells) == 4
     assert len(plan.cells) == grid_size(config)[0] == 7
+
+
+# Configs without the paper's PSIM: smoke.yaml takes the default (auto), psim_lora_demo.yaml measures a LoRA PSIM.
+UNPINNED_CONFIGS = {"smoke.yaml", "psim_lora_demo.yaml"}
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.name not in UNPINNED_CONFIGS and not p.name.startswith("_")],
+                         ids=lambda p: p.name)
+def test_results_measured_with_the_papers_psim_keep_it_after_the_default_moved(path: Path) -> None:
+    """Every recorded config still builds the PSIM it was measured with (and the stage keys its caches have),
+    now that a config without a PSIM method gets ``auto``."""
+    from peftguard.defenses.psim_budget import PAPER_PSIM_METHOD
+
+    config = load_config(path)
+    assert PAPER_PSIM_METHOD in config.sweep.get("psim.method", [config.psim.method]), path.name
+
+
+def test_the_psim_method_default_is_auto_in_the_grid_and_the_cli() -> None:
+    import inspect
+
+    from peftguard.cli import psim_train
+    from peftguard.config import PSIMConfig
+    from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD
+
+    assert PSIMConfig().method == AUTO_PSIM_METHOD == "auto"
+    assert inspect.signature(psim_train).parameters["method"].default == AUTO_PSIM_METHOD

@@ -202,7 +202,7 @@ def test_malformed_manifests_are_refused_by_the_loaders(name, tmp_path):
     [("psim.batch_size: [32, 0]", "sweep.psim.batch_size.1: Input should be greater than or equal to 1"),
      ("psim.reset_rate: [5]", "sweep.psim.reset_rate.0: Input should be less than or equal to 1"),
      ("evaluate.gamma: [1.5]", "sweep.evaluate.gamma.0: Input should be less than 1"),
-     ("psim.method: [evil]", "sweep.psim.method.0: unknown method 'evil'; choose from full, lora"),
+     ("psim.method: [evil]", "sweep.psim.method.0: unknown method 'evil'; choose from auto, full, lora"),
      ("psim.lr: [.inf]", "sweep.psim.lr.0: Input should be a finite number")],
     ids=["batch-size", "reset-rate", "gamma", "method", "lr-inf"],
 )

@@ -82,3 +82,13 @@ def test_under_trained_is_the_budget_rules_target_for_fixed_schedules(mean, num_
     from peftguard.defenses.psim import under_trained
 
     assert under_trained(mean, num_labels) is expected
+
+
+def test_auto_picks_lora_for_a_decoder_and_the_papers_psim_for_an_encoder(tiny_minilm, tmp_path):
+    from transformers import LlamaConfig
+
+    from peftguard.defenses.psim import default_psim_method
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
+    assert default_psim_method(str(tmp_path)) == "lora"  # a decoder-only model, read from its config alone
+    assert default_psim_method(tiny_minilm) == "ptuning-v1"  # BERT has a masked-LM form: an encoder

@@ -154,6 +154,7 @@ def test_default_clean_label_recipe_is_detected_end_to_end(tiny_minilm, data_dir
     m = json.loads(metrics_path.read_text())
     assert json.loads((poisoned / "poisoning.json").read_text())["poisoning"]["mode"] == "clean-label"
     assert m["attack_success_rate"] >= 0.9, "the tiny poisoning must take for this test to mean anything"
+    assert manifest["method"] == "ptuning-v1"  # what --method auto picks for an encoder
     assert manifest["budget"]["stop_reason"] == "near-chance" and not manifest["under_trained"]
     assert manifest["budget"]["settle_steps"] > 0
     assert m["auroc"] >= 0.95 and m["defended_attack_success_rate"] <= 0.1

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftguard.bounds import MAX_CELLS, check_options
-from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR
+from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR
 from peftguard.errors import PeftguardError
 from peftguard.metrics import DEFAULT_TARGET_FPR
 from peftguard.runtime import configure_threads
@@ -80,7 +80,8 @@ def describe_registries() -> None:
     from peftguard.triggers import ATTACKS
 
     FINETUNE_METHOD_OPTION.help = f"{METHODS.help()}."
-    PSIM_METHOD_OPTION.help = f"PEFT method of the PSIM (paper: ptuning-v1): {' | '.join(METHODS)}."
+    PSIM_METHOD_OPTION.help = (f"PEFT method of the PSIM: auto (LoRA for a decoder-only model, the paper's ptuning-v1 "
+                               f"otherwise) | {' | '.join(METHODS)}.")
     MIXING_METHOD_OPTION.help = f"With a poisoned model: {' | '.join(METHODS)} [lora]."
     ATTACK_OPTION.help = f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once."
     STEALTH_ATTACK_OPTION.help = f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}."
@@ -407,7 +408,7 @@ def psim_train(
     model: Annotated[str, typer.Option("--model", help="The (possibly poisoned) weights to guard: a folder, 'minilm', or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PSIM (adapter safetensors + psim.json).")],
     dataset: DatasetOpt = "sst2",
-    method: Annotated[str, PSIM_METHOD_OPTION] = "ptuning-v1",
+    method: Annotated[str, PSIM_METHOD_OPTION] = AUTO_PSIM_METHOD,
     reset_rate: Annotated[float, typer.Option("--reset-rate", help="Share of training labels reset at random (paper: 1.0).")] = 1.0,
     num_virtual_tokens: Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Virtual tokens [5].")] = None,
     encoder_hidden_size: Annotated[Optional[int], typer.Option("--encoder-hidden-size", help="P-tuning v1 encoder width [128].")] = None,
@@ -447,6 +448,10 @@ def psim_train(
     _setup_logging(verbose)
     if epochs is not None and max_epochs is not None:
         raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
+    if method == AUTO_PSIM_METHOD:
+        from peftguard.defenses.psim import default_psim_method
+
+        method = default_psim_method(model, _options(allow_pickle, trust_remote_code))
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None, lora_target_modules)
     _check_architecture(model, method, config, trust_remote_code)
     data = _dataset(dataset, data_dir, text_column, label_column)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from peftguard.bounds import bounded
-from peftguard.defenses.psim_budget import DEFAULT_PSIM_LR, BudgetRule
+from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR, BudgetRule
 from peftguard.errors import DataError, OptionError
 from peftguard.metrics import DEFAULT_TARGET_FPR
 
@@ -30,6 +30,16 @@ def _registered(registry: str) -> Any:
         return name
 
     return AfterValidator(check)
+
+
+def _psim_method(name: str) -> str:
+    """A registered method, or ``auto`` (the PSIM's default: its method chosen by the model's architecture)."""
+    if name == AUTO_PSIM_METHOD:
+        return name
+    names = registered_names("methods")
+    if name not in names:
+        raise ValueError(f"unknown method '{name}'; choose from {AUTO_PSIM_METHOD}, {', '.join(names)}")
+    return name
 
 
 def registered_names(registry: str) -> tuple[str, ...]:
@@ -96,7 +106,8 @@ METHOD_SETTINGS = ("num_virtual_tokens", "encoder_hidden_size")
 
 
 class PSIMConfig(Strict):
-    method: MethodName = "ptuning-v1"
+    method: Annotated[str, AfterValidator(_psim_method)] = Field(AUTO_PSIM_METHOD, description=(
+        "PEFT method of the PSIM; auto: LoRA for a decoder-only model, the paper's ptuning-v1 otherwise"))
     epochs: Optional[int] = bounded("epochs", None, description="fixed epochs (the paper: 1); null: the clean-data budget rule")
     max_epochs: int = bounded("max_epochs", BudgetRule().max_epochs, description="budget rule: give up after this many epochs")
     lr: float = bounded("lr", DEFAULT_PSIM_LR)

@@ -166,11 +166,16 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
     if request.lens == "classifier":
         return ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=screen_precision), None
     from peftguard.defenses.psim import PSIM, train_psim
+    from peftguard.defenses.psim_budget import PAPER_PSIM_METHOD
+    from peftguard.tuning import method_config
 
     if suspect.is_adapter and suspect.method == "lora":
         merge_lora(suspect, request.dataset.num_labels, work / "suspect-merged", request.options)
     settings = TrainSettings(lr=_psim_lr(), batch_size=request.batch_size, max_length=request.max_length, seed=request.seed)
+    # The audit was measured on its zoo (MiniLM) with the paper's P-tuning v1 PSIM; rule v3b's LoRA PSIM for decoders
+    # has not been measured as an audit lens, so the audit keeps the lens it was validated with.
     manifest = train_psim(suspect.psim_weights, request.dataset, settings, work / "psim",
+                          config=method_config(PAPER_PSIM_METHOD),
                           max_train_samples=request.max_train_samples, max_eval_samples=request.max_eval_samples,
                           options=request.options)
     psim = PSIM(work / "psim", options=request.options, precision="fp32")  # the lens sets its own precision

@@ -32,8 +32,10 @@ from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import DefenseContext, InputDefense, Screened
 from peftguard.defenses.psim_budget import (
+    DECODER_PSIM_METHOD,
     DEFAULT_PSIM_LR,
     DEFAULT_PSIM_LR_WHY,
+    PAPER_PSIM_METHOD,
     BudgetRule,
     Check,
     Decision,
@@ -54,7 +56,7 @@ from peftguard.precision import (
     quantize_int8,
     resolve_precision,
 )
-from peftguard.tuning import MethodConfig, PTuningV1Config, load_tuned, method_name, prepare_tunable, save_tuned
+from peftguard.tuning import MethodConfig, load_tuned, method_config, method_name, prepare_tunable, save_tuned
 
 if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
     from peftguard.instruction import InstructionTemplate
@@ -108,6 +110,14 @@ def choose_gamma(
     return GammaChoice(metrics.calibrate_gamma(dev_confidences, target_fpr), "target-fpr", target_fpr, len(dev_confidences))
 
 
+def default_psim_method(model_ref: str, options: LoadOptions = LoadOptions()) -> str:
+    """The PSIM method ``auto`` stands for (rule v3b, ``psim_budget.AUTO_PSIM_METHOD``): LoRA for a decoder-only
+    model, the paper's P-tuning v1 for an encoder, read from the model's config alone."""
+    from peftguard.models import is_decoder_only, resolve_model
+
+    return DECODER_PSIM_METHOD if is_decoder_only(resolve_model(model_ref), options) else PAPER_PSIM_METHOD
+
+
 def train_psim(
     model_ref: str,
     dataset: TextDataset,
@@ -133,7 +143,7 @@ def train_psim(
     """
     from peftguard.training import TrainSettings, check_length_budget, train_classifier, training_record
 
-    config = config or PTuningV1Config()
+    config = config or method_config(default_psim_method(model_ref, options))
     settings.validate()
     check_gamma_options(gamma, target_fpr)
     check_length_budget(config, settings)

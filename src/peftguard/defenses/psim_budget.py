@@ -43,7 +43,17 @@ from peftguard.errors import OptionError
 
 StopReason = Literal["near-chance", "flat", "budget"]
 
-# The rule's constant learning rate (P-tuning v1 PSIM); see DEFAULT_PSIM_LR_WHY.
+# The PSIM's PEFT method when none is given (rule v3b): ``auto`` picks a LoRA PSIM for a decoder-only model and the
+# paper's P-tuning v1 for an encoder (``peftguard.defenses.psim.default_psim_method``). P-tuning v1 prepends fresh
+# virtual tokens to every input; in front of a decoder's whole input they moved what the suspect weights see before
+# the first random-label step, and the P-tuning v1 PSIM missed a third or more of SmolLM2's backdoor where a LoRA
+# PSIM, which starts exactly at the suspect weights, did not. On encoders neither method dominated, so the paper's
+# stays. Chosen on development cells, validated on a fresh one (REPRODUCTION.md, "PSIM v3 candidate").
+AUTO_PSIM_METHOD = "auto"
+PAPER_PSIM_METHOD = "ptuning-v1"
+DECODER_PSIM_METHOD = "lora"
+
+# The rule's constant learning rate (P-tuning v1 and LoRA PSIMs); see DEFAULT_PSIM_LR_WHY.
 DEFAULT_PSIM_LR = 3e-4
 DEFAULT_PSIM_LR_WHY = (
     "constant rate of the budget rule; checked on the development cell's clean dev confidences only "
