@@ -20,26 +20,16 @@ from peftguard.errors import DataError, OptionError
 from peftguard.metrics import DEFAULT_TARGET_FPR
 
 
-def _registered(registry: str) -> Any:
-    """A validator accepting the names in one of the registries (methods, attacks, defenses)."""
+def _registered(registry: str, extra: tuple[str, ...] = ()) -> Any:
+    """A validator accepting the names in one of the registries (methods, attacks, defenses), and ``extra`` ones."""
 
     def check(name: str) -> str:
-        names = registered_names(registry)
+        names = (*extra, *registered_names(registry))
         if name not in names:
             raise ValueError(f"unknown {registry[:-1]} '{name}'; choose from {', '.join(names)}")
         return name
 
     return AfterValidator(check)
-
-
-def _psim_method(name: str) -> str:
-    """A registered method, or ``auto`` (the PSIM's default: its method chosen by the model's architecture)."""
-    if name == AUTO_PSIM_METHOD:
-        return name
-    names = registered_names("methods")
-    if name not in names:
-        raise ValueError(f"unknown method '{name}'; choose from {AUTO_PSIM_METHOD}, {', '.join(names)}")
-    return name
 
 
 def registered_names(registry: str) -> tuple[str, ...]:
@@ -60,6 +50,7 @@ def registered_names(registry: str) -> tuple[str, ...]:
 # Plain strings in the JSON Schema (no enum): adding a method, attack or defense then changes no
 # generated file, only its own module; the names are checked when a config is read.
 MethodName = Annotated[str, _registered("methods")]
+PSIMMethodName = Annotated[str, _registered("methods", extra=(AUTO_PSIM_METHOD,))]  # auto: chosen by architecture
 AttackName = Annotated[str, _registered("attacks")]
 DefenseName = Annotated[str, _registered("defenses")]
 ScenarioName = Literal["full-data", "full-task"]
@@ -106,7 +97,7 @@ METHOD_SETTINGS = ("num_virtual_tokens", "encoder_hidden_size")
 
 
 class PSIMConfig(Strict):
-    method: Annotated[str, AfterValidator(_psim_method)] = Field(AUTO_PSIM_METHOD, description=(
+    method: PSIMMethodName = Field(AUTO_PSIM_METHOD, description=(
         "PEFT method of the PSIM; auto: LoRA for a decoder-only model, the paper's ptuning-v1 otherwise"))
     epochs: Optional[int] = bounded("epochs", None, description="fixed epochs (the paper: 1); null: the clean-data budget rule")
     max_epochs: int = bounded("max_epochs", BudgetRule().max_epochs, description="budget rule: give up after this many epochs")
