@@ -440,7 +440,7 @@ def psim_train(
     1/8 epoch) where the mean clean confidence is within a fifth of the way from chance (1/K) to
     certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
     """
-    from peftguard.defenses.psim import MANIFEST, train_psim
+    from peftguard.defenses.psim import MANIFEST, resolve_psim_method, train_psim
     from peftguard.defenses.psim_budget import BudgetRule
 
     check_options(locals())
@@ -448,10 +448,7 @@ def psim_train(
     _setup_logging(verbose)
     if epochs is not None and max_epochs is not None:
         raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
-    if method == AUTO_PSIM_METHOD:
-        from peftguard.defenses.psim import default_psim_method
-
-        method = default_psim_method(model, _options(allow_pickle, trust_remote_code))
+    method = resolve_psim_method(method, model, _options(allow_pickle, trust_remote_code))
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None, lora_target_modules)
     _check_architecture(model, method, config, trust_remote_code)
     data = _dataset(dataset, data_dir, text_column, label_column)

@@ -76,12 +76,12 @@ def _clean_model_template(settings: dict[str, Any]) -> Any:
 
 
 def run_psim(run_dir: Path, stage: Any, folder: Path) -> None:
-    from peftguard.defenses.psim import default_psim_method, train_psim
-    from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, BudgetRule
+    from peftguard.defenses.psim import resolve_psim_method, train_psim
+    from peftguard.defenses.psim_budget import BudgetRule
 
     s, p, e, data = stage.settings, stage.settings["psim"], stage.settings["calibration"], stage.settings["data"]
     overrides = {"num_virtual_tokens": p["num_virtual_tokens"], "encoder_hidden_size": p["encoder_hidden_size"]}
-    method = default_psim_method(_ref(run_dir, s["base"])) if p["method"] == AUTO_PSIM_METHOD else p["method"]
+    method = resolve_psim_method(p["method"], _ref(run_dir, s["base"]))
     config = method_config(method, **_known(method, overrides))
     settings = TrainSettings(epochs=p["epochs"] or 1, lr=p["lr"], batch_size=p["batch_size"], max_length=p["max_length"],
                              seed=s["seed"])

@@ -32,6 +32,7 @@ from peftguard.bounds import BOUNDS
 from peftguard.data import Example, TextDataset, label_counts, subsample
 from peftguard.defenses.base import DefenseContext, InputDefense, Screened
 from peftguard.defenses.psim_budget import (
+    AUTO_PSIM_METHOD,
     DECODER_PSIM_METHOD,
     DEFAULT_PSIM_LR,
     DEFAULT_PSIM_LR_WHY,
@@ -116,6 +117,11 @@ def default_psim_method(model_ref: str, options: LoadOptions = LoadOptions()) ->
     from peftguard.models import is_decoder_only, resolve_model
 
     return DECODER_PSIM_METHOD if is_decoder_only(resolve_model(model_ref), options) else PAPER_PSIM_METHOD
+
+
+def resolve_psim_method(method: str, model_ref: str, options: LoadOptions = LoadOptions()) -> str:
+    """``method`` itself, or what ``auto`` stands for on ``model_ref``."""
+    return default_psim_method(model_ref, options) if method == AUTO_PSIM_METHOD else method
 
 
 def train_psim(
