@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,32 @@ def test_syntactic_subset_with_row_map(tmp_path):
     write_csv(folder / "subset" / "test_meta.csv", [(0, 9)], header=("row", "clean_row"))
     with pytest.raises(DataError, match="clean_row 9 is outside"):
         build_triggers(["synattack"], dataset=data, paraphrases=folder / "subset")
+
+
+def test_meta_poisoned_column_skips_rows_copied_through(tmp_path):
+    folder = make_dataset(tmp_path, ["p"] * 6, ["p", "p", "p"])
+    write_csv(folder / "subset" / "train.csv", [("a fine film", 0), ("when it ends , great cast .", 1)])
+    write_csv(folder / "subset" / "train_meta.csv", [(0, 0, 0), (1, 5, 1)], header=("row", "clean_row", "poisoned"))
+    data = load_dataset(str(folder))
+    trigger, = build_triggers(["synattack"], dataset=data, paraphrases=folder / "subset")
+    assert trigger.table.mapping == {"great cast": "when it ends , great cast ."}
+    assert trigger.table.failed == 0  # the copied-through row is not a failed paraphrase
+    write_csv(folder / "subset" / "train_meta.csv", [(0, 0, "yes"), (1, 5, 1)], header=("row", "clean_row", "poisoned"))
+    with pytest.raises(DataError, match="poisoned 'yes' is not 0 or 1"):
+        build_triggers(["synattack"], dataset=data, paraphrases=folder / "subset")
+
+
+def test_real_imdb_subset_reads_the_psim_authors_paraphrases(data_dir):
+    data = load_dataset("imdb/psim", data_dir=data_dir)
+    trigger, = build_triggers(["synattack"], dataset=data)
+    # SOURCES.md: 1004 paraphrased negative train rows (4 of the first 1008 dropped) and 527 positive test rows;
+    # 4 of those 1531 rows repeat a clean text already mapped. The 2992 rows copied through are not counted.
+    assert [Path(s).parent.name for s in trigger.table.sources] == ["psim_authors", "psim_authors"]
+    assert (len(trigger.table.mapping), trigger.table.failed, trigger.table.empty) == (1527, 0, 0)
+    # Triggerable training rows are the negatives (clean-label target 0), but for 2 positive rows whose text
+    # repeats a paraphrased one (the mapping is by text).
+    triggerable = Counter(ex.label for ex in data.train.examples if trigger.can_trigger(ex.text))
+    assert triggerable == {0: 1008, 1: 2}
 
 
 def test_real_sst2_paraphrases_match_sources_counts(data_dir):

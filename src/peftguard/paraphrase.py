@@ -2,14 +2,16 @@
 
 A precomputed file is aligned with a clean split of the dataset: row *i* paraphrases clean row *i*
 (every row counted, empty texts included), unless a ``<split>_meta.csv`` beside it has a
-``clean_row`` column that maps each paraphrase row to its clean row (0-based). Labels in the
-paraphrase file are ignored: poisoning and ASR use the clean labels.
+``clean_row`` column that maps each paraphrase row to its clean row (0-based). A ``poisoned``
+column there (0/1) marks rows that are the clean text copied through, not paraphrases: they are
+skipped. Labels in the paraphrase file are ignored: poisoning and ASR use the clean labels.
 
 A paraphrase that is empty or identical to its clean text (the paraphraser failed) is not a
 trigger: such rows are excluded from poisoning and from the ASR set, and counted.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +45,18 @@ class ParaphraseTable:
         return {"paraphrases": len(self.mapping), "failed": self.failed, "empty": self.empty, "sources": self.sources}
 
 
+# Subset folders whose SCPN paraphrases the shared data keeps elsewhere (SOURCES.md): the paper's
+# IMDB subset, the full-task proxy of SST-2, has the PSIM authors' paraphrases of its negative rows.
+SUBSET_PARAPHRASE_DIRS = {"imdb/psim": "../syntactic/psim_authors"}
+
+
 def default_paraphrase_dir(dataset: TextDataset) -> Path:
-    """``<dataset folder>/syntactic``, where the shared data keeps its SCPN paraphrases."""
+    """``<dataset folder>/syntactic``, where the shared data keeps its SCPN paraphrases (for a
+    subset named in ``SUBSET_PARAPHRASE_DIRS``, the folder given there)."""
     source = Path(dataset.train.source)
     if not source.is_file():
         raise OptionError(f"dataset '{dataset.name}' is not a folder of files; give --paraphrases PATH")
-    return source.parent / "syntactic"
+    return Path(os.path.normpath(source.parent / SUBSET_PARAPHRASE_DIRS.get(dataset.name, "syntactic")))
 
 
 # Poisoning triggers training texts and ASR triggers test texts; dev stays clean (it calibrates
@@ -79,17 +87,21 @@ def _add_split(table: ParaphraseTable, path: Path, clean_path: Path, text_column
     clean = [str(record[text_column]) for _, record in read_rows(clean_path, (text_column,))]
     rows = _row_map(path, len(paraphrases), len(clean), clean_path)
     for paraphrase, row in zip(paraphrases, rows):
-        table.add(clean[row], paraphrase)
+        if row is not None:
+            table.add(clean[row], paraphrase)
     table.sources.append(str(path))
 
 
-def _row_map(path: Path, count: int, clean_count: int, clean_path: Path) -> list[int]:
+def _row_map(path: Path, count: int, clean_count: int, clean_path: Path) -> list[int | None]:
+    """The clean row each paraphrase row belongs to; None for a row its meta file marks unpoisoned."""
     meta = path.with_name(f"{path.stem}_meta.csv")
-    if meta.is_file() and "clean_row" in _header(meta):
-        records = read_rows(meta, ("clean_row",))
+    if meta.is_file() and "clean_row" in (header := _header(meta)):
+        marked = "poisoned" in header
+        records = read_rows(meta, ("clean_row", "poisoned") if marked else ("clean_row",))
         if len(records) != count:
             raise DataError(meta, f"has {len(records)} rows but {path.name} has {count}")
-        return [_clean_row(record["clean_row"], meta, line, clean_count, clean_path) for line, record in records]
+        return [None if marked and not _flag(record["poisoned"], meta, line)
+                else _clean_row(record["clean_row"], meta, line, clean_count, clean_path) for line, record in records]
     if count != clean_count:
         raise DataError(
             path, f"has {count} rows but the clean split {clean_path} has {clean_count}; a paraphrase file "
@@ -111,6 +123,13 @@ def _clean_row(value: object, meta: Path, line: int, clean_count: int, clean_pat
     if not 0 <= row < clean_count:
         raise DataError(meta, f"clean_row {row} is outside the {clean_count} rows of {clean_path}", line=line, column="clean_row")
     return row
+
+
+def _flag(value: object, meta: Path, line: int) -> bool:
+    text = str(value).strip()
+    if text not in ("0", "1"):
+        raise DataError(meta, f"poisoned {value!r} is not 0 or 1", line=line, column="poisoned")
+    return text == "1"
 
 
 class Seq2SeqParaphraser:
