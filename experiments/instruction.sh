@@ -2,8 +2,9 @@
 # Instruction tuning (paper Table 11) with SmolLM2-135M-Instruct: the causal LM answers
 # "Classify the sentiment of the input as negative or positive.\nInput: {text}\nAnswer:" with
 # " negative"/" positive". Normal = clean instruction tuning; Attack = weight poisoning on
-# instruction-formatted BadNet examples, model used directly; Defense = PSIM (P-tuning v1 on the
-# LM, reset label words). Subsampled (N training, M test samples) to finish on 2 CPU cores.
+# instruction-formatted BadNet examples, model used directly; Defense = PSIM (psim train's default method,
+# auto: a LoRA PSIM on this decoder-only LM; reset label words). Subsampled (N training, M test samples) to
+# finish on 2 CPU cores.
 # Usage: experiments/instruction.sh OUT_DIR [N] [M]   (SKIP_NORMAL=1 leaves out the Normal row)
 # PSIM: the clean-data budget rule by default; PSIM_EPOCHS and PSIM_LR fix its schedule instead (the
 # coverage table's rows: PSIM_EPOCHS=1 PSIM_LR=3e-4, the earlier default); each schedule has its own
