@@ -42,7 +42,7 @@ MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text; l
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets, trigger positions, label resets and training.")]
 ATTACK_OPTION = typer.Option("--attack", help="Trigger kind (see --help for the registered ones). Repeat for several triggers at once.")
 AttackOpt = Annotated[list[str], ATTACK_OPTION]
-ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic].")]
+ParaphrasesOpt = Annotated[Optional[Path], typer.Option("--paraphrases", help="SynAttack: folder of precomputed paraphrases aligned with the dataset's splits [default <dataset>/syntactic; for imdb/psim, imdb/syntactic/psim_authors].")]
 ParaphraserOpt = Annotated[Optional[str], typer.Option("--paraphraser", help="SynAttack: a seq2seq paraphrase model (folder or hub id) to generate paraphrases instead.")]
 TriggerOpt = Annotated[Optional[list[str]], typer.Option("--trigger", help="Word attacks (badnet, ep, ripple, lwp, sos): a trigger word, repeat for a list (defaults: badnet/ep mn; ripple cf mn bb tq mb; lwp pieces cf bb ak mn; sos friends weekend store). InSent: the sentence (default 'I watched this 3D movie').")]
 TriggerCountOpt = Annotated[int, typer.Option("--trigger-count", help="BadNet, EP, RIPPLe: trigger words inserted per sample. LWP: pieces per combination (at least 2).")]
