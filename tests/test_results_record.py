@@ -55,6 +55,10 @@ def is_generated(table: Table) -> bool:
     return table.above.startswith("<!-- results/") and "/table.md" in table.above
 
 
+def is_result_file(path: Path) -> bool:
+    return any(REPO / folder in path.parents for folder in ("results", "bench"))
+
+
 @lru_cache(maxsize=None)
 def stored_numbers(path: Path) -> frozenset[float]:
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in SOURCE_SUFFIXES)
@@ -66,6 +70,7 @@ def found_in(printed: str, stored: frozenset[float]) -> bool:
     return any(abs(candidate - value) <= tolerance for x in stored for candidate in (x, 100 * x, x / 100))
 
 
+@lru_cache(maxsize=None)
 def paper_text() -> str | None:
     data = default_data_dir()
     papers = sorted((data.parent / "paper").glob("*.txt")) if data else []
@@ -112,7 +117,7 @@ def test_every_number_of_a_hand_assembled_table_is_in_its_sources(table):
     declared = SOURCES.match(table.above)
     assert declared, f"REPRODUCTION.md line {table.line}: the table has no <!-- sources: ... --> line above it"
     paths = [REPO / p for p in declared["paths"].split() if p != "paper"]
-    absent = [str(p.relative_to(REPO)) for p in paths if not p.exists() or REPO / "results" not in p.parents and REPO / "bench" not in p.parents]
+    absent = [str(p.relative_to(REPO)) for p in paths if not (p.exists() and is_result_file(p))]
     assert not absent, f"REPRODUCTION.md line {table.line}: sources outside results/ or bench/, or absent: {absent}"
     stored = frozenset().union(*(stored_numbers(p) for p in paths))
     missing = unfound_numbers(table, stored, paper_text())
