@@ -6,7 +6,9 @@ Inputs: N SST-2 test sentences, every other one with a BadNet trigger inserted (
 1. PSIM scan at fp32 (today's path: sorted batches of 64, float32), bf16 autocast and int8 (dynamic
    quantization, inputs near gamma re-scored), each cold (tokenization cache and memo cleared), taking turns;
    flags and detection rates of each against fp32's; GFLOP/s achieved (FLOPs counted on one fp32 pass) beside
-   a float32 and a bfloat16 2048x2048 matmul timed in the same process.
+   a float32 and a bfloat16 2048x2048 matmul timed in the same process. The same three on clean traffic (the
+   same sentences, no trigger), where int8 re-scores more inputs; the share it re-scores on each set; and the
+   speed probe behind ``auto`` (``precision.cpu_speedup``).
 2. Guarded inference: the victim alone (fp32) vs ``GuardedPredictor`` (PSIM at the default precision, then the
    victim on the inputs that pass).
 3. ONION (packaged SmolLM2, bar 0) on the first M sentences: the reference (one full LM pass per candidate
@@ -83,13 +85,19 @@ def cold(psim: Any) -> None:
     caches.forget(psim)
 
 
-def psim_cases(psims: dict[str, Any], texts: list[str], gamma: float) -> dict[str, Any]:
+def psim_cases(psims: dict[str, Any], texts: list[str], gamma: float, suffix: str = "") -> dict[str, Any]:
     def case(psim: Any) -> Any:
         def run() -> np.ndarray:
             cold(psim)
             return psim.confidences(texts, gamma=gamma)
         return run
-    return {f"psim_{name}": case(psim) for name, psim in psims.items()}
+    return {f"psim_{name}{suffix}": case(psim) for name, psim in psims.items()}
+
+
+def recheck_share(psim: Any, texts: list[str], gamma: float) -> float:
+    """Share of ``texts`` an int8 PSIM scores twice (its int8 confidence within the re-check margin of gamma)."""
+    quick = psim._probabilities(psim.fast_model, texts, "int8").max(1)
+    return float(np.mean(np.abs(quick - gamma) < psim.recheck_margin))
 
 
 def onnx_export(psim_dir: Path, folder: Path) -> dict[str, Any]:
@@ -230,8 +238,11 @@ def main() -> None:
     from peftguard.tuning import load_tuned
     from peftguard.victims import MANIFEST
 
+    from peftguard.precision import cpu_speedup
+
     psim_dir, victim_dir = model_folders(args)
     texts, triggered = test_inputs(args.samples)
+    clean_texts = [ex.text for ex in common.sst2_examples("test", args.samples)]
     psims = {name: PSIM(psim_dir, precision=name) for name in PRECISIONS}
     default = PSIM(psim_dir)  # the default precision
     gamma = float(default.manifest["gamma"])
@@ -239,7 +250,8 @@ def main() -> None:
     max_length = int(manifest["settings"]["max_length"])
     export_folder = tempfile.TemporaryDirectory()
     scanners = onnx_export(psim_dir, Path(export_folder.name) / "export")
-    cases = (psim_cases(psims, texts, gamma) | onnx_cases(scanners, texts, gamma)
+    cases = (psim_cases(psims, texts, gamma) | psim_cases(psims, clean_texts, gamma, "_clean_traffic")
+             | onnx_cases(scanners, texts, gamma)
              | guarded_cases(default, victim, tokenizer, texts, gamma, max_length))
     for fn in cases.values():  # warm-up: first-call allocations, oneDNN kernels
         fn()
@@ -267,6 +279,11 @@ def main() -> None:
         "psim_speedup_vs_fp32": ratio(figures, "psim_fp32", default_case),
         "psim_speedup_vs_fp32_cpu_time": ratio(figures, "psim_fp32", default_case, "median_cpu_s"),
         "flag_agreement_vs_fp32": agree[default.precision]["flag_agreement_vs_fp32"],
+        "cpu_speedup_probe": {name: cpu_speedup(name) for name in ("bf16", "int8")},
+        "int8_recheck_share": recheck_share(psims["int8"], texts, gamma),
+        "int8_recheck_share_clean_traffic": recheck_share(psims["int8"], clean_texts, gamma),
+        "clean_traffic_speedup_vs_fp32": {name: ratio(figures, "psim_fp32_clean_traffic", f"psim_{name}_clean_traffic")
+                                          for name in PRECISIONS},
         "precisions": agree,
         "psim_onnx_int8_inputs_per_s": figures["psim_onnx_int8"]["inputs_per_s"],
         "psim_onnx_int8_speedup_vs_fp32": ratio(figures, "psim_fp32", "psim_onnx_int8"),
@@ -300,6 +317,7 @@ def report(result: dict[str, Any], figures: dict[str, dict[str, float]]) -> None
           f"load {result['load_average_at_start'][0]:.1f} -> {result['load_average_at_end'][0]:.1f}")
     print(common.table(rows, ["case", "runs", "median_s", "median_cpu_s", "inputs_per_s"]))
     keys = ("default_precision", "psim_inputs_per_s", "psim_fp32_inputs_per_s", "psim_speedup_vs_fp32", "flag_agreement_vs_fp32",
+            "cpu_speedup_probe", "int8_recheck_share", "int8_recheck_share_clean_traffic", "clean_traffic_speedup_vs_fp32",
             "guarded_overhead", "onion_speedup_vs_reference", "onion_decisions_identical", "scan_time_to_first_result_s", "psim_onnx_int8_inputs_per_s",
             "psim_onnx_int8_speedup_vs_fp32", "onnx_int8_flag_agreement_vs_fp32", "onnx_scan_time_to_first_result_s", "gflop_per_s",
             "matmul_fp32_gflop_per_s", "matmul_bf16_gflop_per_s")

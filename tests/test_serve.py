@@ -224,6 +224,46 @@ def test_precision_names_are_checked_and_auto_picks_a_native_one():
         resolve_precision("int8", torch.device("cuda"))
 
 
+@pytest.mark.parametrize("speedup", [0.55, 1.0, 2.2])
+def test_auto_takes_a_lower_precision_only_where_it_measured_faster(monkeypatch, speedup):
+    """CPU flags alone mislead (a virtualized Xeon reporting AVX512-BF16 ran bf16 at 0.55x): auto times it."""
+    import torch
+
+    from peftguard import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(precision, "cpu_speedup", lambda name: speedup)
+    faster = speedup >= precision.MIN_CPU_SPEEDUP
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, allowed=("fp32", "bf16")) == ("bf16" if faster else "fp32")
+    assert resolve_precision("auto", cpu) == ("int8" if faster else "fp32")
+    assert resolve_precision("auto", cpu, auto_from=("bf16", "fp32")) == ("bf16" if faster else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("int8", cpu) == "int8"  # asked for: always
+
+
+def test_the_speed_probe_times_real_layers():
+    from peftguard import precision
+
+    assert precision.cpu_speedup("fp32") == 1.0
+    for name in ("bf16", "int8") if precision.cpu_has_vnni() else ("bf16",):
+        assert 0.05 < precision.cpu_speedup(name) < 20
+
+
+def test_psim_auto_never_picks_int8(tiny_psim, monkeypatch):
+    """int8's re-check band holds nearly every clean input (psim.AUTO_PRECISIONS), so auto is bf16 or fp32."""
+    from peftguard import precision
+    from peftguard.defenses.psim import PSIM
+
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(precision, "cpu_speedup", lambda name: 3.0)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert PSIM(tiny_psim).precision == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert PSIM(tiny_psim).precision == "bf16"
+    assert PSIM(tiny_psim, precision="int8").precision == "int8"
+
+
 def test_auto_never_picks_int8_without_vnni(monkeypatch):
     import torch
 

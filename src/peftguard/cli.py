@@ -54,7 +54,7 @@ FprOpt = Annotated[Optional[float], typer.Option("--target-fpr", help=f"Calibrat
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Instruction-tune a causal LM (e.g. --model smollm2) to answer with label words: sentiment | acceptability | topic (paper Table 11).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-target-modules", help="LoRA: layers to adapt, by name, comma-separated (e.g. query,value) [derived from the architecture].")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: int8 linear layers (inputs near gamma re-scored in bf16/fp32) on a CPU, bf16 on a GPU; an ONNX export runs fp32 or int8. See BENCHMARKS.md.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | int8 | auto: bf16 where this machine runs it measurably faster than fp32 (a GPU; a CPU after a 0.1 s timing), else fp32. int8 (CPU, inputs near gamma re-scored) only on request: on clean traffic it re-scores nearly every input. An ONNX export runs fp32 or int8 (auto: fp32). See BENCHMARKS.md.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds even if it is not an output of this kind made by peftguard (kept until the new one is complete; never an input).")]
 
 

@@ -1,12 +1,15 @@
 """Inference precision: float32, bfloat16 autocast or int8 dynamic quantization, chosen in one place.
 
-``auto`` (the default of every inference path that takes a precision) is the fastest the device runs
-natively among those the caller allows: int8 on an x86 CPU with VNNI (8-bit activations), then bf16
-where the hardware multiplies bfloat16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX),
-else float32. PSIM allows int8
-and re-scores inputs near its threshold at the next precision (``PSIM``); ONION allows fp32 and bf16
-and re-scores words near its bar in float32 (``deletion_scoring``). Measured speed and agreement
-with float32: BENCHMARKS.md, ``bench/detection.py``.
+``auto`` (the default of every inference path that takes a precision) is the first of the caller's
+candidates that the device runs natively *and*, on a CPU, measurably faster than float32: int8 on an x86
+CPU with VNNI (8-bit activations), bf16 where the hardware multiplies bfloat16 (a CUDA GPU that supports
+it; a CPU with AVX512-BF16 or AMX), else float32. CPU flags alone mislead: on a virtualized Xeon
+(model 207) that reports AVX512-BF16, a bfloat16 linear layer ran at 0.55x float32's speed, so a
+transformer-sized linear layer is timed once per process (:func:`cpu_speedup`, about 0.1 s).
+PSIM allows int8 (on request: ``auto`` picks from bf16 and fp32, see ``PSIM``) and re-scores inputs
+near its threshold at the next precision; ONION allows fp32 and bf16 and re-scores words near its bar in
+float32 (``deletion_scoring``). Measured speed and agreement with float32: BENCHMARKS.md,
+``bench/detection.py``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_PRECISION = "auto"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 VNNI_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# `auto` takes a lower precision on a CPU only when a linear layer runs at least this many times faster in it than
+# in float32 here. Fixed a priori: a clear margin over timing noise (the probe's ratio varied by about 0.05 between
+# runs), and below it the rounding (and, for int8, the re-check near gamma) is not worth its cost.
+MIN_CPU_SPEEDUP = 1.25
+# The probe's layer: MiniLM's feed-forward input (384 -> 1536) on 256 token rows, best of 5 timings each.
+PROBE_ROWS, PROBE_IN, PROBE_OUT, PROBE_REPEATS = 256, 384, 1536, 5
 
 # The re-check margin with 8-bit activations (a CPU with VNNI). Rule, fixed before any validation PSIM was scored:
 # 2 x the largest |int8 - fp32| confidence change on clean dev sentences over the development PSIMs (the PSIM
@@ -55,11 +64,13 @@ def cpu_has_vnni() -> bool:
     return any(flag in _cpu_flags() for flag in VNNI_CPU_FLAGS)
 
 
-def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECISIONS) -> str:
-    """``name`` checked against ``allowed`` and ``device``; ``auto``: the first of int8, bf16, fp32 in ``allowed``
-    that runs natively there (int8: CPU with VNNI and an x86/fbgemm quantized engine; bf16: see :func:`cpu_has_bf16`)."""
+def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECISIONS,
+                      auto_from: Sequence[str] | None = None) -> str:
+    """``name`` checked against ``allowed`` and ``device``; ``auto``: the first of int8, bf16, fp32 in ``auto_from``
+    (default ``allowed``) that :func:`native` finds native and, on a CPU, measurably faster there."""
     if name == "auto":
-        return next(p for p in ("int8", "bf16", "fp32") if p in allowed and native(p, device))
+        candidates = allowed if auto_from is None else auto_from
+        return next(p for p in ("int8", "bf16", "fp32") if p in candidates and native(p, device))
     if name not in allowed:
         raise OptionError(f"--precision {name!r}: choose from {', '.join(allowed)} or auto")
     if name == "int8" and _kind(device) != "cpu":
@@ -68,14 +79,57 @@ def resolve_precision(name: str, device: Any, *, allowed: Sequence[str] = PRECIS
 
 
 def native(precision: str, device: Any) -> bool:
+    """Whether ``device`` runs ``precision`` in hardware and, on a CPU, at least ``MIN_CPU_SPEEDUP`` x float32's speed."""
     import torch
 
     if precision == "int8":  # without VNNI int8 needs 7-bit activations, too coarse to be a default (psim.py)
         return (_kind(device) == "cpu" and cpu_has_vnni()
-                and bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)))
+                and bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+                and cpu_speedup("int8") >= MIN_CPU_SPEEDUP)
     if precision == "bf16":
-        return torch.cuda.is_bf16_supported() if _kind(device) == "cuda" else cpu_has_bf16()
+        if _kind(device) == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return cpu_has_bf16() and cpu_speedup("bf16") >= MIN_CPU_SPEEDUP
     return True
+
+
+def cpu_speedup(precision: str) -> float:
+    """How many times faster than float32 this CPU runs a MiniLM-sized linear layer at ``precision`` (bf16: weights
+    and inputs in bfloat16, as autocast runs them; int8: :func:`quantize_int8`'s layer), on the current threads.
+    Measured once per process and thread count (about 0.1 s)."""
+    import torch
+
+    return _measured_speedup(precision, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_speedup(precision: str, threads: int) -> float:
+    import time
+
+    import torch
+
+    def best(run: Any) -> float:
+        run()  # first call: kernel selection, allocation
+        timings = []
+        for _ in range(PROBE_REPEATS):
+            start = time.perf_counter()
+            run()
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    with torch.inference_mode():
+        layer = torch.nn.Linear(PROBE_IN, PROBE_OUT)
+        x = torch.randn(PROBE_ROWS, PROBE_IN)
+        fp32 = best(lambda: layer(x))
+        if precision == "bf16":
+            x16, weight16, bias16 = x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()
+            other = best(lambda: torch.nn.functional.linear(x16, weight16, bias16))
+        elif precision == "int8":
+            quantized = quantize_int8(torch.nn.Sequential(layer))
+            other = best(lambda: quantized(x))
+        else:
+            return 1.0
+    return fp32 / other
 
 
 def _kind(device: Any) -> str:
