@@ -282,6 +282,7 @@ def main() -> None:
         "cpu_speedup_probe": {name: cpu_speedup(name) for name in ("bf16", "int8")},
         "int8_recheck_share": recheck_share(psims["int8"], texts, gamma),
         "int8_recheck_share_clean_traffic": recheck_share(psims["int8"], clean_texts, gamma),
+        "speedup_vs_fp32": {name: ratio(figures, "psim_fp32", f"psim_{name}") for name in PRECISIONS},
         "clean_traffic_speedup_vs_fp32": {name: ratio(figures, "psim_fp32_clean_traffic", f"psim_{name}_clean_traffic")
                                           for name in PRECISIONS},
         "precisions": agree,
