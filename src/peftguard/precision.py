@@ -4,7 +4,7 @@
 candidates that the device runs natively *and*, on a CPU, measurably faster than float32: int8 on an x86
 CPU with VNNI (8-bit activations), bf16 where the hardware multiplies bfloat16 (a CUDA GPU that supports
 it; a CPU with AVX512-BF16 or AMX), else float32. CPU flags alone mislead: on a virtualized Xeon
-(model 207) that reports AVX512-BF16, a bfloat16 linear layer ran at 0.55x float32's speed, so a
+(model 207) that reports AVX512-BF16, a bfloat16 linear layer ran at 0.54-0.66x float32's speed, so a
 transformer-sized linear layer is timed once per process (:func:`cpu_speedup`, about 0.1 s).
 PSIM allows int8 (on request: ``auto`` picks from bf16 and fp32, see ``PSIM``) and re-scores inputs
 near its threshold at the next precision; ONION allows fp32 and bf16 and re-scores words near its bar in
@@ -25,8 +25,8 @@ DEFAULT_PRECISION = "auto"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 VNNI_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # `auto` takes a lower precision on a CPU only when a linear layer runs at least this many times faster in it than
-# in float32 here. Fixed a priori: a clear margin over timing noise (the probe's ratio varied by about 0.05 between
-# runs), and below it the rounding (and, for int8, the re-check near gamma) is not worth its cost.
+# in float32 here. Fixed a priori: a clear margin over timing noise (the probe's ratio varied by up to 0.2 between
+# runs: int8 2.7-2.9x, bf16 0.54-0.58x at one thread), and below it the rounding (and, for int8, the re-check near gamma) is not worth its cost.
 MIN_CPU_SPEEDUP = 1.25
 # The probe's layer: MiniLM's feed-forward input (384 -> 1536) on 256 token rows, best of 5 timings each.
 PROBE_ROWS, PROBE_IN, PROBE_OUT, PROBE_REPEATS = 256, 384, 1536, 5

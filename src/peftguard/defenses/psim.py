@@ -306,9 +306,9 @@ def under_trained(dev_confidence_mean: float, num_labels: int, rule: BudgetRule 
 MEASUREMENT_PRECISION = "fp32"
 # What `auto` picks from. Not int8, though its passes are about twice as fast: its re-check band (gamma +- the
 # margin, 0.11) holds nearly every clean input, because a PSIM leaves clean inputs near chance and gamma sits just
-# above them (the demo's binary PSIM: gamma 0.595, clean confidences 0.50-0.58, 100% of clean SST-2 test sentences
-# re-checked). On clean traffic int8 therefore scores every input twice and ran 0.62x float32's speed
-# (bench/detection.py, clean-traffic cases). It stays available as --precision int8.
+# above them (the demo's binary PSIM: gamma 0.595, 100% of 1,000 clean SST-2 test sentences re-checked). On clean
+# traffic int8 therefore scores every input twice and ran 0.61x float32's speed (bench/detection_s16.json,
+# clean-traffic cases). It stays available as --precision int8.
 AUTO_PRECISIONS = ("bf16", "fp32")
 DEFAULT_BATCH_SIZE = 64  # measured: 32-64 fastest on 2 cores, 16 and 128 slower (bench/detection.py --sweep)
 
