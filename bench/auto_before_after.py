@@ -32,7 +32,7 @@ def main() -> None:
     threads = common.setup()
     import numpy as np
 
-    from detection import cold, test_inputs
+    from detection import psim_cases, test_inputs
     from peftguard.defenses.psim import PSIM
 
     if args.psim is None:
@@ -47,14 +47,9 @@ def main() -> None:
     fp32 = PSIM(args.psim, precision="fp32")
     gamma = float(fp32.manifest["gamma"])
 
-    def case(psim: PSIM, texts: list[str]):
-        def run():
-            cold(psim)
-            return psim.confidences(texts, gamma=gamma)
-        return run
-
-    cases = {f"{name}_{traffic}": case(psim, texts) for name, psim in (("fp32", fp32), ("before", before), ("now", now))
-             for traffic, texts in (("mixed", mixed), ("clean", clean))}
+    psims = {"fp32": fp32, "before": before, "now": now}
+    cases = {name.removeprefix("psim_"): run for traffic, texts in (("mixed", mixed), ("clean", clean))
+             for name, run in psim_cases(psims, texts, gamma, f"_{traffic}").items()}
     for run in cases.values():
         run()  # warm-up
     seconds = common.interleaved(cases, args.repeats)
