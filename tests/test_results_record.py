@@ -96,6 +96,7 @@ def unfound_numbers(table: Table, stored: frozenset[float], paper: str | None) -
 
 
 HAND_ASSEMBLED = [t for t in tables(RECORD.read_text(encoding="utf-8")) if not is_generated(t)]
+SOURCED_BENCHMARKS = [t for t in tables(BENCHMARKS.read_text(encoding="utf-8")) if SOURCES.match(t.above)]
 
 
 @pytest.mark.parametrize("table", GENERATED, ids=lambda p: p.parent.name)
@@ -111,9 +112,6 @@ def test_each_generated_table_has_its_cell_files():
     for table in GENERATED:
         cells = table.parent / "cells"
         assert (table.parent / "cells.csv").is_file() and cells.is_dir() and any(cells.iterdir()), table
-
-
-SOURCED_BENCHMARKS = [t for t in tables(BENCHMARKS.read_text(encoding="utf-8")) if SOURCES.match(t.above)]
 
 
 @pytest.mark.parametrize("table", HAND_ASSEMBLED, ids=lambda t: f"line{t.line}")
