@@ -69,14 +69,14 @@ def test_the_graph_sees_the_grid_modules() -> None:
     assert graph["peftguard.stage_names"] == set()  # a leaf
 
 
-def test_caches_clear_empties_every_process_wide_cache_and_forget_a_defenses_memo() -> None:
+def test_caches_clear_empties_every_process_wide_cache_and_forget_a_defenses_memo(data_dir) -> None:
     from peftguard import caches, inference, pipeline, stages
 
     assert {"inference.encodings", "pipeline.defenses", "stages.datasets"} <= set(caches.registered())
     inference._ENCODING_CACHE[("tokenizer", 8, "digest")] = ([[1]], 0)
     pipeline._DEFENSES[("psim",)] = object()
     stages._dataset.cache_clear()
-    stages._dataset("sst2", None)
+    stages._dataset("sst2", str(data_dir))
     caches.clear()
     assert not inference._ENCODING_CACHE and not pipeline._DEFENSES and stages._dataset.cache_info().currsize == 0
 
