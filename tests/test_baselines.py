@@ -359,6 +359,31 @@ def test_prefix_shared_onion_writes_and_reads_the_perplexity_cache(tiny_lm, tmp_
         np.testing.assert_allclose(a, b)
 
 
+def test_a_grid_rebuilding_onion_for_the_next_victim_reuses_the_texts_it_scored(tiny_lm, tmp_path, monkeypatch):
+    """A grid drops built defenses beyond a few (``_KEEP_DEFENSES``); ONION rebuilt for the next victim with
+    the same options must not score the test set again, and ONION with other options must."""
+    from peftguard import caches, pipeline
+    from peftguard.defenses.onion import OnionOptions
+
+    dataset = load_dataset(str(small_dataset(tmp_path)))
+    caches.clear()
+
+    def build(bar):
+        return pipeline.build_defense("onion", dataset, options=OnionOptions(lm=tiny_lm, bars=(bar,)), max_eval_samples=None,
+                                      seed=0)
+
+    first = build(0.0)
+    cleaned = first.screen(FIXED_SET[:4]).texts
+    pipeline._DEFENSES.clear()  # what happens once more than _KEEP_DEFENSES other defenses were built
+    monkeypatch.setattr(CausalLMScorer, "_mean_losses", lambda *args: pytest.fail("the LM ran again"))
+    again = build(0.0)
+    assert again is not first and again.screen(FIXED_SET[:4]).texts == cleaned
+    with pytest.raises(pytest.fail.Exception, match="the LM ran again"):
+        build(0.5).screen(FIXED_SET[:4])  # other options: its own memo
+    caches.clear()
+    assert not pipeline._SCORED
+
+
 def test_bf16_twin_gives_autocast_results_exactly_and_leaves_the_model_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -72,13 +72,14 @@ def test_the_graph_sees_the_grid_modules() -> None:
 def test_caches_clear_empties_every_process_wide_cache_and_forget_a_defenses_memo(data_dir) -> None:
     from peftguard import caches, inference, pipeline, stages
 
-    assert {"inference.encodings", "pipeline.defenses", "stages.datasets"} <= set(caches.registered())
+    assert {"inference.encodings", "pipeline.defenses", "pipeline.scored", "stages.datasets"} <= set(caches.registered())
     inference._ENCODING_CACHE[("tokenizer", 8, "digest")] = ([[1]], 0)
     pipeline._DEFENSES[("psim",)] = object()
+    pipeline._SCORED[("onion",)] = {"a text": 0.9}
     stages._dataset.cache_clear()
     stages._dataset("sst2", str(data_dir))
     caches.clear()
-    assert not inference._ENCODING_CACHE and not pipeline._DEFENSES and stages._dataset.cache_info().currsize == 0
+    assert not inference._ENCODING_CACHE and not pipeline._DEFENSES and not pipeline._SCORED and stages._dataset.cache_info().currsize == 0
 
     class Scored:
         _memo = {"a text": 0.9}

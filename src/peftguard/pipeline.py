@@ -56,6 +56,7 @@ def build_defense(
         return _DEFENSES[key]
     built = build(defense, options, context)
     if isinstance(built, InputDefense):  # loaded once per process; its memos then serve every victim
+        _reuse_scores(key, built)
         _remember(key, built)
     return built
 
@@ -85,6 +86,21 @@ def _remember(key: tuple, defense: InputDefense) -> None:
     _DEFENSES[key] = defense
     while len(_DEFENSES) > _KEEP_DEFENSES:
         _DEFENSES.pop(next(iter(_DEFENSES)))
+
+
+# What each victim-independent input defense scored (its ``_memo``: text → ONION's word scores, a
+# rewrite), kept after the defense itself is dropped from ``_DEFENSES``. A grid evaluates each victim
+# with every defense in turn, so with more defenses than ``_KEEP_DEFENSES`` each one is rebuilt for
+# the next victim; the rebuilt one (same key: same options, data and files) starts from this memo
+# instead of scoring the test set again. Memos are small beside the models the defenses load.
+_SCORED: dict[tuple, dict] = {}
+caches.register("pipeline.scored", _SCORED.clear)
+
+
+def _reuse_scores(key: tuple, defense: InputDefense) -> None:
+    memo = getattr(defense, "_memo", None)
+    if isinstance(memo, dict) and not defense.needs_victim:
+        defense._memo = _SCORED.setdefault(key, memo)
 
 
 def _defense_key(defense: str | None, options: Any, context: DefenseContext) -> tuple:

@@ -24,8 +24,9 @@ Departures from the paper and its code:
   evaluates every bar of ``range(-100, 0)`` in its own sign convention (it removes a word when
   p_i - p_0 <= bar, i.e. our f_i >= -bar: our bars 1..100); ``--onion-bar`` repeated evaluates
   each value given, so that sweep (or a coarser one) is available.
-* Perplexities can be cached in a file (``--onion-cache``), since they depend on the texts only,
-  not on the victim: evaluating several victims on one test set scores it once.
+* Scores depend on the texts only, not on the victim: within one process (a grid run) every victim
+  after the first reuses what ONION scored (``pipeline._SCORED``), and across runs perplexities can be
+  cached in a file (``--onion-cache``).
 """
 from __future__ import annotations
 
