@@ -57,6 +57,7 @@ def test_cli_choices_config_names_report_order_and_manifests_agree_with_the_regi
     evaluate_help = help_text("evaluate")
     assert f"Trigger kind: {ATTACKS.help()}." in evaluate_help
     assert f"Defense to apply: {DEFENSES.help()}." in evaluate_help
+    assert f"(repeat): {', '.join(defenses[1:])}, or all." in help_text("demo")  # every baseline, PSIM aside
 
     # config validation accepts exactly the registered names (defenses: and "none")
     assert registered_names("methods") == methods and registered_names("attacks") == attacks

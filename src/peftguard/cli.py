@@ -68,6 +68,11 @@ PSIM_METHOD_OPTION = typer.Option("--method", help="PEFT method of the PSIM (pap
 MIXING_METHOD_OPTION = typer.Option("--method", help="With a poisoned model: the PEFT method [lora].")
 STEALTH_ATTACK_OPTION = typer.Option("--attack", help="Attack to measure, repeat for several (each on its own).")
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
+DEMO_BASELINES_NOTE = ("Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
+                       "takes hours on 2 cores (use --max-eval-samples).")
+DEMO_DEFENSE_OPTION = typer.Option(
+    "--defense", "--defenses", help=f"Baseline defense to add as a Defense row beside PSIM (repeat; see --help for the "
+                                    f"registered ones), or all. {DEMO_BASELINES_NOTE}")
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
     "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples", "--precision")}
@@ -76,6 +81,7 @@ DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists
 def describe_registries() -> None:
     """Fill in the help of every option that lists methods, attacks or defenses, from their registries."""
     from peftguard.defenses.registry import DEFENSES, defense_flags, flag_help
+    from peftguard.demo import baseline_names
     from peftguard.methods import METHODS
     from peftguard.triggers import ATTACKS
 
@@ -86,6 +92,8 @@ def describe_registries() -> None:
     ATTACK_OPTION.help = f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once."
     STEALTH_ATTACK_OPTION.help = f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}."
     DEFENSE_OPTION.help = f"Defense to apply: {DEFENSES.help()}."
+    DEMO_DEFENSE_OPTION.help = (f"Baseline defense to add as a Defense row beside PSIM (repeat): "
+                                f"{', '.join(baseline_names())}, or all. {DEMO_BASELINES_NOTE}")
     unknown = sorted(set(DEFENSE_FLAGS) - set(defense_flags()))
     if unknown:
         raise PeftguardError(f"CLI flags {unknown} are options of no registered defense")
@@ -608,11 +616,7 @@ def demo(
     psim_epochs: Annotated[Optional[int], typer.Option(
         "--psim-epochs", help="psim.epochs: a fixed number of epochs (the paper: 1) instead of the clean-data budget rule.")] = None,
     methods: Annotated[Optional[list[str]], typer.Option("--method", help="grid.methods: fine-tuning method to include (repeat).")] = None,
-    defenses: Annotated[Optional[list[str]], typer.Option(
-        "--defense", "--defenses",
-        help="Baseline defense to add as a Defense row beside PSIM (repeat): onion, back-translation, scpd, fine-mixing, "
-             "or all. Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
-             "takes hours on 2 cores (use --max-eval-samples).")] = None,
+    defenses: Annotated[Optional[list[str]], DEMO_DEFENSE_OPTION] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text in every stage.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="grid.seeds: one seed.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Run this many stages at once in worker processes, each on cores / workers threads (as `peftguard run --workers`).")] = 1,
