@@ -3,7 +3,8 @@
 Reads a run folder (``peftguard run`` / ``peftguard demo --out``): every stage records its own wall
 seconds in ``stages/<name>/stage.json``. With ``--since`` only the evaluation stages that ran from
 that time on count (``run.log`` says when each stage ran), so a rerun that added baseline defenses to
-a finished demo is timed on its own. Nothing is run; the figures are those the run measured.
+a finished demo is timed on its own, and the wall minutes from then to the last stage's end are given
+too. Nothing is run; the figures are those the run measured.
 
     python bench/grid_stage_times.py runs/demo-all --since 2026-12-01T22:01 --out bench/demo_defense_all_s17.json
 """
@@ -23,16 +24,25 @@ from common import machine, table, write_json  # noqa: E402
 RAN = re.compile(r"^(\S+) ran (\S+) in ")
 
 
-def stages_ran_since(run_dir: Path, since: str | None) -> set[str] | None:
-    """Names of the stages ``run.log`` says ran at or after ``since`` (ISO time); None: no filter."""
+def stages_ran_since(run_dir: Path, since: str | None) -> dict[str, str] | None:
+    """The stages ``run.log`` says ran at or after ``since`` (ISO time), with when each finished; None: no filter."""
     if since is None:
         return None
-    ran = set()
+    ran = {}
     for line in (run_dir / "run.log").read_text(encoding="utf-8").splitlines():
         match = RAN.match(line)
         if match and match.group(1) >= since:
-            ran.add(match.group(2))
+            ran[match.group(2)] = match.group(1)
     return ran
+
+
+def minutes_since(since: str | None, finished: dict[str, str] | None) -> float | None:
+    """Wall minutes from ``since`` to the last stage's end (the run's own clock, not a sum of stage times)."""
+    from datetime import datetime
+
+    if not since or not finished:
+        return None
+    return round((datetime.fromisoformat(max(finished.values())) - datetime.fromisoformat(since)).total_seconds() / 60, 1)
 
 
 def evaluation_times(run_dir: Path, since: str | None = None) -> list[dict[str, Any]]:
@@ -70,11 +80,14 @@ def main() -> None:
     if not (args.run_dir / "stages").is_dir():
         sys.exit(f"{args.run_dir}: not a run folder (no stages/); run `peftguard demo --out {args.run_dir}` first")
     rows = evaluation_times(args.run_dir, args.since)
-    result = {"run_dir": str(args.run_dir), "since": args.since, **summary(rows), "rows": rows, "machine_at_summary": machine()}
+    result = {"run_dir": str(args.run_dir), "since": args.since,
+              "wall_minutes_to_last_stage": minutes_since(args.since, stages_ran_since(args.run_dir, args.since)),
+              **summary(rows), "rows": rows, "machine_at_summary": machine()}
     print(table([{"defense": d, "minutes": v["minutes"],
                   **{m: round(s) for m, s in v["seconds_by_method"].items()}} for d, v in result["by_defense"].items()],
                 ["defense", "minutes", *dict.fromkeys(r["method"] for r in rows)]))
-    print(f"{result['stages']} evaluation stages, {result['total_minutes']} minutes of stage time")
+    print(f"{result['stages']} evaluation stages, {result['total_minutes']} minutes of stage time; "
+          f"{result['wall_minutes_to_last_stage']} minutes from --since to the last stage's end")
     if args.out:
         write_json(args.out, result)
 
