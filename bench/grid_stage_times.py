@@ -68,6 +68,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "stages": len(rows),
         "total_minutes": round(sum(r["seconds"] for r in rows) / 60, 1),
         "by_defense": {d: {"minutes": round(sum(m.values()) / 60, 1), "seconds_by_method": m} for d, m in by_defense.items()},
+        "minutes_by_method": {method: round(sum(r["seconds"] for r in rows if r["method"] == method) / 60, 1)
+                              for method in dict.fromkeys(r["method"] for r in rows)},
     }
 
 
