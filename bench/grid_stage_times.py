@@ -73,12 +73,16 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--since", help="count only stages that ran at or after this ISO time (run.log)")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not (args.run_dir / "stages").is_dir():
         sys.exit(f"{args.run_dir}: not a run folder (no stages/); run `peftguard demo --out {args.run_dir}` first")
     rows = evaluation_times(args.run_dir, args.since)

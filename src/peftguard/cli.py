@@ -68,8 +68,8 @@ PSIM_METHOD_OPTION = typer.Option("--method", help="PEFT method of the PSIM (pap
 MIXING_METHOD_OPTION = typer.Option("--method", help="With a poisoned model: the PEFT method [lora].")
 STEALTH_ATTACK_OPTION = typer.Option("--attack", help="Attack to measure, repeat for several (each on its own).")
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
-DEMO_BASELINES_NOTE = ("Default: PSIM only, which keeps `make demo` within its time budget; ONION on the full test set "
-                       "takes hours on 2 cores (use --max-eval-samples).")
+DEMO_BASELINES_NOTE = ("Default: PSIM only, which keeps `make demo` within its time budget; on the full test set and 2 "
+                       "cores the four paper baselines take over an hour, all ten hours (use --max-eval-samples).")
 DEMO_DEFENSE_OPTION = typer.Option(
     "--defense", "--defenses", help=f"Baseline defense to add as a Defense row beside PSIM (repeat; see --help for the "
                                     f"registered ones), or all. {DEMO_BASELINES_NOTE}")
