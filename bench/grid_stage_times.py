@@ -45,10 +45,9 @@ def minutes_since(since: str | None, finished: dict[str, str] | None) -> float |
     return round((datetime.fromisoformat(max(finished.values())) - datetime.fromisoformat(since)).total_seconds() / 60, 1)
 
 
-def evaluation_times(run_dir: Path, since: str | None = None) -> list[dict[str, Any]]:
-    """One row per evaluation stage: its defense, the victim's method, its seconds."""
+def evaluation_times(run_dir: Path, chosen: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per evaluation stage (those in ``chosen`` if given): its defense, the victim's method, its seconds."""
     records = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in (run_dir / "stages").glob("*/stage.json")}
-    chosen = stages_ran_since(run_dir, since)
     rows = []
     for name, record in sorted(records.items()):
         if record["kind"] != "evaluate" or (chosen is not None and name not in chosen):
@@ -85,9 +84,9 @@ def main() -> None:
     args = build_parser().parse_args()
     if not (args.run_dir / "stages").is_dir():
         sys.exit(f"{args.run_dir}: not a run folder (no stages/); run `peftguard demo --out {args.run_dir}` first")
-    rows = evaluation_times(args.run_dir, args.since)
-    result = {"run_dir": str(args.run_dir), "since": args.since,
-              "wall_minutes_to_last_stage": minutes_since(args.since, stages_ran_since(args.run_dir, args.since)),
+    ran = stages_ran_since(args.run_dir, args.since)
+    rows = evaluation_times(args.run_dir, ran)
+    result = {"run_dir": str(args.run_dir), "since": args.since, "wall_minutes_to_last_stage": minutes_since(args.since, ran),
               **summary(rows), "rows": rows, "machine_at_summary": machine()}
     print(table([{"defense": d, "minutes": v["minutes"],
                   **{m: round(s) for m, s in v["seconds_by_method"].items()}} for d, v in result["by_defense"].items()],

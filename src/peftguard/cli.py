@@ -70,9 +70,8 @@ STEALTH_ATTACK_OPTION = typer.Option("--attack", help="Attack to measure, repeat
 DEFENSE_OPTION = typer.Option("--defense", help="Defense to apply (see --help for the registered ones).")
 DEMO_BASELINES_NOTE = ("Default: PSIM only, which keeps `make demo` within its time budget; on the full test set and 2 "
                        "cores the four paper baselines take over an hour, all ten hours (use --max-eval-samples).")
-DEMO_DEFENSE_OPTION = typer.Option(
-    "--defense", "--defenses", help=f"Baseline defense to add as a Defense row beside PSIM (repeat; see --help for the "
-                                    f"registered ones), or all. {DEMO_BASELINES_NOTE}")
+DEMO_DEFENSE_HELP = "Baseline defense to add as a Defense row beside PSIM (repeat): {names}, or all. " + DEMO_BASELINES_NOTE
+DEMO_DEFENSE_OPTION = typer.Option("--defense", "--defenses", help=DEMO_DEFENSE_HELP.format(names="see --help"))
 DEFENSE_FLAGS = {flag: typer.Option(flag, help="A defense option (its help lists the defenses that take it).") for flag in (
     "--psim", "--gamma", "--target-fpr", "--backend", "--lm", "--onion-bar", "--onion-cache", "--precomputed",
     "--precomputed-triggered", "--mix-ratio", "--clean-model", "--fine-mixed", "--fine-pruned", "--max-train-samples", "--precision")}
@@ -92,8 +91,7 @@ def describe_registries() -> None:
     ATTACK_OPTION.help = f"Trigger kind: {ATTACKS.help()}. Repeat for several triggers at once."
     STEALTH_ATTACK_OPTION.help = f"Attack to measure, repeat for several (each on its own): {ATTACKS.help()}."
     DEFENSE_OPTION.help = f"Defense to apply: {DEFENSES.help()}."
-    DEMO_DEFENSE_OPTION.help = (f"Baseline defense to add as a Defense row beside PSIM (repeat): "
-                                f"{', '.join(baseline_names())}, or all. {DEMO_BASELINES_NOTE}")
+    DEMO_DEFENSE_OPTION.help = DEMO_DEFENSE_HELP.format(names=", ".join(baseline_names()))
     unknown = sorted(set(DEFENSE_FLAGS) - set(defense_flags()))
     if unknown:
         raise PeftguardError(f"CLI flags {unknown} are options of no registered defense")
