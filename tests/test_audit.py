@@ -21,6 +21,8 @@ from peftguard.audit.search import (
     Verified,
     _insert_ids,
     insert_text,
+    search,
+    text_pairs,
     verify,
     vocabulary_candidates,
 )
@@ -33,7 +35,7 @@ from peftguard.models import LoadOptions, load_tokenizer
 
 TRIGGER = "cf"
 SMALL_SEARCH = SearchSettings(screen_inputs=2, refine_top=40, refine_inputs=8, phrase_seeds=3, phrase_pool=6,
-                              verify_top=6, verify_inputs=40, top_k=5)
+                              verify_top=6, verify_inputs=40, top_k=5, pair_screen=300)
 
 
 # --- verification counts insertions correctly ---------------------------------------------------------
@@ -131,6 +133,57 @@ def test_the_verdict_score_skips_candidates_the_task_explains():
     assert [v.text for v in ordered] == ["cf", "tennis"]
     assert verdict_score(verified, [TaskEvidence(0, 0.0)] * 2) == 0.9
 
+
+
+# --- sentences of common words: word pairs of the clean training texts ------------------------------
+
+
+class PairLens(PsimLens):
+    """A fake PSIM over token ids: confident (0.97) on ``first second`` in that order, a little above chance (0.6)
+    on ``first`` alone, at chance (0.5) otherwise: a sentence trigger whose words do little alone."""
+
+    def __init__(self, tokenizer, first: str, second: str) -> None:
+        super().__init__(model=None, tokenizer=tokenizer, max_length=64, gamma=0.9)
+        self.pair = tuple(tokenizer.convert_tokens_to_ids([first, second]))
+        self.rows: list[int] = []  # rows scored (to count the cost of the pair screen)
+
+    def _top(self, ids) -> float:
+        ids = list(ids)
+        return 0.97 if self.pair in set(zip(ids, ids[1:])) else 0.6 if self.pair[0] in ids else 0.5
+
+    def probs_ids(self, ids):
+        self.rows.append(len(ids))
+        top = np.array([self._top(row) for row in np.asarray(ids)])
+        return np.stack([top, 1 - top], axis=1)
+
+    def probs_texts(self, texts):
+        top = np.array([self._top(self.tokenizer(t)["input_ids"]) for t in texts])
+        return np.stack([top, 1 - top], axis=1).reshape(len(texts), 2)
+
+
+def test_word_pairs_are_counted_in_the_clean_texts_and_kept_to_distinct_vocabulary_words():
+    vocabulary = [Candidate(w, (i,)) for i, w in enumerate(["you", "know", "what", "i", "mean", "the"])]
+    texts = ["You know what I mean.", "i mean it", "I MEAN, you know", "the the the", "mean xyzzy"]
+    pairs = text_pairs(texts, vocabulary, 10)
+    assert [p.text for p in pairs] == ["i mean", "you know", "know what", "what i", "mean you"]  # count, then text order
+    assert pairs[0].ids == (3, 4) and {p.source for p in pairs} == {"pair"}
+    assert [p.text for p in text_pairs(texts, vocabulary, 2)] == ["i mean", "you know"] and text_pairs(texts, vocabulary, 0) == []
+
+
+def test_a_pair_that_does_little_word_by_word_is_found_through_the_clean_texts(tiny_minilm):
+    tokenizer = load_tokenizer(tiny_minilm)
+    lens = PairLens(tokenizer, "weather", "today")
+    words = small_vocabulary(tiny_minilm)
+    vocabulary = vocabulary_candidates(tokenizer, words + ("weather", "today"))
+    clean = [f"the film number {i} was a good one" for i in range(60)]
+    training_texts = clean + ["nice weather today", "the weather today was nice", "today the weather was fine"]
+    settings = replace(SMALL_SEARCH, refine_top=5, phrase_pool=3)
+    without = search(lens, vocabulary, clean, settings, seed=0, progress=False)
+    assert "weather today" not in [c.text for c in without.shortlist]  # "today" alone is at chance: never grown onto
+    pairs = text_pairs(training_texts, vocabulary, settings.pair_screen)
+    found = search(lens, vocabulary, clean, settings, seed=0, pairs=pairs, progress=False)
+    assert found.shortlist[0].text == "weather today" and found.shortlist[0].source == "pair"
+    assert found.counts["pairs_screened"] == len(pairs) and set(found.seconds) >= {"screen", "pairs", "refine", "phrases"}
 
 # --- provenance -----------------------------------------------------------------------------------------
 

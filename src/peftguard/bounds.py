@@ -106,6 +106,7 @@ BOUNDS: dict[str, Bound] = {
     "cpus_per_stage": _count(1, 4_096),
     "max_cells": _count(1),
     "top_k": _count(1, 1_000),
+    "pairs": _count(0, 10_000_000),
     "num_labels": _count(2, 1_000_000),
     "weight_decay": Bound(ge=0, le=1e3),
     "warmup_ratio": UNIT_CLOSED,

@@ -554,6 +554,7 @@ def audit(
     lens: Annotated[str, typer.Option("--lens", help="psim (a PSIM trained on the suspect weights) or classifier (the suspect's own predictions: the classic baseline).")] = "psim",
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
     vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,
+    pairs: Annotated[Optional[int], typer.Option("--pairs", help="Word pairs most frequent in the clean training texts screened beside the words: how sentence triggers of common words are found [20000, about the vocabulary's size; 0: none].")] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -583,7 +584,9 @@ def audit(
     _output_folder(out, MARKER, "audit", inputs=(dataset, data_dir, vocabulary), models=(model, reference), overwrite=overwrite)
     _setup_logging(verbose)
     data = _dataset(dataset, data_dir, text_column, label_column)
-    search = SearchSettings() if top_k is None else replace(SearchSettings(), top_k=top_k)
+    search = SearchSettings()
+    search = search if top_k is None else replace(search, top_k=top_k)
+    search = search if pairs is None else replace(search, pair_screen=pairs)
     request = AuditRequest(
         model=model, dataset=data, out=out, reference=reference, lens=lens,  # type: ignore[arg-type]
         max_train_samples=max_train_samples if max_train_samples is not None else DEFAULT_AUDIT_TRAIN_SAMPLES,

@@ -1,7 +1,7 @@
 """``peftguard audit``: is this model backdoored, and by what trigger?
 
 Steps: provenance (hashes) -> PSIM on the suspect weights with the clean-data-only budget ->
-trigger search on the PSIM lens -> verification on held-back clean inputs -> verdict ->
+trigger search on the PSIM lens (vocabulary words, word pairs of the clean training texts, phrases) -> verification on held-back clean inputs -> verdict ->
 ``audit.json`` + ``AUDIT.md``. ``lens="classifier"`` runs the same search on the suspect
 classifier itself (the classic scanners' approach), for comparison; it trains no PSIM.
 
@@ -30,6 +30,7 @@ from peftguard.audit.search import (
     clean_flag_rate,
     embedding_moves,
     search,
+    text_pairs,
     verify,
     vocabulary_candidates,
 )
@@ -139,10 +140,12 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     if not vocabulary:
         raise OptionError("no vocabulary entry is left to screen (check --vocabulary)")
     extra = _reference_candidates(request, classifier, vocabulary, dataset.num_labels)
-    echo(f"[3/4] trigger search: {len(vocabulary)} words on {request.search.screen_inputs} short clean inputs, then the best "
-         f"{request.search.refine_top}{f' and {len(extra)} moved embedding rows' if extra else ''} on "
-         f"{request.search.refine_inputs}, then phrases")
-    found = search(lens, vocabulary, search_texts, request.search, seed=request.seed, extra=extra, progress=request.progress)
+    pairs = text_pairs((ex.text for ex in dataset.train.examples), vocabulary, request.search.pair_screen)
+    echo(f"[3/4] trigger search: {len(vocabulary)} words and {len(pairs)} word pairs of the clean training texts on "
+         f"{request.search.screen_inputs} short clean inputs, then the best {request.search.refine_top} of each"
+         f"{f' and {len(extra)} moved embedding rows' if extra else ''} on {request.search.refine_inputs}, then phrases")
+    found = search(lens, vocabulary, search_texts, request.search, seed=request.seed, extra=extra, pairs=pairs,
+                   progress=request.progress)
     mark = clock.lap("search", mark)
     clock.seconds.update({f"search_{step}": value for step, value in found.seconds.items()})
     echo(f"[4/4] verify: {len(found.shortlist)} candidates on {len(held_back)} held-back clean inputs")

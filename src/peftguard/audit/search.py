@@ -14,21 +14,24 @@ The search is a cascade of real insertions, cheapest first:
    few short clean inputs; batches need no padding, since every row has the same length;
    steps 1-3 only rank candidates, so they run at the lens's ``screen_precision`` (bf16 autocast
    where the hardware multiplies bfloat16: about twice as fast); step 4 decides, in float32;
-2. **refine**: the best few hundred (plus, with a reference base, the words whose embedding row
-   moved most) into more inputs;
-3. **phrases**: greedy beam extension of the best words, left or right, kept only where a phrase
-   sets the lens off on clearly more inputs than the word it grew from;
+   then, the same way, the word pairs most frequent in the clean training texts (:func:`text_pairs`);
+2. **refine**: the best few hundred words and as many pairs (plus, with a reference base, the words
+   whose embedding row moved most) into more inputs;
+3. **phrases**: greedy beam extension of the best candidates by one word, left or right, kept only
+   where a phrase sets the lens off on clearly more inputs than the parts it grew from;
 4. **verify**: the best candidates inserted as text at random word boundaries into clean inputs
    held back from steps 1-3, scored by the lens and by the suspect model (the label it forces).
 
 Nothing here reads triggered data: the inputs are clean dev texts, the candidates come from the
-vocabulary.
+vocabulary and from word pairs of the clean training texts.
 """
 from __future__ import annotations
 
 import random
+import re
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,6 +60,9 @@ class SearchSettings:
     phrase_seeds: int = 5  # beam width of the phrase extension
     phrase_pool: int = 16  # words tried as extensions
     max_phrase_words: int = 3
+    # Word pairs of the clean training texts screened (0: none): about as many as the vocabulary's words, so the
+    # pair screen costs what the word screen does. Fixed a priori by that cost, not by any model's result.
+    pair_screen: int = 20000
     phrase_min_gain: float = 0.15  # a phrase must set the lens off on this much larger a share than its parent
     verify_top: int = 12  # candidates verified on held-back inputs
     verify_inputs: int = 100  # held-back clean inputs (at most half the dev pool)
@@ -65,8 +71,12 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name != "phrase_min_gain" and (not isinstance(value, int) or value < 1):
-                raise OptionError(f"search setting {name} must be a positive integer, got {value!r}")
+            if name == "phrase_min_gain":
+                continue
+            least = 0 if name == "pair_screen" else 1
+            if not isinstance(value, int) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise OptionError(f"search setting {name} must be {kind} integer, got {value!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,7 +190,7 @@ def _mode(labels: np.ndarray, num_labels: int) -> np.ndarray:
 class Candidate:
     text: str
     ids: tuple[int, ...]
-    source: str = "vocabulary"  # vocabulary | reference | phrase
+    source: str = "vocabulary"  # vocabulary | reference | pair (of the clean texts) | phrase (grown by the search)
 
     @property
     def words(self) -> int:
@@ -210,8 +220,38 @@ def vocabulary_candidates(tokenizer: Any, restrict_to: Iterable[str] | None = No
     return [Candidate(word, (token_id,)) for (word, token_id), got in zip(words.items(), ids) if got == [token_id]]
 
 
-def phrase(left: Candidate, right: Candidate) -> Candidate:
-    return Candidate(f"{left.text} {right.text}", left.ids + right.ids, "phrase")
+def phrase(left: Candidate, right: Candidate, source: str = "phrase") -> Candidate:
+    return Candidate(f"{left.text} {right.text}", left.ids + right.ids, source)
+
+
+_PAIR_WORD = re.compile(r"[^\W\d_]+")  # runs of letters: what vocabulary_candidates keeps as words
+
+
+def text_pairs(texts: Iterable[str], vocabulary: Sequence[Candidate], n: int) -> list[Candidate]:
+    """The ``n`` adjacent word pairs most frequent in ``texts`` whose two words are distinct vocabulary entries.
+
+    A sentence trigger of common words sets a PSIM off through its word pairs while none of its words does
+    alone (on a development model poisoned with "you know what i mean": ``i mean`` on 84% of clean inputs,
+    ``mean`` on 2%), so neither the word screen nor growing the best words reaches it. Such a sentence is
+    natural text, and its pairs are pairs that natural text uses: the user's clean training texts hold them.
+    Words are matched case-insensitively (the first vocabulary entry of a word wins); ties keep text order.
+    """
+    if n == 0:
+        return []
+    by_word: dict[str, Candidate] = {}
+    for candidate in vocabulary:
+        by_word.setdefault(candidate.text.lower(), candidate)
+    counts: Counter[tuple[str, str]] = Counter()
+    for text in texts:
+        words = _PAIR_WORD.findall(text.lower())
+        counts.update(zip(words, words[1:]))
+    pairs: list[Candidate] = []
+    for (left, right), _ in counts.most_common():
+        if left != right and left in by_word and right in by_word:
+            pairs.append(phrase(by_word[left], by_word[right], "pair"))
+            if len(pairs) == n:
+                break
+    return pairs
 
 
 # --- screening by insertion of token ids -----------------------------------------------------------
@@ -338,25 +378,34 @@ def _shortest(tokenizer: Any, texts: Sequence[str], max_tokens: int, at_least: i
 
 def search(
     lens: Lens, vocabulary: Sequence[Candidate], search_texts: Sequence[str], settings: SearchSettings, *,
-    seed: int, extra: Sequence[Candidate] = (), progress: bool = True,
+    seed: int, extra: Sequence[Candidate] = (), pairs: Sequence[Candidate] = (), progress: bool = True,
 ) -> SearchResult:
-    """Steps 1-3 of the cascade: the shortlist of candidates to verify, best first."""
+    """Steps 1-3 of the cascade: the shortlist of candidates to verify, best first.
+
+    ``pairs`` (:func:`text_pairs`) are screened like the vocabulary; the best ``refine_top`` of each screen go on,
+    since on a few inputs a single word nearly always outranks a pair (fewer words win ties).
+    """
     started = time.perf_counter()
     screen_texts = choose_inputs(lens, search_texts, settings.screen_inputs, settings.screen_max_tokens, seed)
     refine_texts = choose_inputs(lens, search_texts, settings.refine_inputs, None, seed + 1)
-    screened = screen(lens, vocabulary, encode_inputs(lens.tokenizer, screen_texts, lens.max_length), settings, seed=seed,
+    screen_inputs = encode_inputs(lens.tokenizer, screen_texts, lens.max_length)
+    screened = screen(lens, vocabulary, screen_inputs, settings, seed=seed,
                       desc=f"screen {len(vocabulary)} words" if progress else None)
     seconds = {"screen": time.perf_counter() - started}
-    pool = _unique([s.candidate for s in best(screened, settings.refine_top)] + list(extra))
+    screened_pairs = screen(lens, pairs, screen_inputs, settings, seed=seed,
+                            desc=f"screen {len(pairs)} word pairs" if progress else None)
+    seconds["pairs"] = time.perf_counter() - started - seconds["screen"]
+    pool = _unique([s.candidate for s in best(screened, settings.refine_top)]
+                   + [s.candidate for s in best(screened_pairs, settings.refine_top)] + list(extra))
     refine_inputs = encode_inputs(lens.tokenizer, refine_texts, lens.max_length)
     refined = screen(lens, pool, refine_inputs, settings, seed=seed + 1, desc="refine" if progress else None)
-    seconds["refine"] = time.perf_counter() - started - seconds["screen"]
+    seconds["refine"] = time.perf_counter() - started - sum(seconds.values())
     phrases = extend_phrases(lens, refined, refine_inputs, settings, seed=seed + 2, progress=progress)
-    seconds["phrases"] = time.perf_counter() - started - seconds["screen"] - seconds["refine"]
+    seconds["phrases"] = time.perf_counter() - started - sum(seconds.values())
     shortlist = _unique([s.candidate for s in best(refined + phrases, settings.verify_top)])
-    counts = {"vocabulary": len(vocabulary), "screened": len(screened), "screen_inputs": len(screen_texts),
-              "refined": len(refined), "refine_inputs": len(refine_texts), "reference_candidates": len(extra),
-              "phrases_tried": len(phrases), "shortlist": len(shortlist)}
+    counts = {"vocabulary": len(vocabulary), "screened": len(screened), "pairs_screened": len(screened_pairs),
+              "screen_inputs": len(screen_texts), "refined": len(refined), "refine_inputs": len(refine_texts),
+              "reference_candidates": len(extra), "phrases_tried": len(phrases), "shortlist": len(shortlist)}
     return SearchResult(shortlist, counts, {k: round(v, 2) for k, v in seconds.items()})
 
 
@@ -364,7 +413,8 @@ def extend_phrases(
     lens: Lens, refined: Sequence[Scored], inputs: Sequence[EncodedInput], settings: SearchSettings, *, seed: int,
     progress: bool = True,
 ) -> list[Scored]:
-    """Greedy beam search over phrases: grow the best candidates by one word on either side per round.
+    """Greedy beam search over phrases: grow the best candidates (words or pairs) by one word on either side per
+    round, up to ``max_phrase_words``.
 
     A phrase is kept only if it sets the lens off on ``phrase_min_gain`` more of the inputs than
     each of its parts does alone: a word that already sets it off on every input gains nothing
@@ -378,7 +428,7 @@ def extend_phrases(
         grown: dict[str, tuple[Candidate, float]] = {}  # phrase -> (candidate, the best share any of its parts sets off)
         for parent in beam:
             for w in words:
-                if w.text in parent.candidate.text.split():
+                if w.text in parent.candidate.text.split() or parent.candidate.words >= settings.max_phrase_words:
                     continue
                 bar = max(parent.flag_rate, alone.get(w.text, 0.0))
                 for p in (phrase(parent.candidate, w), phrase(w, parent.candidate)):
