@@ -243,6 +243,7 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
     (["--model", "{tmp}/missing"], "does not exist"),
     (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
     (["--model", "{tiny}", "--top-k", "0"], "--top-k must be"),
+    (["--model", "{tiny}", "--pairs", "-1"], "--pairs must be"),
     (["--model", "{tiny}", "--vocabulary", "{tmp}/empty.txt"], "no words"),
     (["--model", "{tiny}", "--precision", "int8"], "the audit's search runs at"),
 ])

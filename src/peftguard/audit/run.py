@@ -1,9 +1,10 @@
 """``peftguard audit``: is this model backdoored, and by what trigger?
 
 Steps: provenance (hashes) -> PSIM on the suspect weights with the clean-data-only budget ->
-trigger search on the PSIM lens (vocabulary words, word pairs of the clean training texts, phrases) -> verification on held-back clean inputs -> verdict ->
-``audit.json`` + ``AUDIT.md``. ``lens="classifier"`` runs the same search on the suspect
-classifier itself (the classic scanners' approach), for comparison; it trains no PSIM.
+trigger search on the PSIM lens (vocabulary words, word pairs of the clean training texts, phrases) ->
+verification on held-back clean inputs -> verdict -> ``audit.json`` + ``AUDIT.md``. ``lens="classifier"``
+runs the same search on the suspect classifier itself (the classic scanners' approach), for comparison; it
+trains no PSIM.
 
 The verdict threshold is fixed a priori, not fitted (see :data:`VERDICT_THRESHOLD`).
 """

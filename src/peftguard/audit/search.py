@@ -71,12 +71,9 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name == "phrase_min_gain":
-                continue
-            least = 0 if name == "pair_screen" else 1
-            if not isinstance(value, int) or value < least:
-                kind = "a non-negative" if least == 0 else "a positive"
-                raise OptionError(f"search setting {name} must be {kind} integer, got {value!r}")
+            least = {"phrase_min_gain": None, "pair_screen": 0}.get(name, 1)
+            if least is not None and (not isinstance(value, int) or value < least):
+                raise OptionError(f"search setting {name} must be an integer >= {least}, got {value!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
