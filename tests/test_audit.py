@@ -134,7 +134,6 @@ def test_the_verdict_score_skips_candidates_the_task_explains():
     assert verdict_score(verified, [TaskEvidence(0, 0.0)] * 2) == 0.9
 
 
-
 # --- sentences of common words: word pairs of the clean training texts ------------------------------
 
 
@@ -145,14 +144,12 @@ class PairLens(PsimLens):
     def __init__(self, tokenizer, first: str, second: str) -> None:
         super().__init__(model=None, tokenizer=tokenizer, max_length=64, gamma=0.9)
         self.pair = tuple(tokenizer.convert_tokens_to_ids([first, second]))
-        self.rows: list[int] = []  # rows scored (to count the cost of the pair screen)
 
     def _top(self, ids) -> float:
         ids = list(ids)
         return 0.97 if self.pair in set(zip(ids, ids[1:])) else 0.6 if self.pair[0] in ids else 0.5
 
     def probs_ids(self, ids):
-        self.rows.append(len(ids))
         top = np.array([self._top(row) for row in np.asarray(ids)])
         return np.stack([top, 1 - top], axis=1)
 
@@ -184,6 +181,7 @@ def test_a_pair_that_does_little_word_by_word_is_found_through_the_clean_texts(t
     found = search(lens, vocabulary, clean, settings, seed=0, pairs=pairs, progress=False)
     assert found.shortlist[0].text == "weather today" and found.shortlist[0].source == "pair"
     assert found.counts["pairs_screened"] == len(pairs) and set(found.seconds) >= {"screen", "pairs", "refine", "phrases"}
+
 
 # --- provenance -----------------------------------------------------------------------------------------
 
