@@ -424,8 +424,10 @@ def extend_phrases(
     for length in range(2, settings.max_phrase_words + 1):
         grown: dict[str, tuple[Candidate, float]] = {}  # phrase -> (candidate, the best share any of its parts sets off)
         for parent in beam:
+            if parent.candidate.words >= settings.max_phrase_words:
+                continue
             for w in words:
-                if w.text in parent.candidate.text.split() or parent.candidate.words >= settings.max_phrase_words:
+                if w.text in parent.candidate.text.split():
                     continue
                 bar = max(parent.flag_rate, alone.get(w.text, 0.0))
                 for p in (phrase(parent.candidate, w), phrase(w, parent.candidate)):
