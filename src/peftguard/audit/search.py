@@ -426,8 +426,9 @@ def extend_phrases(
         for parent in beam:
             if parent.candidate.words >= settings.max_phrase_words:
                 continue
+            parent_words = set(parent.candidate.text.split())
             for w in words:
-                if w.text in parent.candidate.text.split():
+                if w.text in parent_words:
                     continue
                 bar = max(parent.flag_rate, alone.get(w.text, 0.0))
                 for p in (phrase(parent.candidate, w), phrase(w, parent.candidate)):
