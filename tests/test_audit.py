@@ -181,6 +181,8 @@ def test_a_pair_that_does_little_word_by_word_is_found_through_the_clean_texts(t
     found = search(lens, vocabulary, clean, settings, seed=0, pairs=pairs, progress=False)
     assert found.shortlist[0].text == "weather today" and found.shortlist[0].source == "pair"
     assert found.counts["pairs_screened"] == len(pairs) and set(found.seconds) >= {"screen", "pairs", "refine", "phrases"}
+    # phrases are grown from the beam (tried) and kept only where they gain: tried counts every one screened
+    assert found.counts["phrases_tried"] >= found.counts["phrases_kept"] and found.counts["phrases_tried"] > 0
 
 
 # --- provenance -----------------------------------------------------------------------------------------
@@ -235,6 +237,20 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
     monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: record)
     code, _ = run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
     assert code == status == exit_status(record)
+
+
+@pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
+def test_the_card_says_what_the_verdict_does_not_cover(verdict):
+    from peftguard.audit.report import LIMITS, NO_EVIDENCE, card
+
+    record = {"verdict": verdict, "score": 0.9 if verdict == "backdoored" else 0.1, "threshold": 0.5,
+              "lens": {"name": "psim"}, "score_is": "s", "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [],
+              "search": {"counts": {}}, "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0},
+              "device": "cpu",
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [], "files": []}}
+    text = card(record, None)
+    assert "## What the verdict covers" in text and LIMITS in text
+    assert (NO_EVIDENCE in text) == (verdict == "no evidence")  # the warning belongs to a verdict that clears
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,6 +11,18 @@ from peftguard.artifacts import write_text
 CARD = "AUDIT.md"
 HISTOGRAM = "clean_confidence.png"
 
+# What a reader of the card must know before trusting "no evidence". Kept qualitative (the figures live in
+# REPRODUCTION.md, "Auditing downloaded models", where each is measured); reviewed whenever the search changes.
+LIMITS = (
+    "The search inserts single whole-word vocabulary entries, word pairs of the clean training texts and phrases "
+    "of up to three words grown from them. Out of its reach: triggers the tokenizer splits into pieces, sentences "
+    "that set the PSIM off only as a whole (one of the three sentence triggers of common words in the measurement "
+    "zoo was missed this way), and triggers that are not words at all (a syntactic template, a style, a "
+    "paraphrase). On four-class data a PSIM was also seen to lose a sentence backdoor altogether. The audit was "
+    "measured on MiniLM classifiers; other models are audited the same way but were not measured."
+)
+NO_EVIDENCE = "**No evidence is not a proof that the model is clean.**"
+
 
 def write_card(folder: Path, record: dict[str, Any], clean_confidence: np.ndarray) -> None:
     from peftguard.extras import available
@@ -79,6 +91,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
                   *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]
     counts = record["search"]["counts"]
     lines += ["## Search", "", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()), ""]
+    lines += ["## What the verdict covers", "", *([NO_EVIDENCE, ""] if verdict != "backdoored" else []), LIMITS,
+              "See README.md (\"Auditing a downloaded model\") and REPRODUCTION.md (\"Auditing downloaded models\").", ""]
     lines += ["## Provenance", "", f"- source: `{record['provenance']['given']}` -> `{record['provenance']['folder']}`"]
     if record["provenance"].get("hub"):
         hub = record["provenance"]["hub"]

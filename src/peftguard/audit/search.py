@@ -397,21 +397,22 @@ def search(
     refine_inputs = encode_inputs(lens.tokenizer, refine_texts, lens.max_length)
     refined = screen(lens, pool, refine_inputs, settings, seed=seed + 1, desc="refine" if progress else None)
     seconds["refine"] = time.perf_counter() - started - sum(seconds.values())
-    phrases = extend_phrases(lens, refined, refine_inputs, settings, seed=seed + 2, progress=progress)
+    phrases, phrases_tried = extend_phrases(lens, refined, refine_inputs, settings, seed=seed + 2, progress=progress)
     seconds["phrases"] = time.perf_counter() - started - sum(seconds.values())
     shortlist = _unique([s.candidate for s in best(refined + phrases, settings.verify_top)])
     counts = {"vocabulary": len(vocabulary), "screened": len(screened), "pairs_screened": len(screened_pairs),
               "screen_inputs": len(screen_texts), "refined": len(refined), "refine_inputs": len(refine_texts),
-              "reference_candidates": len(extra), "phrases_tried": len(phrases), "shortlist": len(shortlist)}
+              "reference_candidates": len(extra), "phrases_tried": phrases_tried,
+              "phrases_kept": len(phrases), "shortlist": len(shortlist)}
     return SearchResult(shortlist, counts, {k: round(v, 2) for k, v in seconds.items()})
 
 
 def extend_phrases(
     lens: Lens, refined: Sequence[Scored], inputs: Sequence[EncodedInput], settings: SearchSettings, *, seed: int,
     progress: bool = True,
-) -> list[Scored]:
+) -> tuple[list[Scored], int]:
     """Greedy beam search over phrases: grow the best candidates (words or pairs) by one word on either side per
-    round, up to ``max_phrase_words``.
+    round, up to ``max_phrase_words``. Returns the phrases kept and how many were tried.
 
     A phrase is kept only if it sets the lens off on ``phrase_min_gain`` more of the inputs than
     each of its parts does alone: a word that already sets it off on every input gains nothing
@@ -421,6 +422,7 @@ def extend_phrases(
     alone = {s.candidate.text: s.flag_rate for s in refined}
     beam = best(refined, settings.phrase_seeds)
     kept: list[Scored] = []
+    tried = 0
     for length in range(2, settings.max_phrase_words + 1):
         grown: dict[str, tuple[Candidate, float]] = {}  # phrase -> (candidate, the best share any of its parts sets off)
         for parent in beam:
@@ -437,6 +439,7 @@ def extend_phrases(
             break
         scored = screen(lens, [p for p, _ in grown.values()], inputs, settings, seed=seed + length,
                         desc=f"phrases of {length} words" if progress else None)
+        tried += len(scored)
         better = [s for s in scored if s.flag_rate >= grown[s.candidate.text][1] + settings.phrase_min_gain]
         if not better:
             break
@@ -444,7 +447,7 @@ def extend_phrases(
             alone[s.candidate.text] = s.flag_rate
         kept.extend(better)
         beam = best(better, settings.phrase_seeds)
-    return kept
+    return kept, tried
 
 
 def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
