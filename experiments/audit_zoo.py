@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import PARTS  # noqa: E402
+
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 
 
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--part", choices=["development", "held-apart"], default="held-apart")
+    parser.add_argument("--part", choices=PARTS, default="held-apart")
     parser.add_argument("--lens", action="append", choices=["psim", "classifier"])
     parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
     parser.add_argument("audit_args", nargs="*", help="passed on to peftguard audit (after --)")

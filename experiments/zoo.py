@@ -1,6 +1,6 @@
 """Build the audit zoo of experiments/zoo.yaml: poisoned models (optionally LoRA victims of them) and clean ones.
 
-    python experiments/zoo.py experiments/zoo.yaml --out runs/zoo [--part development|held-apart] [--only NAME] [--dry-run]
+    python experiments/zoo.py experiments/zoo.yaml --out runs/zoo [--part PART] [--only NAME] [--dry-run]
 
 Each entry runs `peftguard poison --trigger ...` (and `peftguard finetune --method lora` for a victim) or, for a clean
 entry, `peftguard finetune` on the packaged MiniLM. A finished model (its manifest present) is skipped, so a rerun
@@ -19,6 +19,9 @@ from typing import Any
 import yaml
 
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
+# The zoo's parts: the one looked at while building the audit, and the ones kept for measuring it (each audited once
+# per design it measures; a second was added when the first had been seen too often).
+PARTS = ("development", "held-apart", "held-apart-2")
 
 
 def load_zoo(config: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--part", choices=["development", "held-apart"])
+    parser.add_argument("--part", choices=PARTS)
     parser.add_argument("--only", action="append", help="build only this entry (repeat)")
     parser.add_argument("--dry-run", action="store_true")
     return parser
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     defaults, entries = load_zoo(args.config)
+    unknown = sorted({e["part"] for e in entries} - set(PARTS))
+    if unknown:
+        sys.exit(f"{args.config}: unknown part(s) {', '.join(unknown)}; parts are {', '.join(PARTS)}")
     listing = []
     for entry in entries:
         build, audited = commands(entry, defaults, args.out)
