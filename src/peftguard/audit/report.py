@@ -16,8 +16,8 @@ HISTOGRAM = "clean_confidence.png"
 LIMITS = (
     "The search inserts single whole-word vocabulary entries, word pairs of the clean training texts and phrases "
     "of up to three words grown from them. Out of its reach: triggers the tokenizer splits into pieces, sentences "
-    "that set the PSIM off only as a whole (one of the three sentence triggers of common words in the measurement "
-    "zoo was missed this way), and triggers that are not words at all (a syntactic template, a style, a "
+    "that set the PSIM off only as a whole (a sentence of common words in the measurement zoo was missed this way), "
+    "and triggers that are not words at all (a syntactic template, a style, a "
     "paraphrase). On four-class data a PSIM was also seen to lose a sentence backdoor altogether. The audit was "
     "measured on MiniLM classifiers; other models are audited the same way but were not measured."
 )
