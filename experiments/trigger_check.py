@@ -6,7 +6,8 @@
 A diagnosis, never an input to the audit: it reads the true trigger, which the audit must not see. It inserts the
 trigger once, at a seeded random word boundary, into the first N clean dev texts and prints, as JSON, the share of
 clean and triggered texts above the PSIM's gamma, their mean confidence, and the share of non-target texts the
-suspect model then labels as the target.
+suspect model then labels as the target. ``--trigger`` repeated checks each text given (pieces of a sentence, say)
+with the models loaded once, and prints a list; ``--out`` also writes it to a file.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audit", type=Path, required=True, help="an audit folder (its psim/ is used)")
     parser.add_argument("--model", required=True, help="the audited suspect model folder")
     parser.add_argument("--dataset", required=True, help="dataset name (its dev split)")
-    parser.add_argument("--trigger", required=True, help="the trigger text to insert")
+    parser.add_argument("--trigger", required=True, action="append", help="the trigger text to insert (repeat: each in turn)")
     parser.add_argument("--target", type=int, required=True, help="the label the trigger should force")
     parser.add_argument("--samples", type=int, default=200, help="clean dev texts")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
 
 
@@ -36,18 +38,26 @@ def main() -> None:
 
     dataset = load_dataset(args.dataset)
     texts = [ex.text for ex in dataset.dev.examples[:args.samples]]
-    triggered = insert_text(texts, args.trigger, 0)
     psim = PSIM(args.audit / "psim", precision="fp32")
     gamma = float(psim.manifest["gamma"])
-    clean, hit = psim.confidences(texts), psim.confidences(triggered)
+    clean = psim.confidences(texts)
     model, tokenizer, _ = load_model(args.model, dataset.num_labels)
     before = predict_proba(model, tokenizer, texts).argmax(1)
-    after = predict_proba(model, tokenizer, triggered).argmax(1)
     eligible = before != args.target
-    print(json.dumps({"gamma": gamma, "psim_flag_rate_clean": float((clean > gamma).mean()),
-                      "psim_flag_rate_triggered": float((hit > gamma).mean()), "mean_confidence_clean": float(clean.mean()),
-                      "mean_confidence_triggered": float(hit.mean()),
-                      "forced_to_target_on_non_target": float((after[eligible] == args.target).mean())}, indent=1))
+    results = []
+    for trigger in args.trigger:
+        triggered = insert_text(texts, trigger, 0)
+        hit = psim.confidences(triggered)
+        after = predict_proba(model, tokenizer, triggered).argmax(1)
+        results.append({"trigger": trigger, "gamma": gamma, "psim_flag_rate_clean": float((clean > gamma).mean()),
+                        "psim_flag_rate_triggered": float((hit > gamma).mean()),
+                        "mean_confidence_clean": float(clean.mean()), "mean_confidence_triggered": float(hit.mean()),
+                        "forced_to_target_on_non_target": float((after[eligible] == args.target).mean())})
+    text = json.dumps(results[0] if len(results) == 1 else results, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
