@@ -98,11 +98,9 @@ def main() -> None:
               "task_words_dropped": len(tied), "seconds": seconds,
               "score_unexplained": max((r["flag_rate"] for r in rows if not r["explained"]), default=0.0),
               "top": rows[:8], "machine": common.machine()}
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
+    print(json.dumps(result, indent=1, default=str))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        common.write_json(args.out, result)
 
 
 if __name__ == "__main__":
