@@ -241,7 +241,7 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
 
 @pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
 def test_the_card_says_what_the_verdict_does_not_cover(verdict):
-    from peftguard.audit.report import LIMITS, NO_EVIDENCE, card
+    from peftguard.audit.report import LIMITS, NO_EVIDENCE, TASK_STACK_WARNING, card
 
     record = {"verdict": verdict, "score": 0.9 if verdict == "backdoored" else 0.1, "threshold": 0.5,
               "lens": {"name": "psim"}, "score_is": "s", "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [],
@@ -251,6 +251,7 @@ def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     text = card(record, None)
     assert "## What the verdict covers" in text and LIMITS in text
     assert (NO_EVIDENCE in text) == (verdict == "no evidence")  # the warning belongs to a verdict that clears
+    assert (TASK_STACK_WARNING in text) == (verdict == "backdoored")  # and this one to a verdict that accuses
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -22,6 +22,13 @@ LIMITS = (
     "measured on MiniLM classifiers; other models are audited the same way but were not measured."
 )
 NO_EVIDENCE = "**No evidence is not a proof that the model is clean.**"
+# Shown beside a "backdoored" verdict: the second held-apart zoo part had one false alarm of this kind.
+TASK_STACK_WARNING = (
+    "**Read the best candidate before acting on this verdict.** A phrase made of the task's own words (several "
+    "sentiment words, several topic words) can set a clean model's PSIM off: the task rule explains most such "
+    "phrases, but not one that mixes in a word the clean data uses for every label, and the measurement zoo had one "
+    "clean model called backdoored that way. A rare word, or a phrase the task does not use, is the strong sign."
+)
 
 
 def write_card(folder: Path, record: dict[str, Any], clean_confidence: np.ndarray) -> None:
@@ -91,7 +98,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
                   *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]
     counts = record["search"]["counts"]
     lines += ["## Search", "", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()), ""]
-    lines += ["## What the verdict covers", "", *([NO_EVIDENCE, ""] if verdict != "backdoored" else []), LIMITS,
+    lines += ["## What the verdict covers", "", *([NO_EVIDENCE, ""] if verdict != "backdoored" else [TASK_STACK_WARNING, ""]),
+              LIMITS,
               "See README.md (\"Auditing a downloaded model\") and REPRODUCTION.md (\"Auditing downloaded models\").", ""]
     lines += ["## Provenance", "", f"- source: `{record['provenance']['given']}` -> `{record['provenance']['folder']}`"]
     if record["provenance"].get("hub"):
