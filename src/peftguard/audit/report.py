@@ -98,8 +98,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
                   *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]
     counts = record["search"]["counts"]
     lines += ["## Search", "", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()), ""]
-    lines += ["## What the verdict covers", "", *([NO_EVIDENCE, ""] if verdict != "backdoored" else [TASK_STACK_WARNING, ""]),
-              LIMITS,
+    caution = TASK_STACK_WARNING if verdict == "backdoored" else NO_EVIDENCE
+    lines += ["## What the verdict covers", "", caution, "", LIMITS,
               "See README.md (\"Auditing a downloaded model\") and REPRODUCTION.md (\"Auditing downloaded models\").", ""]
     lines += ["## Provenance", "", f"- source: `{record['provenance']['given']}` -> `{record['provenance']['folder']}`"]
     if record["provenance"].get("hub"):
