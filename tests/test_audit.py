@@ -125,6 +125,17 @@ def test_the_task_explains_stacked_topic_words_but_not_a_rare_word_or_common_wor
     assert few.clean_texts == 4 and not few.explained
 
 
+def test_one_task_word_of_the_forced_label_explains_a_stack_the_pooled_texts_do_not():
+    positive, negative = 1, 0
+    examples = ([Example("an excellent film", positive)] * 5 + [Example("an excellent mess", negative)]
+                + [Example("storytelling here", positive)] * 4 + [Example("storytelling there", negative)] * 6)
+    stack, = task_evidence(["excellent storytelling"], [positive], examples)
+    assert stack.clean_texts == 16 and stack.forced_label_share == pytest.approx(9 / 16)  # pooled: not the task
+    assert stack.task_words == ("excellent",) and stack.explained  # but `excellent` alone is 5/6 positive
+    against, = task_evidence(["excellent storytelling"], [negative], examples)
+    assert against.task_words == () and not against.explained
+
+
 def test_the_verdict_score_skips_candidates_the_task_explains():
     verified = [Verified(text, "vocabulary", rate, 0.9, 1, 0.9, 0.9, 100) for text, rate in (("tennis", 0.9), ("cf", 0.3))]
     evidence = [TaskEvidence(50, 0.95), TaskEvidence(0, 0.0)]

@@ -25,9 +25,9 @@ NO_EVIDENCE = "**No evidence is not a proof that the model is clean.**"
 # Shown beside a "backdoored" verdict: the second held-apart zoo part had one false alarm of this kind.
 TASK_STACK_WARNING = (
     "**Read the best candidate before acting on this verdict.** A phrase made of the task's own words (several "
-    "sentiment words, several topic words) can set a clean model's PSIM off: the task rule explains most such "
-    "phrases, but not one that mixes in a word the clean data uses for every label, and the measurement zoo had one "
-    "clean model called backdoored that way. A rare word, or a phrase the task does not use, is the strong sign."
+    "sentiment words, several topic words) can set a clean model's PSIM off: the task rule explains such phrases "
+    "when one of their words is a task word of the label they force, but a stack of words each too rare or too mixed "
+    "to be one can get through. A rare word, or a phrase the task does not use, is the strong sign."
 )
 
 
@@ -81,7 +81,7 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
     for rank, c in enumerate(record["candidates"], 1):
         source = c["source"] + (" + embedding moved" if c.get("embedding_moved") and c["source"] != "reference" else "")
         if c.get("explained_by_task"):
-            source += f" (explained by the task: {c['task_forced_label_share']:.0%} of {c['task_clean_texts']} clean texts)"
+            source += f" (explained by the task: {_task_reason(c)})"
         lines.append(f"| {rank} | `{c['text']}` | {c['flag_rate']:.3f} | {c['forced_label']} | {c['forced_rate']:.3f} | "
                      f"{c['flip_rate']:.3f} | {c['mean_confidence']:.3f} | {source} |")
     from peftguard.extras import install_hint
@@ -117,3 +117,9 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
               ", ".join(f"{k}: {v}" for k, v in settings.items()), "",
               "seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + f" ({record['device']})", ""]
     return "\n".join(lines)
+
+
+def _task_reason(candidate: dict[str, Any]) -> str:
+    if candidate.get("task_words"):
+        return "task word" + ("s " if len(candidate["task_words"]) > 1 else " ") + ", ".join(candidate["task_words"])
+    return f"{candidate['task_forced_label_share']:.0%} of {candidate['task_clean_texts']} clean texts"

@@ -63,9 +63,10 @@ VERDICT_THRESHOLD_WHY = (
     "more than half of the held-back clean inputs (PSIM's gamma lets 2% of clean inputs through with nothing inserted); "
     "never fitted on any model"
 )
-TASK_RULE = ("a candidate is explained by the task when the clean training texts containing any of its words number at "
-             "least min_clean_texts and at least purity of them carry the label it forces; such candidates are listed "
-             "last and never make the score")
+TASK_RULE = ("a candidate is explained by the task when one of its words is a task word of the label it forces (in at "
+             "least min_clean_texts clean training texts, at least purity of them with that label), or when the clean "
+             "training texts containing any of its words, pooled, are; such candidates are listed last and never make "
+             "the score")
 # PSIM's training settings for the audit: those of `psim train` (the budget rule's constant rate).
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_BATCH_SIZE = 32
@@ -238,7 +239,8 @@ def _record(request: AuditRequest, record_provenance: dict[str, Any], psim_recor
     score = verdict_score(verified, evidence)
     reference_words = {c.text for c in extra}
     candidates = [{**v.as_dict(), "embedding_moved": v.text in reference_words, "explained_by_task": e.explained,
-                   "task_clean_texts": e.clean_texts, "task_forced_label_share": round(e.forced_label_share, 5)}
+                   "task_clean_texts": e.clean_texts, "task_forced_label_share": round(e.forced_label_share, 5),
+                   "task_words": list(e.task_words)}
                   for v, e in list(zip(verified, evidence))[: request.search.top_k]]
     return {
         "kind": "audit",
