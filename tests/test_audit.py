@@ -250,6 +250,19 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
     assert code == status == exit_status(record)
 
 
+def test_the_cli_caps_the_clean_subsets_at_the_audit_defaults(tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
+    from peftguard.audit.run import DEFAULT_AUDIT_EVAL_SAMPLES, DEFAULT_AUDIT_TRAIN_SAMPLES
+
+    seen = []
+    record = {"verdict": "no evidence", "score": 0.0, "threshold": 0.5, "candidates": [], "seconds": {"total": 1.0}}
+    monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: seen.append(request) or record)
+    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
+    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "b",
+                                   "--max-eval-samples", "7"])
+    assert [(r.max_train_samples, r.max_eval_samples) for r in seen] == [
+        (DEFAULT_AUDIT_TRAIN_SAMPLES, DEFAULT_AUDIT_EVAL_SAMPLES), (DEFAULT_AUDIT_TRAIN_SAMPLES, 7)]
+
+
 @pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
 def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     from peftguard.audit.report import LIMITS, NO_EVIDENCE, TASK_STACK_WARNING, card

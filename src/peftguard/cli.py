@@ -559,7 +559,7 @@ def audit(
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="PSIM's training subset (random labels) [2000: keeps a MiniLM audit near 10 minutes on 2 cores].")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Clean dev subset: PSIM's stopping rule and gamma, the search's inputs and the held-back verification inputs.")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Clean dev subset: PSIM's stopping rule and gamma, the search's inputs and the held-back verification inputs [2000].")] = None,
     max_length: MaxLenOpt = 128,
     batch_size: BatchOpt = 32,
     precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 | auto: precision of the search's ranking steps (auto: bf16 where the hardware multiplies it, about 2x faster); verification and the verdict are always float32.")] = "auto",
@@ -576,7 +576,9 @@ def audit(
     """
     from dataclasses import replace
 
-    from peftguard.audit.run import DEFAULT_AUDIT_TRAIN_SAMPLES, MARKER, AuditRequest, exit_status, read_word_list, run_audit
+    from peftguard.audit.run import (
+        DEFAULT_AUDIT_EVAL_SAMPLES, DEFAULT_AUDIT_TRAIN_SAMPLES, MARKER, AuditRequest, exit_status, read_word_list, run_audit,
+    )
     from peftguard.audit.search import SearchSettings
 
     check_options(locals())
@@ -590,7 +592,8 @@ def audit(
     request = AuditRequest(
         model=model, dataset=data, out=out, reference=reference, lens=lens,  # type: ignore[arg-type]
         max_train_samples=max_train_samples if max_train_samples is not None else DEFAULT_AUDIT_TRAIN_SAMPLES,
-        max_eval_samples=max_eval_samples, seed=seed, max_length=max_length, batch_size=batch_size, search=search,
+        max_eval_samples=max_eval_samples if max_eval_samples is not None else DEFAULT_AUDIT_EVAL_SAMPLES,
+        seed=seed, max_length=max_length, batch_size=batch_size, search=search,
         precision=precision, vocabulary=read_word_list(vocabulary) if vocabulary is not None else None,
         options=_options(allow_pickle, False),
     )
