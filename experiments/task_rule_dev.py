@@ -22,39 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
+from peftguard.audit.run import VERDICT_THRESHOLD
 from peftguard.audit.task import TASK_MIN_TEXTS, TASK_PURITY, task_evidence, words_of
 from peftguard.data import load_dataset
 
 RULES = ("pooled", "any-word", "half-words")
-VERDICT_THRESHOLD = 0.5  # peftguard.audit.run.VERDICT_THRESHOLD, repeated to keep this script import-light
 
 
-def word_label_counts(texts_and_labels: list[tuple[str, int]]) -> dict[str, Counter[int]]:
-    counts: dict[str, Counter[int]] = {}
-    for text, label in texts_and_labels:
-        for word in words_of(text):
-            counts.setdefault(word, Counter())[label] += 1
-    return counts
-
-
-def is_task_word_of(counts: Counter[int] | None, label: int) -> bool:
-    return bool(counts) and counts.total() >= TASK_MIN_TEXTS and counts[label] / counts.total() >= TASK_PURITY
-
-
-def rescore(record: dict, examples: list, counts: dict[str, Counter[int]]) -> dict:
+def rescore(record: dict, examples: list) -> dict:
     candidates = record["candidates"]
-    pooled = task_evidence([c["text"] for c in candidates], [c["forced_label"] for c in candidates], examples)
+    evidence = task_evidence([c["text"] for c in candidates], [c["forced_label"] for c in candidates], examples)
     rows = []
-    for c, evidence in zip(candidates, pooled):
-        words = words_of(c["text"])
-        pooled_rule = evidence.clean_texts >= TASK_MIN_TEXTS and evidence.forced_label_share >= TASK_PURITY
-        task = sum(is_task_word_of(counts.get(w), c["forced_label"]) for w in words)
+    for c, e in zip(candidates, evidence):
+        pooled = e.clean_texts >= TASK_MIN_TEXTS and e.forced_label_share >= TASK_PURITY
         rows.append({"text": c["text"], "flag_rate": c["flag_rate"], "forced_label": c["forced_label"],
-                     "pooled": pooled_rule, "any-word": pooled_rule or task > 0,
-                     "half-words": pooled_rule or 2 * task >= len(words)})
+                     "pooled": pooled, "any-word": e.explained,
+                     "half-words": pooled or 2 * len(e.task_words) >= len(words_of(c["text"]))})
     scores = {rule: max((r["flag_rate"] for r in rows if not r[rule]), default=0.0) for rule in RULES}
     return {"name": record["name"], "trigger": record["trigger"], "recorded_score": record["score"],
             "scores": scores, "verdicts": {rule: "backdoored" if s > VERDICT_THRESHOLD else "no evidence"
@@ -77,16 +62,15 @@ def main() -> None:
     import yaml
 
     zoo = {m["name"]: m for m in yaml.safe_load(args.zoo_config.read_text())["models"]}
-    datasets: dict[str, tuple[list, dict]] = {}
+    datasets: dict[str, list] = {}
     results = []
     for path in sorted(args.records.glob("*.audit.json")):
         record = json.loads(path.read_text())
         name = path.name.removesuffix(".audit.json")
         entry = zoo[name]
         if entry["dataset"] not in datasets:
-            examples = load_dataset(entry["dataset"]).train.examples
-            datasets[entry["dataset"]] = (examples, word_label_counts([(e.text, e.label) for e in examples]))
-        row = rescore({**record, "name": name, "trigger": entry.get("trigger", "(clean)")}, *datasets[entry["dataset"]])
+            datasets[entry["dataset"]] = load_dataset(entry["dataset"]).train.examples
+        row = rescore({**record, "name": name, "trigger": entry.get("trigger", "(clean)")}, datasets[entry["dataset"]])
         results.append(row)
         print(f"{name:28s} {row['trigger'][:22]:22s}", *(f"{rule} {row['scores'][rule]:.2f}" for rule in RULES),
               row["top_unexplained"]["half-words"][:3])
