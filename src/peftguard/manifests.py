@@ -88,6 +88,14 @@ class GammaChoiceRecord(Record):
     how: Literal["fixed", "target-fpr"]
     target_fpr: Optional[float] = bounded("target_fpr", None)
     calibration_samples: Optional[int] = Field(None, ge=1)
+    label_gammas: Optional[list[Annotated[float, Field(ge=0, le=1)]]] = Field(None, min_length=1)
+
+
+def _check_gammas(gamma: float, choice: GammaChoiceRecord, num_labels: int) -> None:
+    if gamma != choice.gamma:
+        raise ValueError(f"gamma: {gamma} differs from gamma_choice.gamma {choice.gamma}")
+    if choice.label_gammas is not None and len(choice.label_gammas) != num_labels:
+        raise ValueError(f"gamma_choice.label_gammas: {len(choice.label_gammas)} gammas for {num_labels} labels")
 
 
 class PSIMManifest(TunedManifest):
@@ -97,8 +105,7 @@ class PSIMManifest(TunedManifest):
 
     @model_validator(mode="after")
     def _one_gamma(self) -> PSIMManifest:
-        if self.gamma != self.gamma_choice.gamma:
-            raise ValueError(f"gamma: {self.gamma} differs from gamma_choice.gamma {self.gamma_choice.gamma}")
+        _check_gammas(self.gamma, self.gamma_choice, self.num_labels)
         return self
 
 
@@ -115,8 +122,7 @@ class ExportedPSIMManifest(Record):
 
     @model_validator(mode="after")
     def _one_gamma(self) -> ExportedPSIMManifest:
-        if self.gamma != self.gamma_choice.gamma:
-            raise ValueError(f"gamma: {self.gamma} differs from gamma_choice.gamma {self.gamma_choice.gamma}")
+        _check_gammas(self.gamma, self.gamma_choice, self.num_labels)
         return self
 
 

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Which score of a PSIM's softmax output to threshold: the top probability (the paper's) or another.
+
+A development probe for four-class datasets, where the default PSIM keeps the backdoor's label on triggered inputs
+but not their confidence (REPRODUCTION.md, AG News: 98.6% of triggered inputs still predicted as the target while
+their top probability falls into the clean tail). It reads a grid run's calibrated PSIM evaluations, scores the same
+clean dev, clean test and triggered test inputs with the PSIM's whole probability vectors, and for each candidate
+score calibrates gamma on the clean dev inputs alone (at the run's target FPR), then reports test FPR, detection,
+defended ASR and CA (with the victim's own predictions) and AUROC. The candidates were fixed before any was measured:
+
+- ``top``: the largest probability (the paper's; ``run_defended_asr`` and ``run_fpr`` are the run's own figures for
+  it, which can differ where many triggered inputs sit within float noise of gamma);
+- ``margin``: the largest minus the second largest probability;
+- ``log_ratio``: log of the largest over the second largest (the logit margin, blind to a common temperature);
+- ``neg_entropy``: minus the entropy of the probability vector;
+- ``class_top``: the top probability, with gamma calibrated separately on the clean dev inputs of each predicted
+  label (pooled gamma for a label with fewer than 1 / target FPR such inputs).
+
+On two labels the first four order inputs alike, so only ``class_top`` could change a two-class cell.
+Usage: python experiments/psim_score_probe.py --out results/psim_score_dev RUN_DIR...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ("run", "dataset", "attack", "seed", "score", "target_fpr", "dev_fpr", "fpr", "detection", "defended_asr",
+           "asr", "defended_ca", "ca", "auroc",
+           "run_defended_asr", "run_fpr")
+
+
+def _sorted(p: np.ndarray) -> np.ndarray:
+    return np.sort(p, axis=1)[:, ::-1]
+
+
+SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "top": lambda p: p.max(1),
+    "margin": lambda p: _sorted(p)[:, 0] - _sorted(p)[:, 1],
+    "log_ratio": lambda p: np.log(_sorted(p)[:, 0] + 1e-12) - np.log(_sorted(p)[:, 1] + 1e-12),
+    "neg_entropy": lambda p: (p * np.log(p + 1e-12)).sum(1),
+}
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def calibrated_cells(run_dir: Path, victim: str) -> list[tuple[dict[str, Any], str, str]]:
+    """(cell, evaluate stage, psim stage) of each PSIM evaluation at a calibrated target FPR."""
+    plan = read(run_dir / "cells.json")
+    found = []
+    for cell in plan["cells"]:
+        if cell["defense"] != "psim" or cell["row"] != "defense" or cell["method"] != victim:
+            continue
+        settings = read(run_dir / "stages" / cell["stage"] / "stage.json")["settings"]
+        if settings["evaluate"]["gamma"] is not None:
+            continue
+        psim_stage = next(d for d in plan["stages"][cell["stage"]]["deps"] if d.startswith("psim-"))
+        found.append((cell, cell["stage"], psim_stage))
+    return found
+
+
+def thresholds(score: str, dev: np.ndarray, target_fpr: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from probability vectors to flags, calibrated on the clean dev vectors only."""
+    from peftguard.metrics import calibrate_gamma
+
+    if score != "class_top":
+        gamma = calibrate_gamma(SCORES[score](dev), target_fpr)
+        return lambda p: SCORES[score](p) > gamma
+    pooled = calibrate_gamma(dev.max(1), target_fpr)
+    labels = dev.argmax(1)
+    gammas = np.array([calibrate_gamma(dev.max(1)[labels == k], target_fpr)
+                       if (labels == k).sum() >= 1 / target_fpr else pooled for k in range(dev.shape[1])])
+    return lambda p: p.max(1) > gammas[p.argmax(1)]
+
+
+def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> list[dict[str, Any]]:
+    from peftguard import metrics
+    from peftguard.data import subsample
+    from peftguard.defenses.psim import PSIM
+    from peftguard.evaluation import _triggered_sets
+    from peftguard.inference import predict_proba
+    from peftguard.pipeline import load_model
+    from peftguard.stages import _dataset, _ref, _triggers
+
+    s = read(run_dir / "stages" / stage / "stage.json")["settings"]
+    dataset = _dataset(s["dataset"], s["data"]["data_dir"])
+    test = subsample(dataset.test.examples, s["data"]["max_eval_samples"], s["seed"])
+    dev = subsample(dataset.dev.examples, s["data"]["max_eval_samples"], s["seed"])
+    triggered, _ = _triggered_sets(test, _triggers(s["attacks"], dataset), s["target_label"], s["seed"])
+    psim = PSIM(run_dir / "stages" / psim_stage / "artifact")  # the precision the run's evaluation used (auto)
+    probs = {name: psim._probabilities(psim.model, [ex.text for ex in part], psim.precision)
+             for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
+    model, tokenizer, _ = load_model(_ref(run_dir, s["victim"]), dataset.num_labels)
+    victim = {name: predict_proba(model, tokenizer, [ex.text for ex in part], 64, s["evaluate"]["max_length"]).argmax(1)
+              for name, part in (("clean", test), ("triggered", triggered))}
+    labels = np.array([ex.label for ex in test])
+    target_fpr = s["evaluate"]["target_fpr"]
+    rows = []
+    for score in (*SCORES, "class_top"):
+        flag = thresholds(score, probs["dev"], target_fpr)
+        value = SCORES.get(score, SCORES["top"])
+        flags = {name: flag(p) for name, p in probs.items()}
+        rows.append({
+            "run": run_dir.name, "dataset": s["dataset"], "attack": "+".join(s["attacks"]), "seed": s["seed"],
+            "score": score, "target_fpr": target_fpr, "dev_fpr": round(100 * float(flags["dev"].mean()), 2),
+            "fpr": round(100 * float(flags["clean"].mean()), 2),
+            "detection": round(100 * float(flags["triggered"].mean()), 2),
+            "defended_asr": round(100 * metrics.defended_attack_success_rate(victim["triggered"], s["target_label"],
+                                                                               flags["triggered"]), 2),
+            "asr": round(100 * metrics.attack_success_rate(victim["triggered"], s["target_label"]), 2),
+            "defended_ca": round(100 * metrics.defended_clean_accuracy(victim["clean"], labels, flags["clean"]), 2),
+            "ca": round(100 * metrics.clean_accuracy(victim["clean"], labels), 2),
+            "auroc": round(metrics.auroc(value(probs["clean"]), value(probs["triggered"])), 3),
+        })
+    run_metrics = read(run_dir / "stages" / stage / "metrics.json")
+    for row in rows:  # the run's own figures for the top probability, scored at the run's thread count
+        row["run_defended_asr"] = round(100 * run_metrics["defended_attack_success_rate"], 2)
+        row["run_fpr"] = round(100 * run_metrics["false_positive_rate"], 2)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="grid runs with calibrated PSIM evaluations")
+    parser.add_argument("--out", type=Path, required=True, help="folder for cells.csv and table.md")
+    parser.add_argument("--victim", default="lora", help="the victim method whose evaluations are read")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    rows = [row for run in args.runs for found in calibrated_cells(run, args.victim) for row in probe(run, *found)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
