@@ -29,7 +29,7 @@ def read(path: Path) -> dict[str, Any]:
 
 def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     plan = read(run_dir / "cells.json")
-    role = "development" if plan["name"].startswith("psim_budget_dev") else "validation"
+    role = "development" if plan["name"].startswith(("psim_budget_dev", "psim_score_dev")) else "validation"
     default_fpr = read(run_dir / "config.json").get("evaluate", {}).get("target_fpr", 0.02)
     stages = run_dir / "stages"
     metrics = {c["stage"]: read(stages / c["stage"] / "metrics.json") for c in plan["cells"]
