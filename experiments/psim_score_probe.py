@@ -8,15 +8,19 @@ clean dev, clean test and triggered test inputs with the PSIM's whole probabilit
 score calibrates gamma on the clean dev inputs alone (at the run's target FPR), then reports test FPR, detection,
 defended ASR and CA (with the victim's own predictions) and AUROC. The candidates were fixed before any was measured:
 
-- ``top``: the largest probability (the paper's; ``run_defended_asr`` and ``run_fpr`` are the run's own figures for
-  it, which can differ where many triggered inputs sit within float noise of gamma);
+- ``top``: the largest probability with one gamma (the paper's);
 - ``margin``: the largest minus the second largest probability;
 - ``log_ratio``: log of the largest over the second largest (the logit margin, blind to a common temperature);
 - ``neg_entropy``: minus the entropy of the probability vector;
 - ``class_top``: the top probability, with gamma calibrated separately on the clean dev inputs of each predicted
-  label (pooled gamma for a label with fewer than 1 / target FPR such inputs).
+  label (``metrics.calibrate_label_gammas``, what PSIM ships since session 23; AUROC on ``metrics.gated_confidences``).
+  Session 23 chose it from a first version of this probe that gave a label with fewer than 1 / target FPR such
+  inputs the pooled gamma (dev FPR 3.4% on seed 3) and scored at bf16; the shipped rule calibrates every label it
+  can, and this probe now scores at fp32, as evaluations do.
 
 On two labels the first four order inputs alike, so only ``class_top`` could change a two-class cell.
+``run_defended_asr`` and ``run_fpr`` are the run's own evaluation, by the code that made it: ``top`` before
+session 23, ``class_top`` (``PER_LABEL_GAMMA_MIN_LABELS``) after; the matching row must equal them.
 Usage: python experiments/psim_score_probe.py --out results/psim_score_dev RUN_DIR...
 """
 from __future__ import annotations
@@ -66,24 +70,20 @@ def calibrated_cells(run_dir: Path, victim: str) -> list[tuple[dict[str, Any], s
     return found
 
 
-def thresholds(score: str, dev: np.ndarray, target_fpr: float) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from probability vectors to flags, calibrated on the clean dev vectors only."""
-    from peftguard.metrics import calibrate_gamma
+def scorer(score: str, dev: np.ndarray, target_fpr: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """A score of probability vectors and its gamma, calibrated on the clean dev vectors only."""
+    from peftguard.metrics import calibrate_gamma, calibrate_label_gammas, gated_confidences
 
     if score != "class_top":
-        gamma = calibrate_gamma(SCORES[score](dev), target_fpr)
-        return lambda p: SCORES[score](p) > gamma
-    pooled = calibrate_gamma(dev.max(1), target_fpr)
-    labels = dev.argmax(1)
-    gammas = np.array([calibrate_gamma(dev.max(1)[labels == k], target_fpr)
-                       if (labels == k).sum() >= 1 / target_fpr else pooled for k in range(dev.shape[1])])
-    return lambda p: p.max(1) > gammas[p.argmax(1)]
+        return SCORES[score], calibrate_gamma(SCORES[score](dev), target_fpr)
+    pooled, label_gammas = calibrate_gamma(dev.max(1), target_fpr), calibrate_label_gammas(dev, target_fpr)
+    return (lambda p: gated_confidences(p, pooled, label_gammas)), pooled
 
 
 def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> list[dict[str, Any]]:
     from peftguard import metrics
     from peftguard.data import subsample
-    from peftguard.defenses.psim import PSIM
+    from peftguard.defenses.psim import MEASUREMENT_PRECISION, PSIM
     from peftguard.evaluation import _triggered_sets
     from peftguard.inference import predict_proba
     from peftguard.pipeline import load_model
@@ -94,7 +94,8 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
     test = subsample(dataset.test.examples, s["data"]["max_eval_samples"], s["seed"])
     dev = subsample(dataset.dev.examples, s["data"]["max_eval_samples"], s["seed"])
     triggered, _ = _triggered_sets(test, _triggers(s["attacks"], dataset), s["target_label"], s["seed"])
-    psim = PSIM(run_dir / "stages" / psim_stage / "artifact")  # the precision the run's evaluation used (auto)
+    # the precision evaluations measure in (fp32): bf16 rounds confidences near 1/K into ties
+    psim = PSIM(run_dir / "stages" / psim_stage / "artifact", precision=MEASUREMENT_PRECISION)
     probs = {name: psim._probabilities(psim.model, [ex.text for ex in part], psim.precision)
              for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
     model, tokenizer, _ = load_model(_ref(run_dir, s["victim"]), dataset.num_labels)
@@ -104,9 +105,8 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
     target_fpr = s["evaluate"]["target_fpr"]
     rows = []
     for score in (*SCORES, "class_top"):
-        flag = thresholds(score, probs["dev"], target_fpr)
-        value = SCORES.get(score, SCORES["top"])
-        flags = {name: flag(p) for name, p in probs.items()}
+        value, gamma = scorer(score, probs["dev"], target_fpr)
+        flags = {name: value(p) > gamma for name, p in probs.items()}
         rows.append({
             "run": run_dir.name, "dataset": s["dataset"], "attack": "+".join(s["attacks"]), "seed": s["seed"],
             "score": score, "target_fpr": target_fpr, "dev_fpr": round(100 * float(flags["dev"].mean()), 2),
@@ -120,7 +120,7 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
             "auroc": round(metrics.auroc(value(probs["clean"]), value(probs["triggered"])), 3),
         })
     run_metrics = read(run_dir / "stages" / stage / "metrics.json")
-    for row in rows:  # the run's own figures for the top probability, scored at the run's thread count
+    for row in rows:
         row["run_defended_asr"] = round(100 * run_metrics["defended_attack_success_rate"], 2)
         row["run_fpr"] = round(100 * run_metrics["false_positive_rate"], 2)
     return rows
