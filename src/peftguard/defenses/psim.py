@@ -381,8 +381,8 @@ class PSIM:
         key = hash((tuple(texts), gamma if self.precision == "int8" or label_gammas else None,
                     tuple(label_gammas) if label_gammas else None))
         if key not in self._memo:
-            scores = metrics.gated_confidences(self._probabilities(self.fast_model, list(texts), self.precision, desc), gamma,
-                                       label_gammas)
+            probabilities = self._probabilities(self.fast_model, list(texts), self.precision, desc)
+            scores = metrics.gated_confidences(probabilities, gamma, label_gammas)
             if self.precision == "int8":
                 scores = self._recheck(list(texts), scores, gamma, label_gammas)
             self._memo = {**dict(list(self._memo.items())[-3:]), key: scores}  # the latest 4: bounded memory
@@ -396,8 +396,8 @@ class PSIM:
         near = np.flatnonzero(np.abs(scores - gamma) < self.recheck_margin)
         if len(near):
             scores = scores.copy()
-            scores[near] = metrics.gated_confidences(self._probabilities(self.model, [texts[i] for i in near], self.recheck_precision),
-                                             gamma, label_gammas)
+            probabilities = self._probabilities(self.model, [texts[i] for i in near], self.recheck_precision)
+            scores[near] = metrics.gated_confidences(probabilities, gamma, label_gammas)
         return scores
 
     def gamma_for(self, dev: Sequence[Example] | None, gamma: float | None, target_fpr: float | None) -> GammaChoice:
