@@ -13,14 +13,16 @@ defended ASR and CA (with the victim's own predictions) and AUROC. The candidate
 - ``log_ratio``: log of the largest over the second largest (the logit margin, blind to a common temperature);
 - ``neg_entropy``: minus the entropy of the probability vector;
 - ``class_top``: the top probability, with gamma calibrated separately on the clean dev inputs of each predicted
-  label (``metrics.calibrate_label_gammas``, what PSIM ships since session 23; AUROC on ``metrics.gated_confidences``).
-  Session 23 chose it from a first version of this probe that gave a label with fewer than 1 / target FPR such
-  inputs the pooled gamma (dev FPR 3.4% on seed 3) and scored at bf16; the shipped rule calibrates every label it
-  can, and this probe now scores at fp32, as evaluations do.
+  label (``label_gammas``; AUROC on ``gated``). Session 23 chose it from a first version of this probe that gave a
+  label with fewer than 1 / target FPR such inputs the pooled gamma (dev FPR 3.4% on seed 3) and scored at bf16,
+  made it PSIM's default for three labels or more (commit c5eb562: every label calibrated, as here), and reverted
+  it after its validation cells (REPRODUCTION.md, "PSIM's gamma per label on four classes"). This probe scores at
+  fp32, as evaluations do.
 
 On two labels the first four order inputs alike, so only ``class_top`` could change a two-class cell.
-``run_defended_asr`` and ``run_fpr`` are the run's own evaluation, by the code that made it: ``top`` before
-session 23, ``class_top`` (``PER_LABEL_GAMMA_MIN_LABELS``) after; the matching row must equal them.
+``run_defended_asr`` and ``run_fpr`` are the run's own evaluation, by the code that made it: ``top`` (one gamma),
+except for runs evaluated while ``class_top`` was the four-class default (commits c5eb562 to the revert); the
+matching row equals them.
 Usage: python experiments/psim_score_probe.py --out results/psim_score_dev RUN_DIR...
 """
 from __future__ import annotations
@@ -51,6 +53,21 @@ SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def label_gammas(dev: np.ndarray, target_fpr: float) -> list[float]:
+    """One gamma per predicted label, each flagging at most ``target_fpr`` of the clean dev inputs given that label
+    (the pooled gamma for a label given none of them)."""
+    from peftguard.metrics import calibrate_gamma
+
+    top, labels = dev.max(1), dev.argmax(1)
+    pooled = calibrate_gamma(top, target_fpr)
+    return [calibrate_gamma(top[labels == k], target_fpr) if (labels == k).any() else pooled for k in range(dev.shape[1])]
+
+
+def gated(probabilities: np.ndarray, gamma: float, gammas: list[float]) -> np.ndarray:
+    """The top probability shifted so that it exceeds ``gamma`` exactly when it exceeds its predicted label's gamma."""
+    return probabilities.max(1).astype(np.float64) - np.asarray(gammas)[probabilities.argmax(1)] + gamma
+
+
 def read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -72,12 +89,12 @@ def calibrated_cells(run_dir: Path, victim: str) -> list[tuple[dict[str, Any], s
 
 def scorer(score: str, dev: np.ndarray, target_fpr: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
     """A score of probability vectors and its gamma, calibrated on the clean dev vectors only."""
-    from peftguard.metrics import calibrate_gamma, calibrate_label_gammas, gated_confidences
+    from peftguard.metrics import calibrate_gamma
 
     if score != "class_top":
         return SCORES[score], calibrate_gamma(SCORES[score](dev), target_fpr)
-    pooled, label_gammas = calibrate_gamma(dev.max(1), target_fpr), calibrate_label_gammas(dev, target_fpr)
-    return (lambda p: gated_confidences(p, pooled, label_gammas)), pooled
+    pooled, gammas = calibrate_gamma(dev.max(1), target_fpr), label_gammas(dev, target_fpr)
+    return (lambda p: gated(p, pooled, gammas)), pooled
 
 
 def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> list[dict[str, Any]]:

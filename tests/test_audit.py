@@ -301,18 +301,9 @@ def test_bf16_screening_scores_close_to_fp32_and_is_recorded(tiny_minilm):
     fp32 = PsimLens(model, tokenizer, 64, gamma=0.9).probs_ids(ids)
     bf16_lens = PsimLens(model, tokenizer, 64, gamma=0.9, screen_precision="bf16")
     assert np.abs(bf16_lens.probs_ids(ids) - fp32).max() < 0.02
-    assert bf16_lens.describe() == {"name": "psim", "screen_precision": "bf16", "gamma": 0.9, "label_gammas": None}
+    assert bf16_lens.describe() == {"name": "psim", "screen_precision": "bf16", "gamma": 0.9}
     with pytest.raises(OptionError, match="screen precision"):
         PsimLens(model, tokenizer, 64, gamma=0.9, screen_precision="int8")
-
-
-def test_the_psim_lens_flags_an_insertion_above_the_gamma_of_the_label_it_predicts():
-    lens = PsimLens(None, None, 64, gamma=0.45, label_gammas=[0.35, 0.45, 0.45, 0.45])
-    # one candidate, four inputs: three pushed to label 0 at 0.40 (above its gamma, under the pooled one), one to label 1
-    triggered = np.array([[[0.40, 0.20, 0.20, 0.20]] * 3 + [[0.20, 0.40, 0.20, 0.20]]])
-    rates = lens.rates(triggered, np.full((4, 4), 0.25))
-    assert rates.flag_rate.tolist() == [0.75]
-    assert PsimLens(None, None, 64, gamma=0.45).rates(triggered, np.full((4, 4), 0.25)).flag_rate.tolist() == [0.0]
 
 
 # --- the search on a tiny poisoned model -------------------------------------------------------------------

@@ -111,15 +111,3 @@ def test_four_class_psim_on_agnews(tiny_minilm, data_dir, tmp_path):
     assert m["clean_samples"] == 80
     assert m["triggered_samples"] == sum(ex.label != 0 for ex in test)  # target class 0 left out of ASR
     assert {ex.label for ex in test} == {0, 1, 2, 3}
-    # four labels: one gamma per label the PSIM predicts, and an input is flagged exactly above its label's
-    label_gammas = manifest["gamma_choice"]["label_gammas"]
-    assert len(label_gammas) == 4 and manifest["dev_flagged_share"] <= 0.02
-    assert m["defense"]["gamma_choice"]["label_gammas"] == label_gammas
-    import numpy as np
-
-    from peftguard.defenses.psim import PSIM
-
-    psim, texts = PSIM(psim_dir, precision="fp32"), [ex.text for ex in test]
-    probabilities = psim._probabilities(psim.model, texts, "fp32")
-    expected = probabilities.max(1) > np.array(label_gammas)[probabilities.argmax(1)]
-    assert (psim.confidences(texts) > manifest["gamma"]).tolist() == expected.tolist()

@@ -172,9 +172,6 @@ MALFORMED = {
     "gamma-nan": ("psim.json", {"gamma": math.nan}, "gamma: Input should be a finite number"),
     "gamma-one": ("psim.json", {"gamma": 1.0}, "gamma: Input should be less than 1"),
     "gamma-negative": ("psim.json", {"gamma": -5}, "gamma: Input should be greater than 0"),
-    "label-gammas-count": ("psim.json", {"gamma_choice.label_gammas": [0.4, 0.4, 0.4]}, "label_gammas: 3 gammas for 2 labels"),
-    "label-gamma-above-one": ("psim.json", {"gamma_choice.label_gammas": [0.4, 1.5]},
-                              "Input should be less than or equal to 1"),
 }
 
 

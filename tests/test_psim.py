@@ -34,57 +34,15 @@ def test_reset_rate_out_of_range():
         reset_labels(EXAMPLES, 2, 1.5, 0)
 
 
-def binary(top: np.ndarray) -> np.ndarray:
-    return np.stack([top, 1 - top], axis=1)
-
-
 def test_choose_gamma_fixed_calibrated_and_errors():
     assert choose_gamma(None, 0.7, None).gamma == 0.7
     scores = np.linspace(0.5, 1.0, 200)
-    choice = choose_gamma(binary(scores), None, None)
+    choice = choose_gamma(scores, None, None)
     assert choice.how == "target-fpr" and choice.target_fpr == 0.02 and (scores > choice.gamma).sum() == 4
-    assert choice.label_gammas is None  # two labels: the paper's single gamma
     with pytest.raises(OptionError):
-        choose_gamma(binary(scores), 1.2, None)
+        choose_gamma(scores, 1.2, None)
     with pytest.raises(OptionError):
-        choose_gamma(binary(scores), 0.7, 0.05)
-
-
-def four_label_dev(rng: np.random.Generator) -> np.ndarray:
-    """Clean dev probabilities of a PSIM that kept label 2's task signal: its inputs stay more confident."""
-    rows = []
-    for label, count, low, high in ((0, 100, 0.26, 0.36), (1, 100, 0.26, 0.36), (2, 200, 0.30, 0.50), (3, 100, 0.26, 0.36)):
-        top = rng.uniform(low, high, count)
-        rest = (1 - top)[:, None] / 3 * np.ones((count, 4))
-        rest[:, label] = top
-        rows.append(rest)
-    return np.concatenate(rows)
-
-
-def test_four_labels_get_one_gamma_per_predicted_label_and_catch_what_a_pooled_gamma_misses():
-    from peftguard.metrics import gated_confidences
-
-    dev = four_label_dev(np.random.default_rng(0))
-    choice = choose_gamma(dev, None, 0.02)
-    assert choice.label_gammas is not None and len(choice.label_gammas) == 4
-    labels, top = dev.argmax(1), dev.max(1)
-    for k, gamma in enumerate(choice.label_gammas):
-        assert (top[labels == k] > gamma).mean() <= 0.02
-    assert choice.label_gammas[2] > choice.label_gammas[0]
-    assert choice.gamma == pytest.approx(choice.label_gammas[2], abs=0.02)  # the pooled gamma sits in label 2's tail
-    dev_flags = gated_confidences(dev, choice.gamma, choice.label_gammas) > choice.gamma
-    assert dev_flags.mean() <= 0.02
-    # a triggered input forced to label 0 above label 0's clean inputs but below label 2's tail
-    forced = np.array([[0.40, 0.20, 0.20, 0.20]])
-    assert forced.max() < choice.gamma < gated_confidences(forced, choice.gamma, choice.label_gammas)[0]
-    assert not gated_confidences(forced, choice.gamma, None)[0] > choice.gamma  # what one gamma would have missed
-
-
-def test_a_label_the_psim_gives_no_clean_dev_input_takes_the_pooled_gamma():
-    dev = four_label_dev(np.random.default_rng(1))
-    dev = dev[dev.argmax(1) != 3]
-    choice = choose_gamma(dev, None, 0.02)
-    assert choice.label_gammas[3] == choice.gamma
+        choose_gamma(scores, 0.7, 0.05)
 
 
 def test_scan_reads_csv_jsonl_and_lines(tmp_path):

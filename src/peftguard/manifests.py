@@ -88,14 +88,6 @@ class GammaChoiceRecord(Record):
     how: Literal["fixed", "target-fpr"]
     target_fpr: Optional[float] = bounded("target_fpr", None)
     calibration_samples: Optional[int] = Field(None, ge=1)
-    label_gammas: Optional[list[Annotated[float, Field(ge=0, le=1)]]] = Field(None, min_length=1)
-
-
-def _check_gammas(gamma: float, choice: GammaChoiceRecord, num_labels: int) -> None:
-    if gamma != choice.gamma:
-        raise ValueError(f"gamma: {gamma} differs from gamma_choice.gamma {choice.gamma}")
-    if choice.label_gammas is not None and len(choice.label_gammas) != num_labels:
-        raise ValueError(f"gamma_choice.label_gammas: {len(choice.label_gammas)} gammas for {num_labels} labels")
 
 
 class PSIMManifest(TunedManifest):
@@ -105,7 +97,8 @@ class PSIMManifest(TunedManifest):
 
     @model_validator(mode="after")
     def _one_gamma(self) -> PSIMManifest:
-        _check_gammas(self.gamma, self.gamma_choice, self.num_labels)
+        if self.gamma != self.gamma_choice.gamma:
+            raise ValueError(f"gamma: {self.gamma} differs from gamma_choice.gamma {self.gamma_choice.gamma}")
         return self
 
 
@@ -122,7 +115,8 @@ class ExportedPSIMManifest(Record):
 
     @model_validator(mode="after")
     def _one_gamma(self) -> ExportedPSIMManifest:
-        _check_gammas(self.gamma, self.gamma_choice, self.num_labels)
+        if self.gamma != self.gamma_choice.gamma:
+            raise ValueError(f"gamma: {self.gamma} differs from gamma_choice.gamma {self.gamma_choice.gamma}")
         return self
 
 

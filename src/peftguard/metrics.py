@@ -78,24 +78,6 @@ def calibrate_gamma(clean_scores: Sequence[float], target_fpr: float) -> float:
     return float(scores[min(allowed, len(scores) - 1)])
 
 
-def gated_confidences(probabilities: np.ndarray, gamma: float, label_gammas: Sequence[float] | None) -> np.ndarray:
-    """The score PSIM compares with ``gamma``: the largest probability, shifted by how far the gamma of the label
-    it predicts sits from ``gamma`` (so a score exceeds ``gamma`` exactly when the confidence exceeds its label's)."""
-    top = probabilities.max(-1)
-    if label_gammas is None:
-        return top
-    return top.astype(np.float64) - np.asarray(label_gammas, dtype=np.float64)[probabilities.argmax(-1)] + gamma
-
-
-def calibrate_label_gammas(dev_probabilities: np.ndarray, target_fpr: float) -> list[float]:
-    """One gamma per label, each flagging at most ``target_fpr`` of the clean dev inputs the PSIM gives that label
-    (so at most ``target_fpr`` of them all); a label it gives none of them takes the pooled gamma."""
-    confidence, labels = dev_probabilities.max(1), dev_probabilities.argmax(1)
-    pooled = calibrate_gamma(confidence, target_fpr)
-    return [calibrate_gamma(confidence[labels == k], target_fpr) if (labels == k).any() else pooled
-            for k in range(dev_probabilities.shape[1])]
-
-
 def perplexity_increase(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> float:
     """OpenBackdoor's ΔPPL: the mean over pairs of the triggered text's perplexity minus its clean original's.
 

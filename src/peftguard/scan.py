@@ -87,8 +87,8 @@ def scan_command(
         BOUNDS["gamma"].check(gamma, "--gamma")
     texts = read_inputs(source, text_column)
     psim = open_psim(psim_dir, batch_size=batch_size, precision=precision, allow_pickle=allow_pickle)
-    scores = psim.confidences(texts, desc="scan" if source != "-" else None, gamma=gamma)  # None: the manifest's
     gamma = float(psim.manifest["gamma"]) if gamma is None else gamma
+    scores = psim.confidences(texts, desc="scan" if source != "-" else None, gamma=gamma)
     flags = metrics.flagged(scores, gamma)
     as_jsonl = out is not None and out.suffix == ".jsonl"
     rendered = _render(texts, scores, flags, as_jsonl)

@@ -135,10 +135,9 @@ class BatchingScreener:
             job.done.set()
 
 
-def psim_scorer(psim: Any, gamma: float | None, victim: Any | None = None, tokenizer: Any | None = None,
+def psim_scorer(psim: Any, gamma: float, victim: Any | None = None, tokenizer: Any | None = None,
                 max_length: int = 128) -> Scorer:
-    """Score texts with the PSIM alone, or with the victim behind it (``GuardedPredictor``); ``gamma`` None: the
-    PSIM's own (per label where it was calibrated so)."""
+    """Score texts with the PSIM alone, or with the victim behind it (``GuardedPredictor``)."""
     from peftguard import metrics
     from peftguard.defenses.psim import REJECTED, GuardedPredictor
 
@@ -147,12 +146,10 @@ def psim_scorer(psim: Any, gamma: float | None, victim: Any | None = None, token
         return lambda texts: [{"label": v.label, "confidence": round(v.confidence, 6), "flagged": v.rejected}
                               for v in guard.verdicts(texts)]
 
-    threshold = float(psim.manifest["gamma"]) if gamma is None else gamma
-
     def screen(texts: list[str]) -> list[dict[str, Any]]:
         scores = psim.confidences(texts, gamma=gamma)
         return [{"label": REJECTED if f else None, "confidence": round(float(s), 6), "flagged": bool(f)}
-                for s, f in zip(scores, metrics.flagged(scores, threshold))]
+                for s, f in zip(scores, metrics.flagged(scores, gamma))]
 
     return screen
 
@@ -237,6 +234,7 @@ def build_server(psim_dir: Path, victim_dir: Path | None, *, host: str = "127.0.
     if gamma is not None:
         BOUNDS["gamma"].check(gamma, "--gamma")
     psim = open_psim(psim_dir, batch_size=settings.max_batch, precision=precision, allow_pickle=options.allow_pickle)
+    gamma = float(psim.manifest["gamma"]) if gamma is None else gamma
     victim = tokenizer = None
     max_length = psim.max_length
     if victim_dir is not None:
@@ -246,7 +244,6 @@ def build_server(psim_dir: Path, victim_dir: Path | None, *, host: str = "127.0.
         victim, tokenizer, manifest = load_tuned(victim_dir, MANIFEST, options)
         max_length = int(manifest["settings"]["max_length"])
     screener = BatchingScreener(psim_scorer(psim, gamma, victim, tokenizer, max_length), settings)
-    gamma = float(psim.manifest["gamma"]) if gamma is None else gamma
     info = {"psim": str(psim_dir), "victim": str(victim_dir) if victim_dir else None, "gamma": gamma,
             "precision": psim.precision, "int8_activation_bits": psim.activation_bits, "max_batch": settings.max_batch,
             "queue_limit": settings.queue_limit}

@@ -193,8 +193,7 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
               "under_trained": manifest["under_trained"], "steps": manifest["training"]["steps"],
               "dev_confidence_mean": manifest["dev_confidence_mean"], "detector_warning": manifest["detector_warning"],
               "train_samples": manifest["train_samples"]}
-    lens = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"]),
-                    label_gammas=manifest["gamma_choice"]["label_gammas"], screen_precision=screen_precision)
+    lens = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"]), screen_precision=screen_precision)
     return lens, record
 
 

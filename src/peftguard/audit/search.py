@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from peftguard import metrics
 from peftguard.errors import OptionError
 from peftguard.training import flush_denormals, predict_proba
 from peftguard.triggers import insert_at_random_boundary
@@ -128,24 +127,22 @@ class Lens(ABC):
 
 
 class PsimLens(Lens):
-    """Set off when the PSIM's confidence exceeds its gamma (its predicted label's, where calibrated per label)."""
+    """Set off when the PSIM's confidence exceeds its gamma."""
 
     name = "psim"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, gamma: float, *,
-                 label_gammas: Sequence[float] | None = None, screen_precision: str = "fp32") -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, gamma: float, *, screen_precision: str = "fp32") -> None:
         super().__init__(model, tokenizer, max_length, screen_precision=screen_precision)
-        self.gamma, self.label_gammas = gamma, label_gammas
+        self.gamma = gamma
 
     def rates(self, triggered: np.ndarray, clean: np.ndarray) -> Rates:
         confidence = triggered.max(-1)
-        # metrics.flagged's convention: strictly above gamma
-        flagged = metrics.gated_confidences(triggered, self.gamma, self.label_gammas) > self.gamma
+        flagged = confidence > self.gamma  # metrics.flagged's convention: strictly above gamma
         counts = np.full(len(triggered), triggered.shape[1])
         return Rates(flagged.mean(1), confidence.mean(1), _mode(triggered.argmax(-1), triggered.shape[-1]), counts)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "gamma": self.gamma, "label_gammas": self.label_gammas}
+        return {**super().describe(), "gamma": self.gamma}
 
 
 class ClassifierLens(Lens):

@@ -10,13 +10,6 @@ Departures from the paper:
 
 * The paper fixes gamma = 0.7 "through human experience". By default we calibrate gamma on the
   clean dev set to a target false-positive rate (2%); ``gamma=0.7`` reproduces the paper.
-* With more than two labels the calibrated gamma is one per label the PSIM predicts (``label_gammas``:
-  each calibrated on the clean dev inputs the PSIM gives that label, as class-conditional "Mondrian"
-  conformal predictors do; Vovk et al., 2005). Random labels erase the task unevenly: on AG News the
-  PSIM kept one label's clean inputs more confident than the others, a single gamma sat in that label's
-  tail, and triggered inputs, forced to another label at a lower confidence, passed under it
-  (REPRODUCTION.md, "PSIM's gamma per label on four classes"). With two labels one gamma is kept (the
-  paper's, validated on every two-class cell).
 * ``reset_rate`` < 1 resets only that share of labels (the paper's Table 13 ablation).
 * The paper trains one epoch at a fixed learning rate. By default we stop on a rule that watches
   only clean dev confidences (``psim_budget``): the first point at which they are near chance,
@@ -85,18 +78,12 @@ def reset_labels(examples: Sequence[Example], num_labels: int, rate: float, seed
     return [Example(ex.text, rng.randrange(num_labels)) if i in chosen else ex for i, ex in enumerate(examples)]
 
 
-# Calibrate one gamma per predicted label from this many labels on (fixed a priori: the paper's single gamma
-# stays on two-label tasks, where every validation cell passed with it).
-PER_LABEL_GAMMA_MIN_LABELS = 3
-
-
 @dataclass
 class GammaChoice:
     gamma: float
     how: str  # "fixed" or "target-fpr"
     target_fpr: float | None = None
     calibration_samples: int | None = None
-    label_gammas: list[float] | None = None  # gamma of each label the PSIM predicts; None: ``gamma`` for all
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,20 +99,16 @@ def check_gamma_options(gamma: float | None, target_fpr: float | None) -> None:
 
 
 def choose_gamma(
-    dev_probabilities: np.ndarray | None, gamma: float | None, target_fpr: float | None
+    dev_confidences: np.ndarray | None, gamma: float | None, target_fpr: float | None
 ) -> GammaChoice:
-    """A fixed gamma, or one calibrated on the PSIM's clean dev probabilities (inputs x labels) to a target
-    false-positive rate: per predicted label from ``PER_LABEL_GAMMA_MIN_LABELS`` labels on."""
+    """A fixed gamma, or one calibrated on clean dev confidences to a target false-positive rate."""
     check_gamma_options(gamma, target_fpr)
     if gamma is not None:
         return GammaChoice(gamma, "fixed")
     target_fpr = DEFAULT_TARGET_FPR if target_fpr is None else target_fpr
-    if dev_probabilities is None:
+    if dev_confidences is None:
         raise OptionError("calibrating gamma needs clean dev samples")
-    pooled = metrics.calibrate_gamma(dev_probabilities.max(1), target_fpr)
-    per_label = (metrics.calibrate_label_gammas(dev_probabilities, target_fpr)
-                 if dev_probabilities.shape[1] >= PER_LABEL_GAMMA_MIN_LABELS else None)
-    return GammaChoice(pooled, "target-fpr", target_fpr, len(dev_probabilities), per_label)
+    return GammaChoice(metrics.calibrate_gamma(dev_confidences, target_fpr), "target-fpr", target_fpr, len(dev_confidences))
 
 
 def default_psim_method(model_ref: str, options: LoadOptions = LoadOptions()) -> str:
@@ -181,13 +164,11 @@ def train_psim(
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
     watch = _BudgetWatch(budget, model, tokenizer, dev, dataset.num_labels, settings, len(train)) if budget else None
     report = train_classifier(model, tokenizer, train, None, settings, desc="psim", monitor=watch.monitor() if watch else None)
-    dev_probabilities = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length)
-    dev_confidence = dev_probabilities.max(1)
-    choice = choose_gamma(dev_probabilities, gamma, target_fpr)
-    dev_scores = metrics.gated_confidences(dev_probabilities, choice.gamma, choice.label_gammas)
+    dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
+    choice = choose_gamma(dev_confidence, gamma, target_fpr)
     budget_record = watch.record() if watch else _fixed_budget_record(float(dev_confidence.mean()), dataset.num_labels)
     check_can_flag(choice)
-    warning = detector_warning(dev_scores, choice.gamma)
+    warning = detector_warning(dev_confidence, choice.gamma)
     if warning:
         log.warning("PSIM: %s; it would not work as a detector (warning recorded in %s)", warning, MANIFEST)
     manifest = {
@@ -206,7 +187,7 @@ def train_psim(
         "dev_confidence_mean": float(dev_confidence.mean()),
         "budget": budget_record,
         "under_trained": budget_record["under_trained"],
-        "dev_flagged_share": float(metrics.flagged(dev_scores, choice.gamma).mean()) if len(dev_scores) else None,
+        "dev_flagged_share": float(metrics.flagged(dev_confidence, choice.gamma).mean()) if len(dev_confidence) else None,
         "detector_warning": warning,
         **training_record(model, settings, report),
     }
@@ -368,23 +349,17 @@ class PSIM:
     def num_labels(self) -> int:
         return int(self.manifest["num_labels"])
 
-    def confidences(self, texts: Sequence[str], *, desc: str | None = None, gamma: float | None = None,
-                    label_gammas: Sequence[float] | None = None) -> np.ndarray:
-        """Per text, the score flagged above gamma (memoized: a grid scores the same test set often): the largest
-        softmax probability, shifted per predicted label where gamma is calibrated per label (``gated_confidences``).
+    def confidences(self, texts: Sequence[str], *, desc: str | None = None, gamma: float | None = None) -> np.ndarray:
+        """Largest softmax probability per text (memoized: a grid scores the same test set often).
 
-        ``gamma`` defaults to the manifest's, with the manifest's ``label_gammas``; a ``gamma`` given uses
-        ``label_gammas`` as given (None: one gamma for all labels). int8 confidences near it are re-scored.
+        ``gamma`` (default: the manifest's) is the threshold near which int8 confidences are re-scored.
         """
-        if gamma is None:
-            gamma, label_gammas = float(self.manifest["gamma"]), self.manifest["gamma_choice"].get("label_gammas")
-        key = hash((tuple(texts), gamma if self.precision == "int8" or label_gammas else None,
-                    tuple(label_gammas) if label_gammas else None))
+        gamma = float(self.manifest["gamma"]) if gamma is None else gamma
+        key = hash((tuple(texts), gamma if self.precision == "int8" else None))
         if key not in self._memo:
-            probabilities = self._probabilities(self.fast_model, list(texts), self.precision, desc)
-            scores = metrics.gated_confidences(probabilities, gamma, label_gammas)
+            scores = self._probabilities(self.fast_model, list(texts), self.precision, desc).max(1)
             if self.precision == "int8":
-                scores = self._recheck(list(texts), scores, gamma, label_gammas)
+                scores = self._recheck(list(texts), scores, gamma)
             self._memo = {**dict(list(self._memo.items())[-3:]), key: scores}  # the latest 4: bounded memory
         return self._memo[key]
 
@@ -392,12 +367,11 @@ class PSIM:
         return predict_proba(model, self.tokenizer, texts, self.batch_size, self.max_length, desc=desc,
                              bf16=precision == "bf16")
 
-    def _recheck(self, texts: list[str], scores: np.ndarray, gamma: float, label_gammas: Sequence[float] | None) -> np.ndarray:
+    def _recheck(self, texts: list[str], scores: np.ndarray, gamma: float) -> np.ndarray:
         near = np.flatnonzero(np.abs(scores - gamma) < self.recheck_margin)
         if len(near):
             scores = scores.copy()
-            probabilities = self._probabilities(self.model, [texts[i] for i in near], self.recheck_precision)
-            scores[near] = metrics.gated_confidences(probabilities, gamma, label_gammas)
+            scores[near] = self._probabilities(self.model, [texts[i] for i in near], self.recheck_precision).max(1)
         return scores
 
     def gamma_for(self, dev: Sequence[Example] | None, gamma: float | None, target_fpr: float | None) -> GammaChoice:
@@ -405,8 +379,8 @@ class PSIM:
         if gamma is None and target_fpr is None:
             return GammaChoice(**self.manifest["gamma_choice"])
         texts = [ex.text for ex in dev] if dev and gamma is None else None
-        probabilities = self._probabilities(self.model, texts, self.calibration_precision) if texts else None
-        return choose_gamma(probabilities, gamma, target_fpr)
+        scores = self._probabilities(self.model, texts, self.calibration_precision).max(1) if texts else None
+        return choose_gamma(scores, gamma, target_fpr)
 
     @property
     def calibration_precision(self) -> str:
@@ -415,7 +389,7 @@ class PSIM:
 
 
 class PSIMDefense(InputDefense):
-    """PSIM as an input defense: flags samples whose confidence exceeds gamma (their label's, where calibrated per label)."""
+    """PSIM as an input defense: flags samples whose confidence exceeds gamma."""
 
     name = "psim"
 
@@ -423,7 +397,7 @@ class PSIMDefense(InputDefense):
         self.psim, self.choice = psim, choice
 
     def screen(self, texts: Sequence[str], *, desc: str | None = None) -> Screened:
-        scores = self.psim.confidences(texts, desc=desc, gamma=self.choice.gamma, label_gammas=self.choice.label_gammas)
+        scores = self.psim.confidences(texts, desc=desc, gamma=self.choice.gamma)
         return Screened(list(texts), metrics.flagged(scores, self.choice.gamma), scores)
 
     def describe(self) -> dict[str, Any]:
@@ -490,7 +464,6 @@ class GuardedPredictor:
     def __init__(self, psim: PSIM, victim: Any, tokenizer: Any, *, gamma: float | None = None, max_length: int = 128,
                  batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32") -> None:
         self.psim, self.victim, self.tokenizer = psim, victim, tokenizer
-        self.fixed_gamma = gamma  # None: the manifest's gamma (per label where it was calibrated so)
         self.gamma = gamma if gamma is not None else float(psim.manifest["gamma"])
         self.max_length, self.batch_size = max_length, batch_size
         self.precision = resolve_precision(precision, next(victim.parameters()).device, allowed=("fp32", "bf16"))
@@ -500,7 +473,7 @@ class GuardedPredictor:
 
     def verdicts(self, texts: Sequence[str]) -> list[Verdict]:
         texts = list(texts)
-        scores = self.psim.confidences(texts, gamma=self.fixed_gamma)
+        scores = self.psim.confidences(texts, gamma=self.gamma)
         flags = metrics.flagged(scores, self.gamma)
         passed = [t for t, f in zip(texts, flags) if not f]
         probs = iter(predict_proba(self.victim, self.tokenizer, passed, self.batch_size, self.max_length,

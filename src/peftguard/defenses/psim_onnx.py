@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from peftguard import metrics
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.precision import INT8_RECHECK_MARGIN
 
@@ -301,20 +300,15 @@ class OnnxPSIM:
             raise PeftguardError(f"{self.folder}: the graph gives non-finite outputs (NaN or inf); re-export the PSIM")
         return out
 
-    def confidences(self, texts: Sequence[str], *, desc: str | None = None, gamma: float | None = None,
-                    label_gammas: Sequence[float] | None = None) -> np.ndarray:
-        """The torch PSIM's score (``PSIM.confidences``: the largest probability, per-label gammas as there); at int8,
-        those within the re-check margin of ``gamma`` from the float32 graph."""
-        if gamma is None:
-            gamma, label_gammas = float(self.manifest["gamma"]), self.manifest["gamma_choice"].get("label_gammas")
+    def confidences(self, texts: Sequence[str], *, desc: str | None = None, gamma: float | None = None) -> np.ndarray:
+        """Largest probability per text; at int8, those within the re-check margin of ``gamma`` from the float32 graph."""
+        gamma = float(self.manifest["gamma"]) if gamma is None else gamma
         texts = list(texts)
-        scores = metrics.gated_confidences(self.probabilities(texts, desc=desc), gamma, label_gammas)
+        scores = self.probabilities(texts, desc=desc).max(1)
         if self.precision == "int8":
             near = np.flatnonzero(np.abs(scores - gamma) < self.recheck_margin)
             if len(near):
-                scores = scores.copy()
-                scores[near] = metrics.gated_confidences(self.probabilities([texts[i] for i in near], "fp32"), gamma,
-                                                         label_gammas)
+                scores[near] = self.probabilities([texts[i] for i in near], "fp32").max(1)
         return scores
 
 
