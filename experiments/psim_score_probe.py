@@ -154,15 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    rows = [row for run in args.runs for found in calibrated_cells(run, args.victim) for row in probe(run, *found)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
+    write(args.out, [row for run in args.runs for found in calibrated_cells(run, args.victim) for row in probe(run, *found)])
+
+
+def write(out: Path, rows: list[dict[str, Any]]) -> None:
+    """``cells.csv``, ``table.md`` and one JSON per cell (its rows, one per score) under ``cells/``."""
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    for key in dict.fromkeys((r["run"], r["dataset"], r["attack"], r["seed"]) for r in rows):
+        name = "{}-{}-{}-seed{}.json".format(*key)
+        cell = [r for r in rows if (r["run"], r["dataset"], r["attack"], r["seed"]) == key]
+        (out / "cells" / name).write_text(json.dumps(cell, indent=2) + "\n", encoding="utf-8")
+    with (out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
