@@ -111,7 +111,7 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
     test = subsample(dataset.test.examples, s["data"]["max_eval_samples"], s["seed"])
     dev = subsample(dataset.dev.examples, s["data"]["max_eval_samples"], s["seed"])
     triggered, _ = _triggered_sets(test, _triggers(s["attacks"], dataset), s["target_label"], s["seed"])
-    # the precision evaluations measure in (fp32): bf16 rounds confidences near 1/K into ties
+    # fp32, as evaluations measure: bf16 moves the flags of inputs near gamma (seed 0: 84.76 left at bf16, 87.17 at fp32)
     psim = PSIM(run_dir / "stages" / psim_stage / "artifact", precision=MEASUREMENT_PRECISION)
     probs = {name: psim._probabilities(psim.model, [ex.text for ex in part], psim.precision)
              for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
