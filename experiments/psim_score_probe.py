@@ -60,7 +60,8 @@ def label_gammas(dev: np.ndarray, target_fpr: float) -> list[float]:
 
     top, labels = dev.max(1), dev.argmax(1)
     pooled = calibrate_gamma(top, target_fpr)
-    return [calibrate_gamma(top[labels == k], target_fpr) if (labels == k).any() else pooled for k in range(dev.shape[1])]
+    return [calibrate_gamma(top[labels == k], target_fpr) if (labels == k).any() else pooled
+            for k in range(dev.shape[1])]
 
 
 def gated(probabilities: np.ndarray, gamma: float, gammas: list[float]) -> np.ndarray:
@@ -111,7 +112,7 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
     test = subsample(dataset.test.examples, s["data"]["max_eval_samples"], s["seed"])
     dev = subsample(dataset.dev.examples, s["data"]["max_eval_samples"], s["seed"])
     triggered, _ = _triggered_sets(test, _triggers(s["attacks"], dataset), s["target_label"], s["seed"])
-    # fp32, as evaluations measure: bf16 moves the flags of inputs near gamma (seed 0: 84.76 left at bf16, 87.17 at fp32)
+    # fp32, as evaluations measure: bf16 moves the flags of inputs near gamma (seed 0: 84.76 left, 87.17 at fp32)
     psim = PSIM(run_dir / "stages" / psim_stage / "artifact", precision=MEASUREMENT_PRECISION)
     probs = {name: psim._probabilities(psim.model, [ex.text for ex in part], psim.precision)
              for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    write(args.out, [row for run in args.runs for found in calibrated_cells(run, args.victim) for row in probe(run, *found)])
+    cells = [(run, found) for run in args.runs for found in calibrated_cells(run, args.victim)]
+    write(args.out, [row for run, found in cells for row in probe(run, *found)])
 
 
 def write(out: Path, rows: list[dict[str, Any]]) -> None:
