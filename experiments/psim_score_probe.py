@@ -41,14 +41,15 @@ COLUMNS = ("run", "dataset", "attack", "seed", "score", "target_fpr", "dev_fpr",
            "run_defended_asr", "run_fpr")
 
 
-def _sorted(p: np.ndarray) -> np.ndarray:
-    return np.sort(p, axis=1)[:, ::-1]
+def _top_two(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    second, first = np.sort(p, axis=1)[:, -2:].T
+    return first, second
 
 
 SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "top": lambda p: p.max(1),
-    "margin": lambda p: _sorted(p)[:, 0] - _sorted(p)[:, 1],
-    "log_ratio": lambda p: np.log(_sorted(p)[:, 0] + 1e-12) - np.log(_sorted(p)[:, 1] + 1e-12),
+    "margin": lambda p: np.subtract(*_top_two(p)),
+    "log_ratio": lambda p: np.subtract(*np.log(np.stack(_top_two(p)) + 1e-12)),
     "neg_entropy": lambda p: (p * np.log(p + 1e-12)).sum(1),
 }
 
@@ -117,10 +118,11 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
     probs = {name: psim._probabilities(psim.model, [ex.text for ex in part], psim.precision)
              for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
     model, tokenizer, _ = load_model(_ref(run_dir, s["victim"]), dataset.num_labels)
-    victim = {name: predict_proba(model, tokenizer, [ex.text for ex in part], 64, s["evaluate"]["max_length"]).argmax(1)
+    e = s["evaluate"]
+    victim = {name: predict_proba(model, tokenizer, [ex.text for ex in part], e["batch_size"], e["max_length"]).argmax(1)
               for name, part in (("clean", test), ("triggered", triggered))}
     labels = np.array([ex.label for ex in test])
-    target_fpr = s["evaluate"]["target_fpr"]
+    target_fpr = e["target_fpr"]
     rows = []
     for score in (*SCORES, "class_top"):
         value, gamma = scorer(score, probs["dev"], target_fpr)
