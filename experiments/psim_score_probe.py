@@ -119,7 +119,8 @@ def probe(run_dir: Path, cell: dict[str, Any], stage: str, psim_stage: str) -> l
              for name, part in (("dev", dev), ("clean", test), ("triggered", triggered))}
     model, tokenizer, _ = load_model(_ref(run_dir, s["victim"]), dataset.num_labels)
     e = s["evaluate"]
-    victim = {name: predict_proba(model, tokenizer, [ex.text for ex in part], e["batch_size"], e["max_length"]).argmax(1)
+    victim = {name: predict_proba(model, tokenizer, [ex.text for ex in part], e["batch_size"],
+                                  e["max_length"]).argmax(1)
               for name, part in (("clean", test), ("triggered", triggered))}
     labels = np.array([ex.label for ex in test])
     target_fpr = e["target_fpr"]
