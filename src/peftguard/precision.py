@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from peftguard.errors import OptionError
+from peftguard.provenance import cpuinfo_field
 
 PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_PRECISION = "auto"
@@ -44,11 +44,7 @@ INT8_RECHECK_MARGIN_7BIT = 0.16
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        return next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")), [])
-    except OSError:
-        return []
+    return (cpuinfo_field("flags") or "").split()
 
 
 @functools.cache
