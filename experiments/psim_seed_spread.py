@@ -77,7 +77,8 @@ def measure(cell: dict[str, Any], psim_seed: int, work: Path) -> dict[str, Any]:
     psim, defended, undefended = read(folder / "psim.json"), read(metrics_file), cell["metrics"]
     return {
         "run": cell["run"], "dataset": s["dataset"], "attack": "+".join(s["attacks"]), "seed": s["seed"],
-        "psim_seed": psim_seed, "ca": _pct(undefended["clean_accuracy"]), "asr": _pct(undefended["attack_success_rate"]),
+        "psim_seed": psim_seed, "ca": _pct(undefended["clean_accuracy"]),
+        "asr": _pct(undefended["attack_success_rate"]),
         "defended_ca": _pct(defended["defended_clean_accuracy"]),
         "defended_asr": _pct(defended["defended_attack_success_rate"]),
         "fpr": _pct(defended["false_positive_rate"]), "auroc": round(defended["auroc"], 3),
