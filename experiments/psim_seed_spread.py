@@ -67,10 +67,10 @@ def measure(cell: dict[str, Any], psim_seed: int, work: Path) -> dict[str, Any]:
     if not (folder / "psim.json").exists():
         peftguard("psim", "train", f"--model={cell['poisoned']}", f"--out={folder}", f"--seed={psim_seed}",
                   f"--max-train-samples={s['data']['max_train_samples']}", *data)
-    metrics_file = folder.with_name(folder.name + "-evaluation") / "metrics.json"  # evaluate refuses --out in --psim
+    metrics_file = folder.with_name(folder.name + "-metrics.json")  # evaluate refuses an --out inside --psim
     if not metrics_file.exists():
         attacks = [f"--attack={a}" for a in s["attacks"]]
-        peftguard("evaluate", f"--model={cell['victim']}", f"--out={metrics_file.parent}", "--defense=psim",
+        peftguard("evaluate", f"--model={cell['victim']}", f"--out={metrics_file}", "--defense=psim",
                   f"--psim={folder}", f"--seed={s['seed']}", f"--target-label={s['target_label']}",
                   f"--batch-size={s['evaluate']['batch_size']}", f"--max-length={s['evaluate']['max_length']}",
                   *attacks, *data)
