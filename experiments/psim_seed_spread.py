@@ -126,10 +126,11 @@ def write(out: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    from peftguard.report import markdown
+
+    table = markdown(list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
+    (out / "table.md").write_text(table, encoding="utf-8")
+    print(table, end="")
 
 
 if __name__ == "__main__":
