@@ -17,6 +17,12 @@ does, on the cell's own test subset and triggered inputs. Nothing is chosen from
 
 It runs the two commands a user runs, so each PSIM folder (under ``--work``) is a plain ``psim train`` output, and
 work already done there is reused.
+
+A prediction, written down (session 25, 00:27 UTC) before the remaining PSIMs (cell 7 with seed 100; every cell with
+seed 101) finished: of the eight PSIMs measured by then on these cells (including session 20's seed-3 PSIM), the
+three that missed (defended ASR > 10%) all trained 112 or 120 steps and the five that caught trained 64 to 88. So the
+prediction is: a PSIM that trains **104 steps or more** (its clean signal reached chance after 72 or more steps)
+misses, and one that trains 96 or fewer catches. It is checked on the remaining draws only; nothing is chosen from it.
 Usage: python experiments/psim_seed_spread.py --psim-seeds 100 101 --out results/psim_seed_spread RUN_DIR...
 """
 from __future__ import annotations
