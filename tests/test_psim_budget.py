@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from peftguard.cli import app
-from peftguard.defenses.psim_budget import BudgetRule, Check, Settling, decide
+from peftguard.errors import OptionError
+from peftguard.defenses.psim_budget import BudgetRule, Check, Settling, decide, try_seed
 
 RULE = BudgetRule()  # two classes: stops at mean clean confidence <= 0.6; four: <= 0.4
 EPOCH = 64  # steps per epoch of the constructed trajectories; checks every 8 steps
@@ -17,10 +18,11 @@ def trajectory(*means: float, every: int = 8) -> list[Check]:
     return [Check(i * every, m) for i, m in enumerate(means)]
 
 
-def run_rule(checks: list[Check], num_labels: int = 2, warmup: int = 3):
+def run_rule(checks: list[Check], num_labels: int = 2, warmup: int = 3, may_restart: bool = False):
     """Feed the checks one by one as training would; the first decision and the step it came at."""
     for i in range(1, len(checks) + 1):
-        decision = decide(RULE, checks[:i], num_labels, steps_per_epoch=EPOCH, warmup_steps=warmup)
+        decision = decide(RULE, checks[:i], num_labels, steps_per_epoch=EPOCH, warmup_steps=warmup,
+                          may_restart=may_restart)
         if decision:
             return decision, checks[i - 1].step
     return None, None
@@ -171,3 +173,53 @@ def test_a_small_training_sets_slow_descent_is_not_called_flat():
         if decision:
             break
     assert decision.reason == "budget" and checks[i - 1].step == RULE.min_budget_steps
+
+
+SLOW = trajectory(0.97, 0.95, 0.93, 0.9, 0.86, 0.8, 0.75, 0.7, 0.66, 0.62, 0.58)  # near chance only at step 80
+
+
+def test_a_search_still_above_target_after_one_epoch_is_restarted_while_restarts_remain():
+    decision, step = run_rule(SLOW, may_restart=True)
+    assert decision.reason == "restart" and decision.under_trained and step == EPOCH
+    decision, step = run_rule(SLOW, may_restart=False)  # the last try runs on under the rule
+    assert decision.reason == "near-chance" and step == 80
+
+
+def test_a_search_near_chance_at_one_epoch_is_not_restarted():
+    decision, step = run_rule(trajectory(0.97, 0.95, 0.93, 0.9, 0.86, 0.8, 0.75, 0.7, 0.6), may_restart=True)
+    assert decision.reason == "near-chance" and step == EPOCH
+
+
+def test_restart_waits_for_the_step_floor_on_small_training_sets():
+    # 10 steps an epoch: a search is slow only from the rule's 64-step floor on, as for calling it flat
+    checks = [Check(s, 0.9) for s in range(0, 80, 2)]
+    for i in range(1, len(checks) + 1):
+        decision = decide(RULE, checks[:i], 2, steps_per_epoch=10, warmup_steps=0, may_restart=True)
+        if decision:
+            break
+    assert decision.reason == "restart" and checks[i - 1].step == RULE.flat_min_steps
+
+
+def test_restart_seeds_are_distinct_and_stay_in_range():
+    assert [try_seed(7, k) for k in range(3)] == [7, 1007, 2007]
+    assert try_seed(2**32 - 1, 1) == 999
+    with pytest.raises(OptionError):
+        BudgetRule(max_restarts=-1)
+
+
+@pytest.mark.slow
+def test_a_slow_try_is_abandoned_and_recorded(tiny_minilm, data_dir, tmp_path):
+    from peftguard.data import load_dataset
+    from peftguard.defenses.psim import train_psim
+    from peftguard.training import TrainSettings
+
+    # a target no PSIM reaches, and small floors: the first try is slow at step 8, the last runs to its 16-step budget
+    rule = BudgetRule(target_share=1e-6, max_restarts=1, flat_min_steps=8, min_budget_steps=16)
+    manifest = train_psim(tiny_minilm, load_dataset("sst2", data_dir=data_dir), TrainSettings(lr=3e-4, max_length=48),
+                          tmp_path / "psim", budget=rule, max_train_samples=96, max_eval_samples=40)
+    budget = manifest["budget"]
+    [abandoned] = budget["abandoned_tries"]
+    assert abandoned["seed"] == 0 and abandoned["stop_reason"] == "restart" and abandoned["stopped_at_step"] == 8
+    assert budget["seed"] == manifest["seed"] == 1000
+    assert budget["stop_reason"] == "budget" and manifest["under_trained"] and manifest["training"]["steps"] == 16
+    assert budget["abandoned_seconds"] == abandoned["seconds"] > 0

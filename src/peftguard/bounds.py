@@ -82,6 +82,7 @@ BOUNDS: dict[str, Bound] = {
     "poison_epochs": _count(1, 10_000),
     "psim_epochs": _count(1, 10_000),
     "max_epochs": _count(1, 10_000),
+    "max_restarts": _count(0, 100),
     "lr": Bound(gt=0, le=1e3),
     "batch_size": _count(1, 1_000_000),
     "max_length": _count(8, 1_000_000),

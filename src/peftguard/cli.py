@@ -431,6 +431,9 @@ def psim_train(
                          "clean-data budget rule.")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(
         "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
+    max_restarts: Annotated[Optional[int], typer.Option(
+        "--max-restarts", help="Budget rule: when clean dev confidence is still above the target after one epoch, "
+                               "start again with another seed (seed + 1000 per restart), at most this often [0].")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Learning rate [{DEFAULT_PSIM_LR:g}].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,
@@ -452,14 +455,15 @@ def psim_train(
     check_options(locals())
     _output_folder(out, MANIFEST, "PSIM", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
-    if epochs is not None and max_epochs is not None:
-        raise PeftguardError("give --epochs (a fixed schedule) or --max-epochs (the budget rule's limit), not both")
+    if epochs is not None and (max_epochs is not None or max_restarts is not None):
+        raise PeftguardError("give --epochs (a fixed schedule) or the budget rule's --max-epochs/--max-restarts, not both")
     method = resolve_psim_method(method, model, _options(allow_pickle, trust_remote_code))
     config = _method_config(method, num_virtual_tokens, encoder_hidden_size, None, lora_target_modules)
     _check_architecture(model, method, config, trust_remote_code)
     data = _dataset(dataset, data_dir, text_column, label_column)
     settings = _settings(epochs, lr, batch_size, max_length, seed, default_epochs=1, default_lr=DEFAULT_PSIM_LR)
-    budget = None if epochs is not None else BudgetRule(**({"max_epochs": max_epochs} if max_epochs is not None else {}))
+    rule_options = {"max_epochs": max_epochs, "max_restarts": max_restarts}
+    budget = None if epochs is not None else BudgetRule(**{k: v for k, v in rule_options.items() if v is not None})
     manifest = train_psim(
         model, data, settings, out, config=config, budget=budget, reset_rate=reset_rate, gamma=gamma,
         target_fpr=target_fpr, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,

@@ -101,6 +101,8 @@ class PSIMConfig(Strict):
         "PEFT method of the PSIM; auto: LoRA for a decoder-only model, the paper's ptuning-v1 otherwise"))
     epochs: Optional[int] = bounded("epochs", None, description="fixed epochs (the paper: 1); null: the clean-data budget rule")
     max_epochs: int = bounded("max_epochs", BudgetRule().max_epochs, description="budget rule: give up after this many epochs")
+    max_restarts: int = bounded("max_restarts", BudgetRule().max_restarts, description=(
+        "budget rule: start a search still above chance after one epoch again with another seed, at most this often"))
     lr: float = bounded("lr", DEFAULT_PSIM_LR)
     reset_rate: float = bounded("reset_rate", 1.0)
     num_virtual_tokens: int = bounded("num_virtual_tokens", 5)

@@ -186,7 +186,8 @@ def _psim_stage(config: ExperimentConfig, base: str, dataset: str, seed: int, ov
     deps = (base,) if is_stage_name(base) else ()
     settings = {**config.psim.model_dump(), **overrides}
     if settings["epochs"] is None:  # the rule's constants are part of what the stage computes (and of its key)
-        settings["budget_rule"] = BudgetRule(max_epochs=settings["max_epochs"]).as_dict()
+        settings["budget_rule"] = BudgetRule(max_epochs=settings["max_epochs"],
+                                             max_restarts=settings["max_restarts"]).as_dict()
     return Stage("psim", {"base": base, "dataset": dataset, "seed": seed, "data": config.data.model_dump(),
                           "psim": settings, "calibration": _psim_calibration(config),
                           "instruction": config.poison.instruction}, deps)

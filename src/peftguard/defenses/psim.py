@@ -21,7 +21,7 @@ import copy
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from peftguard.defenses.psim_budget import (
     Settling,
     decide,
     excess_over_chance,
+    try_seed,
 )
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
@@ -153,20 +154,34 @@ def train_psim(
     settings.validate()
     check_gamma_options(gamma, target_fpr)
     check_length_budget(config, settings)
-    train = reset_labels(
-        subsample(dataset.train.examples, max_train_samples, settings.seed), dataset.num_labels, reset_rate, settings.seed
-    )
     dev = subsample(dataset.dev.examples, max_eval_samples, settings.seed)
     if not dev:
         raise OptionError(f"{dataset.name}: PSIM needs clean dev samples (to stop its training and calibrate gamma)")
-    model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, settings, options, template)
     # Dev accuracy means nothing against random labels: keep the last step.
     settings = TrainSettings(**{**asdict(settings), "keep_best_on_dev": False})
-    watch = _BudgetWatch(budget, model, tokenizer, dev, dataset.num_labels, settings, len(train)) if budget else None
-    report = train_classifier(model, tokenizer, train, None, settings, desc="psim", monitor=watch.monitor() if watch else None)
+    restarts = budget.max_restarts if budget else 0
+    abandoned: list[dict[str, Any]] = []
+    for attempt in range(restarts + 1):
+        attempt_settings = replace(settings, seed=try_seed(settings.seed, attempt))
+        train = reset_labels(subsample(dataset.train.examples, max_train_samples, attempt_settings.seed),
+                             dataset.num_labels, reset_rate, attempt_settings.seed)
+        model, tokenizer = prepare_tunable(model_ref, dataset.num_labels, config, attempt_settings, options, template)
+        watch = (_BudgetWatch(budget, model, tokenizer, dev, dataset.num_labels, attempt_settings, len(train),
+                              may_restart=attempt < restarts, monitor_seed=settings.seed) if budget else None)
+        report = train_classifier(model, tokenizer, train, None, attempt_settings, desc="psim" if not attempt else
+                                  f"psim (try {attempt + 1})", monitor=watch.monitor() if watch else None)
+        if not (watch and watch.restart):
+            break
+        abandoned.append({"seed": attempt_settings.seed, "seconds": round(report.seconds, 2), **watch.record()})
+        log.info("PSIM: clean dev confidence still %.3f after %d steps; starting again with seed %d",
+                 watch.checks[-1].mean_confidence, watch.checks[-1].step, try_seed(settings.seed, attempt + 1))
+    settings = attempt_settings
     dev_confidence = predict_proba(model, tokenizer, [ex.text for ex in dev], settings.batch_size * 2, settings.max_length).max(1)
     choice = choose_gamma(dev_confidence, gamma, target_fpr)
     budget_record = watch.record() if watch else _fixed_budget_record(float(dev_confidence.mean()), dataset.num_labels)
+    if watch:
+        budget_record |= {"seed": settings.seed, "abandoned_tries": abandoned,
+                          "abandoned_seconds": round(sum(t["seconds"] for t in abandoned), 2)}
     check_can_flag(choice)
     warning = detector_warning(dev_confidence, choice.gamma)
     if warning:
@@ -205,9 +220,12 @@ class _BudgetWatch:
     keeps the trajectory of the clean signal (mean, and the tail quantile gamma would sit at)."""
 
     def __init__(self, rule: BudgetRule, model: Any, tokenizer: Any, dev: Sequence[Example], num_labels: int,
-                 settings: TrainSettings, train_size: int) -> None:
+                 settings: TrainSettings, train_size: int, *, may_restart: bool = False,
+                 monitor_seed: int | None = None) -> None:
         self.rule, self.model, self.tokenizer, self.num_labels, self.settings = rule, model, tokenizer, num_labels, settings
-        self.texts = [ex.text for ex in subsample(list(dev), rule.monitor_samples, settings.seed)]
+        self.may_restart = may_restart
+        seed = settings.seed if monitor_seed is None else monitor_seed  # every try watches the same clean samples
+        self.texts = [ex.text for ex in subsample(list(dev), rule.monitor_samples, seed)]
         self.steps_per_epoch = -(-train_size // settings.batch_size)
         self.every = rule.check_every(self.steps_per_epoch)
         self.max_steps = rule.max_steps(self.steps_per_epoch)
@@ -237,15 +255,22 @@ class _BudgetWatch:
             return step >= self.settling.end
         warmup = self.monitor().warmup_steps(self.steps_per_epoch, self.settings.warmup_ratio)
         self.decision = decide(self.rule, self.checks, self.num_labels, steps_per_epoch=self.steps_per_epoch,
-                               warmup_steps=warmup)
+                               warmup_steps=warmup, may_restart=self.may_restart)
         if self.decision is None:
             return False
+        if self.restart:
+            return True
         settle = self.rule.settle_steps(step, self.every) if self.decision.reason == "near-chance" else 0
         settle = min(settle, self.max_steps - step)
         if settle <= 0:
             return True
         self.settling = Settling(step, settle)
         return False
+
+    @property
+    def restart(self) -> bool:
+        """Whether the rule abandoned this try as a slow search."""
+        return self.decision is not None and self.decision.reason == "restart"
 
     def record(self) -> dict[str, Any]:
         decision = self.decision

@@ -24,6 +24,13 @@ point between, so the rule watches only clean ones:
   raises it and hides triggered inputs. Decaying the rate is the paper's own schedule shape
   (linear decay), applied once the budget is known.
 
+* (candidate v4, off unless ``max_restarts`` is set) **restart a slow search**: when the clean signal is still
+  above the target at a check past ``restart_after`` steps (one epoch, at least ``flat_min_steps``), discard the try
+  and start again with another seed (another training subset, label reset, initialisation and order), at most
+  ``max_restarts`` times; the last try runs to the end under the rule above. On AG News the PSIMs whose search
+  needed more than one epoch missed the backdoor and those that needed less caught it (REPRODUCTION.md, "Run to
+  run"): the same suspect model is a lucky or unlucky draw, and a slow draw is visible on clean data alone.
+
 Stopping anywhere but near chance leaves the PSIM ``under_trained``: it is saved, flagged in
 ``psim.json`` and warned about. The constants are fixed a priori (a fifth of the way from chance,
 half as many settling steps again, four epochs, eight checks an epoch). Two development cells were
@@ -41,7 +48,7 @@ from typing import Any, Literal
 
 from peftguard.errors import OptionError
 
-StopReason = Literal["near-chance", "flat", "budget"]
+StopReason = Literal["near-chance", "flat", "budget", "restart"]
 
 # The PSIM's PEFT method when none is given (rule v3b): ``auto`` picks a LoRA PSIM for a decoder-only model and the
 # paper's P-tuning v1 for an encoder (``peftguard.defenses.psim.default_psim_method``). P-tuning v1 prepends fresh
@@ -75,18 +82,25 @@ class BudgetRule:
     flat_min_window: int = 24
     flat_min_steps: int = 64
     monitor_samples: int = 256
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.target_share < 1:
             raise OptionError(f"budget target share must be in (0, 1), got {self.target_share}")
         if not 0 <= self.settle_share <= 4:
             raise OptionError(f"budget settle share must be in [0, 4], got {self.settle_share}")
+        if self.max_restarts < 0:
+            raise OptionError(f"budget max_restarts must be at least 0, got {self.max_restarts}")
         for name in ("max_epochs", "checks_per_epoch", "flat_patience", "monitor_samples"):
             if getattr(self, name) < 1:
                 raise OptionError(f"budget {name} must be at least 1, got {getattr(self, name)}")
 
     def max_steps(self, steps_per_epoch: int) -> int:
         return max(self.max_epochs * steps_per_epoch, self.min_budget_steps)
+
+    def restart_after(self, steps_per_epoch: int) -> int:
+        """A search still above the target at a check this many steps in or later is slow (restarted while it may)."""
+        return max(steps_per_epoch, self.flat_min_steps)
 
     def check_every(self, steps_per_epoch: int) -> int:
         return max(1, math.ceil(steps_per_epoch / self.checks_per_epoch))
@@ -97,6 +111,15 @@ class BudgetRule:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Restart k of a PSIM with seed s uses seed s + k * RESTART_SEED_STRIDE: far from the seeds grids give neighbouring cells.
+RESTART_SEED_STRIDE = 1000
+
+
+def try_seed(seed: int, attempt: int) -> int:
+    """The seed of a PSIM's ``attempt``-th try (0: its own)."""
+    return (seed + RESTART_SEED_STRIDE * attempt) % 2**32
 
 
 @dataclass(frozen=True)
@@ -139,9 +162,11 @@ def excess_over_chance(mean_confidence: float, num_labels: int) -> float:
 
 
 def decide(
-    rule: BudgetRule, checks: Sequence[Check], num_labels: int, *, steps_per_epoch: int, warmup_steps: int
+    rule: BudgetRule, checks: Sequence[Check], num_labels: int, *, steps_per_epoch: int, warmup_steps: int,
+    may_restart: bool = False,
 ) -> Decision | None:
-    """Whether to stop after the latest check, and why; None to go on training."""
+    """Whether to stop after the latest check, and why; None to go on training. ``may_restart``: this try may be
+    abandoned for another (restarts remain)."""
     if not checks:
         return None
     latest = checks[-1]
@@ -152,6 +177,8 @@ def decide(
         return None
     if near_chance:
         return Decision("near-chance", under_trained=False)
+    if may_restart and latest.step >= rule.restart_after(steps_per_epoch):
+        return Decision("restart", under_trained=True)
     if latest.step >= max(steps_per_epoch, rule.flat_min_steps) and _flat(rule, checks, num_labels):
         return Decision("flat", under_trained=True)
     return None
