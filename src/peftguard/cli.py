@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftguard.bounds import MAX_CELLS, check_options
-from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR
+from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR, RESTART_SEED_STRIDE
 from peftguard.errors import PeftguardError
 from peftguard.metrics import DEFAULT_TARGET_FPR
 from peftguard.runtime import configure_threads
@@ -433,7 +433,7 @@ def psim_train(
         "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
     max_restarts: Annotated[Optional[int], typer.Option(
         "--max-restarts", help="Budget rule: when clean dev confidence is still above the target after one epoch, "
-                               "start again with another seed (seed + 1000 per restart), at most this often [0].")] = None,
+                               f"start again with another seed (seed + {RESTART_SEED_STRIDE} per restart), at most this often [0].")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Learning rate [{DEFAULT_PSIM_LR:g}].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,

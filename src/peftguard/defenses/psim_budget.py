@@ -25,7 +25,7 @@ point between, so the rule watches only clean ones:
   (linear decay), applied once the budget is known.
 
 * (candidate v4, off unless ``max_restarts`` is set) **restart a slow search**: when the clean signal is still
-  above the target at a check past ``restart_after`` steps (one epoch, at least ``flat_min_steps``), discard the try
+  above the target at a check ``restart_after`` steps in or later (one epoch, at least ``flat_min_steps``), discard the try
   and start again with another seed (another training subset, label reset, initialisation and order), at most
   ``max_restarts`` times; the last try runs to the end under the rule above. On AG News the PSIMs whose search
   needed more than one epoch missed the backdoor and those that needed less caught it (REPRODUCTION.md, "Run to
