@@ -6,7 +6,8 @@ each defended cell, the undefended CA/ASR beside the defended CA/ASR, FPR, AUROC
 rate at the calibrated gamma, and the rule's decision (steps, epochs, stop reason, clean dev
 confidence, under_trained) with the PSIM's training seconds; as ``cells.csv`` and ``table.md``, and
 copies each cell's small result files (``psim.json``, both ``metrics.json``) under ``cells/``.
-Usage: python experiments/psim_budget_table.py --out results/psim_budget [--victim lora] [--calibrated-only] RUN_DIR...
+Usage: python experiments/psim_budget_table.py --out results/psim_budget [--victim lora] [--calibrated-only]
+       [--with-restarts] RUN_DIR...
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 
 COLUMNS = ("run", "role", "model", "dataset", "attack", "scenario", "seed", "victim", "psim_method", "row", "threshold", "target_fpr", "ca", "asr", "defended_ca",
            "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "settle_steps", "psim_epochs", "stop_reason",
-           "dev_confidence_mean", "under_trained", "psim_seconds")
+           "dev_confidence_mean", "under_trained", "psim_seconds", "psim_seed", "restarts", "abandoned_seconds")
+RESTART_COLUMNS = ("psim_seed", "restarts", "abandoned_seconds")
 KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
 
 
@@ -63,6 +65,9 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
             "psim_steps": training["steps"], "settle_steps": manifest["budget"].get("settle_steps", 0), "psim_epochs": round(training["steps"] / manifest["budget"].get("steps_per_epoch", training["steps"]), 2),
             "stop_reason": manifest["budget"]["stop_reason"], "dev_confidence_mean": f"{manifest['dev_confidence_mean']:.3f}",
             "under_trained": manifest["under_trained"], "psim_seconds": training["seconds"],
+            "psim_seed": manifest["budget"].get("seed", manifest["seed"]),
+            "restarts": len(manifest["budget"].get("abandoned_tries", [])),
+            "abandoned_seconds": manifest["budget"].get("abandoned_seconds", 0),
         })
     return rows
 
@@ -86,10 +91,10 @@ def pct(value: float | None) -> str:
     return "" if value is None or value != value else f"{100 * value:.2f}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], with_restarts: bool = False) -> str:
     shown = ("role", "model", "dataset", "attack", "scenario", "seed", "victim", "psim_method", "row", "threshold", "target_fpr", "ca", "asr", "defended_ca",
              "defended_asr", "fpr", "auroc", "psim_steps", "settle_steps", "psim_epochs", "stop_reason", "dev_confidence_mean",
-             "psim_seconds")
+             "psim_seconds") + (RESTART_COLUMNS if with_restarts else ())
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r[c]) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -102,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for cells.csv and table.md")
     parser.add_argument("--victim", help="keep only the rows of this victim method (e.g. lora); default: every victim")
     parser.add_argument("--calibrated-only", action="store_true", help="leave out the rows at a fixed gamma")
+    parser.add_argument("--with-restarts", action="store_true",
+                        help="also show the kept PSIM's seed, its abandoned tries and their seconds (restart rule)")
     return parser
 
 
@@ -119,8 +126,9 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (args.out / "table.md").write_text(markdown(rows), encoding="utf-8")
-    print(markdown(rows))
+    table = markdown(rows, args.with_restarts)
+    (args.out / "table.md").write_text(table, encoding="utf-8")
+    print(table)
 
 
 if __name__ == "__main__":
