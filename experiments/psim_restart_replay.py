@@ -6,7 +6,8 @@ in ``psim.json``). Rule v4 (``BudgetRule.max_restarts``) changes a run only wher
 target at a check one epoch (at least ``flat_min_steps`` steps) in; everywhere else the same seed trains the same
 steps, so the run time is unchanged. This script feeds each recorded search, check by check, to the rule's own
 ``decide`` with a restart allowed and writes, per PSIM, whether and at which step it would have restarted
-(``replay.csv``), and a count per model size / dataset / PSIM method (``table.md``). PSIMs trained at a fixed schedule
+(``cells.csv``; each search it was fed in ``cells/``), and a count per model size / dataset / PSIM method
+(``table.md``). PSIMs trained at a fixed schedule
 or already under v4 are left out; copies of one PSIM in several result folders count once.
 Usage: python experiments/psim_restart_replay.py --out results/psim_restart_replay FOLDER...
 """
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="folders searched for psim.json (e.g. results)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for replay.csv and table.md")
+    parser.add_argument("--out", type=Path, required=True, help="folder for cells.csv, cells/ and table.md")
     return parser
 
 
@@ -91,8 +92,14 @@ def main() -> None:
             continue
         seen.add(key)
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "replay.csv").open("w", newline="", encoding="utf-8") as handle:
+    (args.out / "cells").mkdir(parents=True, exist_ok=True)
+    for number, row in enumerate(rows):
+        search = [p for p in json.loads(Path(row["psim"]).read_text(encoding="utf-8"))["budget"]["trajectory"]
+                  if p["step"] <= row["search_steps"]]
+        record = {**row, "search_trajectory": search}
+        (args.out / "cells" / f"{number:03d}-{row['dataset']}-{row['psim_method']}-seed{row['seed']}.json").write_text(
+            json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
