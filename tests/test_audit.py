@@ -263,6 +263,18 @@ def test_the_cli_caps_the_clean_subsets_at_the_audit_defaults(tiny_minilm, tiny_
         (DEFAULT_AUDIT_TRAIN_SAMPLES, DEFAULT_AUDIT_EVAL_SAMPLES), (DEFAULT_AUDIT_TRAIN_SAMPLES, 7)]
 
 
+def test_the_cli_passes_the_psim_restarts_on_and_keeps_the_rule_default(tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
+    from peftguard.defenses.psim_budget import BudgetRule
+
+    seen = []
+    record = {"verdict": "no evidence", "score": 0.0, "threshold": 0.5, "candidates": [], "seconds": {"total": 1.0}}
+    monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: seen.append(request) or record)
+    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
+    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "b",
+                                   "--max-restarts", "0"])
+    assert [r.psim_budget for r in seen] == [BudgetRule(), BudgetRule(max_restarts=0)]
+
+
 @pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
 def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     from peftguard.audit.report import LIMITS, NO_EVIDENCE, TASK_STACK_WARNING, card
@@ -278,6 +290,21 @@ def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     assert (TASK_STACK_WARNING in text) == (verdict == "backdoored")  # and this one to a verdict that accuses
 
 
+@pytest.mark.parametrize("abandoned", [0, 2])
+def test_the_card_says_when_the_psim_search_was_restarted(abandoned):
+    from peftguard.audit.report import card
+
+    psim = {"trained_on": "m", "train_samples": 2000, "steps": 96, "stop_reason": "near-chance", "under_trained": False,
+            "dev_confidence_mean": 0.34, "gamma": 0.42, "gamma_choice": {"how": "target-fpr"}, "seed": 2000,
+            "abandoned_tries": abandoned, "abandoned_seconds": 400.0}
+    record = {"verdict": "no evidence", "score": 0.1, "threshold": 0.5, "lens": {"name": "psim"}, "score_is": "s",
+              "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [], "psim": psim, "search": {"counts": {}},
+              "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0}, "device": "cpu",
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [], "files": []}}
+    line = "- seed 2000, after 2 slow search(es) abandoned (400 s)"
+    assert (line in card(record, None)) == bool(abandoned)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "{tmp}/missing"], "does not exist"),
     (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
@@ -285,6 +312,7 @@ def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     (["--model", "{tiny}", "--pairs", "-1"], "--pairs must be"),
     (["--model", "{tiny}", "--vocabulary", "{tmp}/empty.txt"], "no words"),
     (["--model", "{tiny}", "--precision", "int8"], "the audit's search runs at"),
+    (["--model", "{tiny}", "--max-restarts", "-1"], "--max-restarts must be"),
 ])
 def test_usage_and_input_errors_exit_2_on_one_line(extra, message, tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftguard.bounds import MAX_CELLS, check_options
-from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR, RESTART_SEED_STRIDE
+from peftguard.defenses.psim_budget import AUTO_PSIM_METHOD, DEFAULT_PSIM_LR, RESTART_SEED_STRIDE, BudgetRule
 from peftguard.errors import PeftguardError
 from peftguard.metrics import DEFAULT_TARGET_FPR
 from peftguard.runtime import configure_threads
@@ -433,7 +433,8 @@ def psim_train(
         "--max-epochs", help="Budget rule: give up after this many epochs [4].")] = None,
     max_restarts: Annotated[Optional[int], typer.Option(
         "--max-restarts", help="Budget rule: when clean dev confidence is still above the target after one epoch, "
-                               f"start again with another seed (seed + {RESTART_SEED_STRIDE} per restart), at most this often [0].")] = None,
+                               f"start again with another seed (seed + {RESTART_SEED_STRIDE} per restart), at most this often "
+                               f"[{BudgetRule().max_restarts}]; 0: never.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Learning rate [{DEFAULT_PSIM_LR:g}].")] = None,
     batch_size: BatchOpt = 32,
     max_length: MaxLenOpt = 128,
@@ -450,8 +451,6 @@ def psim_train(
     certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
     """
     from peftguard.defenses.psim import MANIFEST, resolve_psim_method, train_psim
-    from peftguard.defenses.psim_budget import BudgetRule
-
     check_options(locals())
     _output_folder(out, MANIFEST, "PSIM", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
@@ -567,6 +566,7 @@ def audit(
     max_length: MaxLenOpt = 128,
     batch_size: BatchOpt = 32,
     precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 | auto: precision of the search's ranking steps (auto: bf16 where the hardware multiplies it, about 2x faster); verification and the verdict are always float32.")] = "auto",
+    max_restarts: Annotated[Optional[int], typer.Option("--max-restarts", help=f"PSIM's budget rule, as in psim train: a search still above the clean target after one epoch starts again with another seed, at most this often [{BudgetRule().max_restarts}]; 0: never.")] = None,
     seed: SeedOpt = 0,
     allow_pickle: AllowPickleOpt = False,
     overwrite: OverwriteOpt = False,
@@ -599,6 +599,7 @@ def audit(
         max_eval_samples=max_eval_samples if max_eval_samples is not None else DEFAULT_AUDIT_EVAL_SAMPLES,
         seed=seed, max_length=max_length, batch_size=batch_size, search=search,
         precision=precision, vocabulary=read_word_list(vocabulary) if vocabulary is not None else None,
+        psim_budget=BudgetRule() if max_restarts is None else BudgetRule(max_restarts=max_restarts),
         options=_options(allow_pickle, False),
     )
     record = run_audit(request, echo=lambda message: typer.echo(message, err=True))

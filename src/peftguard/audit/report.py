@@ -93,6 +93,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
         lines += ["## PSIM", "",
                   f"- trained on `{psim['trained_on']}`, {psim['train_samples']} training samples with random labels, "
                   f"{psim['steps']} steps, stopped: {psim['stop_reason']}{' (UNDER-TRAINED)' if psim['under_trained'] else ''}",
+                  *([f"- seed {psim['seed']}, after {psim['abandoned_tries']} slow search(es) abandoned "
+                     f"({psim['abandoned_seconds']:.0f} s)"] if psim.get("abandoned_tries") else []),
                   f"- clean dev confidence {psim['dev_confidence_mean']:.3f}; gamma {psim['gamma']:.4f} "
                   f"({psim['gamma_choice']['how']})",
                   *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]

@@ -38,6 +38,7 @@ from peftguard.audit.search import (
 from peftguard.audit.sources import Suspect, load_suspect_classifier, merge_lora, provenance, resolve_suspect
 from peftguard.audit.task import TASK_MIN_TEXTS, TASK_PURITY, TaskEvidence, task_evidence
 from peftguard.data import TextDataset, subsample
+from peftguard.defenses.psim_budget import BudgetRule
 from peftguard.errors import OptionError
 from peftguard.models import LoadOptions, load_classifier
 from peftguard.precision import resolve_precision
@@ -94,6 +95,7 @@ class AuditRequest:
     search: SearchSettings = SearchSettings()
     precision: str = "auto"  # the search's ranking steps: fp32, bf16 or auto (bf16 where native); verification is fp32
     vocabulary: tuple[str, ...] | None = None  # screen only these words (default: the whole vocabulary)
+    psim_budget: BudgetRule = BudgetRule()  # the PSIM's clean-data budget rule (psim train's default)
     options: LoadOptions = LoadOptions()
     progress: bool = True
 
@@ -184,7 +186,7 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
     # The audit was measured on its zoo (MiniLM) with the paper's P-tuning v1 PSIM; rule v3b's LoRA PSIM for decoders
     # has not been measured as an audit lens, so the audit keeps the lens it was validated with.
     manifest = train_psim(suspect.psim_weights, request.dataset, settings, work / "psim",
-                          config=method_config(PAPER_PSIM_METHOD),
+                          config=method_config(PAPER_PSIM_METHOD), budget=request.psim_budget,
                           max_train_samples=request.max_train_samples, max_eval_samples=request.max_eval_samples,
                           options=request.options)
     psim = PSIM(work / "psim", options=request.options, precision="fp32")  # the lens sets its own precision
@@ -192,7 +194,10 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
               "trained_on": suspect.psim_weights, "stop_reason": manifest["budget"]["stop_reason"],
               "under_trained": manifest["under_trained"], "steps": manifest["training"]["steps"],
               "dev_confidence_mean": manifest["dev_confidence_mean"], "detector_warning": manifest["detector_warning"],
-              "train_samples": manifest["train_samples"]}
+              "train_samples": manifest["train_samples"], "seed": manifest["budget"]["seed"],
+              "max_restarts": request.psim_budget.max_restarts,
+              "abandoned_tries": len(manifest["budget"]["abandoned_tries"]),
+              "abandoned_seconds": manifest["budget"]["abandoned_seconds"]}
     lens = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"]), screen_precision=screen_precision)
     return lens, record
 
