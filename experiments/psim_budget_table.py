@@ -20,8 +20,8 @@ from typing import Any
 
 COLUMNS = ("run", "role", "model", "dataset", "attack", "scenario", "seed", "victim", "psim_method", "row", "threshold", "target_fpr", "ca", "asr", "defended_ca",
            "defended_asr", "fpr", "detection_rate", "auroc", "gamma", "psim_steps", "settle_steps", "psim_epochs", "stop_reason",
-           "dev_confidence_mean", "under_trained", "psim_seconds", "psim_seed", "restarts", "abandoned_seconds")
-RESTART_COLUMNS = ("psim_seed", "restarts", "abandoned_seconds")
+           "dev_confidence_mean", "under_trained", "psim_seconds", "max_restarts", "psim_seed", "restarts", "abandoned_seconds")
+RESTART_COLUMNS = ("max_restarts", "psim_seed", "restarts", "abandoned_seconds")
 KEY = ("model", "dataset", "attack", "scenario", "seed", "method")
 
 
@@ -65,6 +65,7 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
             "psim_steps": training["steps"], "settle_steps": manifest["budget"].get("settle_steps", 0), "psim_epochs": round(training["steps"] / manifest["budget"].get("steps_per_epoch", training["steps"]), 2),
             "stop_reason": manifest["budget"]["stop_reason"], "dev_confidence_mean": f"{manifest['dev_confidence_mean']:.3f}",
             "under_trained": manifest["under_trained"], "psim_seconds": training["seconds"],
+            "max_restarts": manifest["budget"].get("rule", {}).get("max_restarts", 0),
             "psim_seed": manifest["budget"].get("seed", manifest["seed"]),
             "restarts": len(manifest["budget"].get("abandoned_tries", [])),
             "abandoned_seconds": manifest["budget"].get("abandoned_seconds", 0),
@@ -83,8 +84,9 @@ def cell_name(row: dict[str, Any]) -> str:
     model = "" if row["model"] == "minilm" else f"{row['model']}-"
     victim = "" if row["victim"] == "lora" else f"-{row['victim']}"
     fixed = "" if row["threshold"] == "calibrated" else f"-{row['threshold'].replace(' ', '')}"
+    restarts = f"-restarts{row['max_restarts']}" if row["max_restarts"] else ""
     return (f"{model}{row['dataset']}-{row['attack']}-{row['scenario']}-seed{row['seed']}{victim}-{row['row']}"
-            f"-psim-{row['psim_method']}{fpr}{fixed}")
+            f"-psim-{row['psim_method']}{restarts}{fpr}{fixed}")
 
 
 def pct(value: float | None) -> str:
