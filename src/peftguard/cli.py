@@ -451,6 +451,7 @@ def psim_train(
     certainty; if it gets stuck above that or runs out of budget, psim.json says under_trained.
     """
     from peftguard.defenses.psim import MANIFEST, resolve_psim_method, train_psim
+
     check_options(locals())
     _output_folder(out, MANIFEST, "PSIM", inputs=(dataset, data_dir), models=(model,), overwrite=overwrite)
     _setup_logging(verbose)
