@@ -45,7 +45,7 @@ def replay(manifest: dict[str, Any]) -> int | None:
 
 def search_steps(budget: dict[str, Any]) -> int:
     """Where the search phase ended (rule v1, which did not settle, recorded only where it stopped)."""
-    return budget.get("search_stopped_at_step", budget["stopped_at_step"])
+    return budget["search_stopped_at_step"] if "search_stopped_at_step" in budget else budget["stopped_at_step"]
 
 
 def rows_of(path: Path) -> dict[str, Any] | None:
