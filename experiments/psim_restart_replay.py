@@ -48,21 +48,23 @@ def search_steps(budget: dict[str, Any]) -> int:
     return budget["search_stopped_at_step"] if "search_stopped_at_step" in budget else budget["stopped_at_step"]
 
 
-def rows_of(path: Path) -> dict[str, Any] | None:
+def row_of(path: Path) -> dict[str, Any] | None:
+    """One PSIM's row, with the search it recorded (``search_trajectory``); None for a PSIM the replay leaves out."""
     manifest = json.loads(path.read_text(encoding="utf-8"))
     budget = manifest.get("budget", {})
-    if budget.get("mode") != "clean-dev rule" or "max_restarts" in budget.get("rule", {}) and budget["rule"]["max_restarts"]:
+    if budget.get("mode") != "clean-dev rule" or budget.get("rule", {}).get("max_restarts"):
         return None
+    searched = search_steps(budget)
     return {"psim": str(path), "parameters_m": round(manifest["parameters"]["total"] / 1e6), "dataset": manifest["dataset"],
             "num_labels": manifest["num_labels"], "psim_method": manifest["method"], "seed": manifest["seed"],
-            "steps_per_epoch": budget["steps_per_epoch"], "search_steps": search_steps(budget),
-            "stop_reason": budget["stop_reason"], "restart_at_step": replay(manifest)}
+            "steps_per_epoch": budget["steps_per_epoch"], "search_steps": searched,
+            "stop_reason": budget["stop_reason"], "restart_at_step": replay(manifest),
+            "search_trajectory": [p for p in budget["trajectory"] if p["step"] <= searched]}
 
 
-def fingerprint(row: dict[str, Any], path: Path) -> str:
+def fingerprint(row: dict[str, Any]) -> str:
     """One PSIM's identity: the same search recorded under several result folders (or stage paths) counts once."""
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    search = [(p["step"], p["mean_confidence"]) for p in manifest["budget"]["trajectory"] if p["step"] <= row["search_steps"]]
+    search = [(p["step"], p["mean_confidence"]) for p in row["search_trajectory"]]
     return json.dumps([row["dataset"], row["seed"], row["psim_method"], row["parameters_m"], search])
 
 
@@ -87,20 +89,17 @@ def main() -> None:
     seen: set[str] = set()
     rows = []
     for path in sorted(p for folder in args.folders for p in folder.rglob("psim.json")):
-        row = rows_of(path)
-        if row is None or (key := fingerprint(row, path)) in seen:
+        row = row_of(path)
+        if row is None or (key := fingerprint(row)) in seen:
             continue
         seen.add(key)
         rows.append(row)
     (args.out / "cells").mkdir(parents=True, exist_ok=True)
     for number, row in enumerate(rows):
-        search = [p for p in json.loads(Path(row["psim"]).read_text(encoding="utf-8"))["budget"]["trajectory"]
-                  if p["step"] <= row["search_steps"]]
-        record = {**row, "search_trajectory": search}
         (args.out / "cells" / f"{number:03d}-{row['dataset']}-{row['psim_method']}-seed{row['seed']}.json").write_text(
-            json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            json.dumps(row, indent=1) + "\n", encoding="utf-8")
     with (args.out / "cells.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     table = markdown(rows)

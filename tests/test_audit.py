@@ -250,15 +250,21 @@ def test_exit_status_follows_the_verdict(verdict, status, tiny_minilm, tiny_data
     assert code == status == exit_status(record)
 
 
-def test_the_cli_caps_the_clean_subsets_at_the_audit_defaults(tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
-    from peftguard.audit.run import DEFAULT_AUDIT_EVAL_SAMPLES, DEFAULT_AUDIT_TRAIN_SAMPLES
-
+def requests_of(monkeypatch, capsys, tiny_minilm, tiny_dataset, tmp_path, *option_sets: list[str]) -> list:
+    """The AuditRequest the CLI builds for each set of extra options (the audit itself not run)."""
     seen = []
     record = {"verdict": "no evidence", "score": 0.0, "threshold": 0.5, "candidates": [], "seconds": {"total": 1.0}}
     monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: seen.append(request) or record)
-    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
-    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "b",
-                                   "--max-eval-samples", "7"])
+    for number, options in enumerate(option_sets):
+        run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset,
+                                       "--out", tmp_path / f"a{number}", *options])
+    return seen
+
+
+def test_the_cli_caps_the_clean_subsets_at_the_audit_defaults(tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
+    from peftguard.audit.run import DEFAULT_AUDIT_EVAL_SAMPLES, DEFAULT_AUDIT_TRAIN_SAMPLES
+
+    seen = requests_of(monkeypatch, capsys, tiny_minilm, tiny_dataset, tmp_path, [], ["--max-eval-samples", "7"])
     assert [(r.max_train_samples, r.max_eval_samples) for r in seen] == [
         (DEFAULT_AUDIT_TRAIN_SAMPLES, DEFAULT_AUDIT_EVAL_SAMPLES), (DEFAULT_AUDIT_TRAIN_SAMPLES, 7)]
 
@@ -266,12 +272,7 @@ def test_the_cli_caps_the_clean_subsets_at_the_audit_defaults(tiny_minilm, tiny_
 def test_the_cli_passes_the_psim_restarts_on_and_keeps_the_rule_default(tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
     from peftguard.defenses.psim_budget import BudgetRule
 
-    seen = []
-    record = {"verdict": "no evidence", "score": 0.0, "threshold": 0.5, "candidates": [], "seconds": {"total": 1.0}}
-    monkeypatch.setattr("peftguard.audit.run.run_audit", lambda request, echo: seen.append(request) or record)
-    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "a"])
-    run_main(monkeypatch, capsys, ["audit", "--model", tiny_minilm, "--dataset", tiny_dataset, "--out", tmp_path / "b",
-                                   "--max-restarts", "0"])
+    seen = requests_of(monkeypatch, capsys, tiny_minilm, tiny_dataset, tmp_path, [], ["--max-restarts", "0"])
     assert [r.psim_budget for r in seen] == [BudgetRule(), BudgetRule(max_restarts=0)]
 
 
