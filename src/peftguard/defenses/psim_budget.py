@@ -25,7 +25,7 @@ point between, so the rule watches only clean ones:
   (linear decay), applied once the budget is known.
 
 * (candidate v4, off unless ``max_restarts`` is set) **restart a slow search**: when the clean signal is still
-  above the target at a check ``restart_after`` steps in or later (one epoch, at least ``flat_min_steps``), discard the try
+  above the target at a check ``slow_after`` steps in or later (one epoch, at least ``flat_min_steps``), discard the try
   and start again with another seed (another training subset, label reset, initialisation and order), at most
   ``max_restarts`` times; the last try runs to the end under the rule above. On AG News the PSIMs whose search
   needed more than one epoch missed the backdoor and those that needed less caught it (REPRODUCTION.md, "Run to
@@ -98,8 +98,9 @@ class BudgetRule:
     def max_steps(self, steps_per_epoch: int) -> int:
         return max(self.max_epochs * steps_per_epoch, self.min_budget_steps)
 
-    def restart_after(self, steps_per_epoch: int) -> int:
-        """A search still above the target at a check this many steps in or later is slow (restarted while it may)."""
+    def slow_after(self, steps_per_epoch: int) -> int:
+        """A search still above the target at a check this many steps in or later is slow: restarted while it may,
+        else stopped once its clean signal is flat (before this, neither is judged)."""
         return max(steps_per_epoch, self.flat_min_steps)
 
     def check_every(self, steps_per_epoch: int) -> int:
@@ -177,9 +178,9 @@ def decide(
         return None
     if near_chance:
         return Decision("near-chance", under_trained=False)
-    if may_restart and latest.step >= rule.restart_after(steps_per_epoch):
+    if may_restart and latest.step >= rule.slow_after(steps_per_epoch):
         return Decision("restart", under_trained=True)
-    if latest.step >= max(steps_per_epoch, rule.flat_min_steps) and _flat(rule, checks, num_labels):
+    if latest.step >= rule.slow_after(steps_per_epoch) and _flat(rule, checks, num_labels):
         return Decision("flat", under_trained=True)
     return None
 
