@@ -221,7 +221,7 @@ def phrase(left: Candidate, right: Candidate, source: str = "phrase") -> Candida
     return Candidate(f"{left.text} {right.text}", left.ids + right.ids, source)
 
 
-_PAIR_WORD = re.compile(r"[^\W\d_]+")  # runs of letters: what vocabulary_candidates keeps as words
+PAIR_WORD = re.compile(r"[^\W\d_]+")  # runs of letters: what vocabulary_candidates keeps as words
 
 
 def text_pairs(texts: Iterable[str], vocabulary: Sequence[Candidate], n: int) -> list[Candidate]:
@@ -240,7 +240,7 @@ def text_pairs(texts: Iterable[str], vocabulary: Sequence[Candidate], n: int) ->
         by_word.setdefault(candidate.text.lower(), candidate)
     counts: Counter[tuple[str, str]] = Counter()
     for text in texts:
-        words = _PAIR_WORD.findall(text.lower())
+        words = PAIR_WORD.findall(text.lower())
         counts.update(zip(words, words[1:]))
     pairs: list[Candidate] = []
     for (left, right), _ in counts.most_common():
