@@ -1,0 +1,110 @@
+"""How often a gamma calibrated on clean dev texts lets more than a bar's share of clean test texts through, by chance.
+
+    python experiments/fpr_sampling_check.py --out results/fpr_sampling_check results
+
+Gamma is the (k+1)-th largest of n clean dev scores, k = floor(target * n) (:func:`peftguard.metrics.calibrate_gamma`).
+If dev and test texts are exchangeable (drawn alike), the share of test texts scoring above that order statistic is
+Beta(k + 1, n - k) distributed, so the count of m clean test texts flagged is beta-binomial(m, k + 1, n - k): a fact
+of order statistics, with no model and no data in it. This reads every committed PSIM cell
+(``results/*/cells/*/defended_metrics.json`` calibrated to a target FPR), counts each calibration once (cells that
+share a PSIM, gamma and test set, such as one PSIM's rows for several victims, have one FPR), and sets each observed
+test FPR beside that distribution: the chance it exceeds the bar, and how extreme the observed count is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+BAR = 0.03  # issue 13's clean-test FPR bar
+
+
+def beta_binomial_pmf(m: int, a: float, b: float) -> list[float]:
+    """P(X = x) for x = 0..m, X ~ beta-binomial(m, a, b)."""
+    log_beta_ab = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    return [math.exp(math.lgamma(m + 1) - math.lgamma(x + 1) - math.lgamma(m - x + 1)
+                     + math.lgamma(x + a) + math.lgamma(m - x + b) - math.lgamma(m + a + b) - log_beta_ab)
+            for x in range(m + 1)]
+
+
+def flagged_count_law(dev: int, target: float, test: int) -> list[float]:
+    allowed = int(math.floor(target * dev + 1e-9))  # as calibrate_gamma counts it
+    return beta_binomial_pmf(test, allowed + 1, dev - allowed)
+
+
+def calibrations(results: Path) -> list[dict[str, Any]]:
+    """One row per distinct calibration of a committed PSIM cell."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(results.glob("*/cells/*/defended_metrics.json")):
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        choice = (metrics.get("defense") or {}).get("gamma_choice") or {}
+        if choice.get("how") != "target-fpr":
+            continue
+        dev, test, target = choice["calibration_samples"], metrics["clean_samples"], choice["target_fpr"]
+        flagged = round(metrics["false_positive_rate"] * test)
+        key = (metrics["dataset"], round(metrics["gamma"], 9), dev, test, flagged)
+        rows.setdefault(key, {"dataset": metrics["dataset"], "cell": f"{path.parts[-4]}/{path.parts[-2]}", "dev": dev,
+                              "test": test, "target_fpr": target, "flagged": flagged, "fpr": flagged / test})
+    for row in rows.values():
+        law = flagged_count_law(row["dev"], row["target_fpr"], row["test"])
+        over_bar = math.floor(BAR * row["test"] + 1e-9)  # counts above this exceed the bar
+        row["p_over_bar"] = sum(law[over_bar + 1:])
+        row["p_at_least_observed"] = sum(law[row["flagged"]:])
+        row["expected_fpr"] = sum(x * p for x, p in enumerate(law)) / row["test"]
+    return sorted(rows.values(), key=lambda r: (r["dataset"], r["cell"]))
+
+
+def summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    rows = list(rows)
+    over = [r for r in rows if r["fpr"] > BAR]
+    expected_over = sum(r["p_over_bar"] for r in rows)
+    return {
+        "calibrations": len(rows), "over_bar": len(over), "expected_over_bar": round(expected_over, 2),
+        "mean_fpr": round(sum(r["fpr"] for r in rows) / len(rows), 4),
+        "mean_expected_fpr": round(sum(r["expected_fpr"] for r in rows) / len(rows), 4),
+        "smallest_p_at_least_observed": min(r["p_at_least_observed"] for r in rows),
+        "chance_some_cell_that_extreme": 1 - math.prod(1 - min(r["p_at_least_observed"] for r in rows) for _ in rows),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | calibrations | mean FPR | expected mean FPR | above 3% | expected above 3% |",
+             "|---|---|---|---|---|---|"]
+    for dataset in sorted({r["dataset"] for r in rows}) + ["all"]:
+        part = [r for r in rows if dataset in ("all", r["dataset"])]
+        s = summary(part)
+        lines.append(f"| {dataset} | {s['calibrations']} | {100 * s['mean_fpr']:.2f} | {100 * s['mean_expected_fpr']:.2f} "
+                     f"| {s['over_bar']} | {s['expected_over_bar']:.2f} |")
+    lines += ["", "| cell | dev | test | target | FPR | P(FPR > 3%) | P(count >= observed) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["fpr"] > BAR:
+            lines.append(f"| {r['cell']} | {r['dev']} | {r['test']} | {r['target_fpr']} | {100 * r['fpr']:.2f} "
+                         f"| {r['p_over_bar']:.3f} | {r['p_at_least_observed']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="the committed results folder")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    rows = calibrations(args.results)
+    if not rows:
+        raise SystemExit(f"{args.results}: no cell calibrated to a target FPR")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bar": BAR, "summary": summary(rows), "calibrations": rows}
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text(table(rows), encoding="utf-8")
+    print(table(rows))
+    print(json.dumps(record["summary"]))
+
+
+if __name__ == "__main__":
+    main()
