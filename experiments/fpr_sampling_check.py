@@ -61,12 +61,14 @@ def summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     rows = list(rows)
     over = [r for r in rows if r["fpr"] > BAR]
     expected_over = sum(r["p_over_bar"] for r in rows)
+    smallest = min(r["p_at_least_observed"] for r in rows)
     return {
         "calibrations": len(rows), "over_bar": len(over), "expected_over_bar": round(expected_over, 2),
         "mean_fpr": round(sum(r["fpr"] for r in rows) / len(rows), 4),
         "mean_expected_fpr": round(sum(r["expected_fpr"] for r in rows) / len(rows), 4),
-        "smallest_p_at_least_observed": min(r["p_at_least_observed"] for r in rows),
-        "chance_some_cell_that_extreme": 1 - math.prod(1 - min(r["p_at_least_observed"] for r in rows) for _ in rows),
+        "smallest_p_at_least_observed": smallest,
+        # were every calibration drawn alike, about the chance that one of them shows a count at least this unlikely
+        "chance_some_cell_that_extreme": 1 - (1 - smallest) ** len(rows),
     }
 
 
