@@ -78,9 +78,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for dataset in sorted({r["dataset"] for r in rows}) + ["all"]:
         part = [r for r in rows if dataset in ("all", r["dataset"])]
         s = summary(part)
-        lines.append(f"| {dataset} | {s['calibrations']} | {100 * s['mean_fpr']:.2f} | {100 * s['mean_expected_fpr']:.2f} "
-                     f"| {s['over_bar']} | {s['expected_over_bar']:.2f} |")
-    lines += ["", "| cell | dev | test | target | FPR | P(FPR > 3%) | P(count >= observed) |", "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {dataset} | {s['calibrations']} | {100 * s['mean_fpr']:.2f} "
+                     f"| {100 * s['mean_expected_fpr']:.2f} | {s['over_bar']} | {s['expected_over_bar']:.2f} |")
+    lines += ["", "| cell | dev | test | target | FPR | P(FPR > 3%) | P(count >= observed) |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["fpr"] > BAR:
             lines.append(f"| {r['cell']} | {r['dev']} | {r['test']} | {r['target_fpr']} | {100 * r['fpr']:.2f} "

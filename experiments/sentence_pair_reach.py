@@ -5,8 +5,8 @@
 The audit screens the ``pair_screen`` adjacent word pairs most frequent in the clean training texts
 (:func:`peftguard.audit.search.text_pairs`), because a sentence of common words can set a PSIM off through a pair
 while none of its words does alone. This counts, for every InSent model of experiments/zoo.yaml, the rank of each
-of its sentence's adjacent pairs among all pairs of its dataset's clean training texts (blank: the pair never occurs
-there), and puts it beside the committed audit of that model: its verdict and whether a word of the sentence is
+of its sentence's adjacent pairs among all pairs of its dataset's clean training texts (null: the pair never
+occurs there), and puts it beside the committed audit of that model: its verdict and whether a word of the sentence is
 among its top 5 candidates (experiments/audit_zoo.py's test: any whitespace word, stop words included; the words
 matched are listed). The audit files are read in the order given, a later one replacing an earlier one's
 record of the same model. Nothing is trained or audited here; the only model read is the tokenizer (its vocabulary
@@ -79,8 +79,9 @@ def table(rows: list[dict[str, Any]], screened: int) -> str:
     for row in rows:
         present = sum(r is not None for r in row["pair_ranks"].values())
         audited = row["verdict"] is not None
+        verdict = row["verdict"] or "no committed audit"
         lines.append(f"| {row['name']} | {row['part']} | {row['trigger']} | {present}/{len(row['pair_ranks'])} "
-                     f"| {row['best_pair_rank'] or '-'} | {row['pairs_screened']} | {row['verdict'] or 'no committed audit'} "
+                     f"| {row['best_pair_rank'] or '-'} | {row['pairs_screened']} | {verdict} "
                      f"| {_found(row) if audited else '-'} |")
     return "\n".join(lines) + "\n"
 
