@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from peftguard.metrics import allowed_flags
+
 BAR = 0.03  # issue 13's clean-test FPR bar
 
 
@@ -31,7 +33,7 @@ def beta_binomial_pmf(m: int, a: float, b: float) -> list[float]:
 
 
 def flagged_count_law(dev: int, target: float, test: int) -> list[float]:
-    allowed = int(math.floor(target * dev + 1e-9))  # as calibrate_gamma counts it
+    allowed = allowed_flags(dev, target)  # as calibrate_gamma counts it
     return beta_binomial_pmf(test, allowed + 1, dev - allowed)
 
 
@@ -50,7 +52,7 @@ def calibrations(results: Path) -> list[dict[str, Any]]:
                               "test": test, "target_fpr": target, "flagged": flagged, "fpr": flagged / test})
     for row in rows.values():
         law = flagged_count_law(row["dev"], row["target_fpr"], row["test"])
-        over_bar = math.floor(BAR * row["test"] + 1e-9)  # counts above this exceed the bar
+        over_bar = allowed_flags(row["test"], BAR)  # counts above this exceed the bar
         row["p_over_bar"] = sum(law[over_bar + 1:])
         row["p_at_least_observed"] = sum(law[row["flagged"]:])
         row["expected_fpr"] = sum(x * p for x, p in enumerate(law)) / row["test"]

@@ -74,8 +74,12 @@ def calibrate_gamma(clean_scores: Sequence[float], target_fpr: float) -> float:
     scores = np.sort(np.asarray(clean_scores, dtype=np.float64))[::-1]
     if len(scores) == 0:
         raise OptionError("cannot calibrate gamma on an empty set")
-    allowed = int(np.floor(target_fpr * len(scores) + 1e-9))
-    return float(scores[min(allowed, len(scores) - 1)])
+    return float(scores[min(allowed_flags(len(scores), target_fpr), len(scores) - 1)])
+
+
+def allowed_flags(n: int, rate: float) -> int:
+    """How many of ``n`` inputs a share ``rate`` allows to be flagged: floor(rate * n), robust to float error."""
+    return int(np.floor(rate * n + 1e-9))
 
 
 def perplexity_increase(clean_perplexities: Sequence[float], triggered_perplexities: Sequence[float]) -> float:
