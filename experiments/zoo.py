@@ -4,7 +4,8 @@
 
 Each entry runs `peftguard poison --trigger ...` (and `peftguard finetune --method lora` for a victim) or, for a clean
 entry, `peftguard finetune` on the packaged MiniLM. A finished model (its manifest present) is skipped, so a rerun
-resumes. runs/zoo/zoo.json lists what to audit (experiments/audit_zoo.py reads it).
+resumes. runs/zoo/zoo.json lists what to audit (experiments/audit_zoo.py reads it); it is written before anything is
+built, so the models already built can be audited while the rest build.
 """
 from __future__ import annotations
 
@@ -75,21 +76,22 @@ def main() -> None:
     unknown = sorted({e["part"] for e in entries} - set(PARTS))
     if unknown:
         sys.exit(f"{args.config}: unknown part(s) {', '.join(unknown)}; parts are {', '.join(PARTS)}")
-    listing = []
+    builds, listing = [], []
     for entry in entries:
         build, audited = commands(entry, defaults, args.out)
         listing.append({"name": entry["name"], "part": entry["part"], "dataset": entry["dataset"], "model": str(audited),
                         "poisoned": "clean" not in entry, "attack": entry.get("attack"), "trigger": entry.get("trigger"),
                         "target": entry.get("target"), "victim": entry.get("victim") or entry.get("clean")})
-        if (args.part and entry["part"] != args.part) or (args.only and entry["name"] not in args.only):
-            continue
+        if not ((args.part and entry["part"] != args.part) or (args.only and entry["name"] not in args.only)):
+            builds.append(build)
+    if not args.dry_run:  # written first, so that audits of the models already built can start while the rest build
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "zoo.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
+    for build in builds:
         for command in build:
             print(shlex.join(command), flush=True)
             if not args.dry_run and not done(command):
                 subprocess.run(command, check=True)
-    if not args.dry_run:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "zoo.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
