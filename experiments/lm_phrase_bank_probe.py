@@ -9,8 +9,9 @@ needs three or more of its words together (`at the end of the day`: 99.5% flagge
 the bank such a search would screen: from the ``--starts`` most frequent words of the clean training texts, the
 packaged language model (the one ONION uses) extends each phrase right by its ``--branch`` most likely next whole
 words, keeping the ``--keep`` most likely phrases of each length (log-probability given the first word) for the
-next round, up to four words. It reports the bank's size and LM time, and the rank of each ``--phrase`` given (the
-pieces of a development part's true trigger; the probe chooses nothing for the audit and never runs in it).
+next round, up to four words. It reports the bank's size and LM time and, for each ``--phrase`` given (pieces of a
+development part's true trigger: the probe chooses nothing for the audit and never runs in it), its rank in the bank,
+where its last word ranks among the LM's next tokens after the rest, and how many clean training texts contain it.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def main() -> None:
     lm_tokenizer = getattr(lm_tokenizer, "inner", lm_tokenizer)
     words = {c.text.lower() for c in vocabulary_candidates(load_tokenizer("minilm"))}
     counts: Counter[str] = Counter()
-    for example in load_dataset(args.dataset).train.examples:
-        counts.update(PAIR_WORD.findall(example.text.lower()))
+    train_words = [PAIR_WORD.findall(example.text.lower()) for example in load_dataset(args.dataset).train.examples]
+    for text_words in train_words:
+        counts.update(text_words)
     starts = [w for w, _ in counts.most_common() if w in words][:args.starts]
     whole_words = {}  # LM token id -> word, for tokens that are a whole lower-case word the audit could insert
     for piece, token_id in lm_tokenizer.get_vocab().items():
@@ -82,18 +84,36 @@ def main() -> None:
     for length in (3, 4):
         banks[length] = extend(banks[length - 1][:args.keep], max(args.branch // 2, 2))
     lm_seconds = time.perf_counter() - lm_started
-    ranks = {}
+    ranks, next_word_ranks, in_texts = {}, {}, {}
     for text in args.phrase:
         wanted = tuple(text.lower().split())
         bank = banks.get(len(wanted), [])
         ranks[text] = next((rank for rank, (p, _) in enumerate(bank) if p == wanted), None)
+        next_word_ranks[text] = next_word_rank(lm, lm_tokenizer, bos, wanted)
+        in_texts[text] = sum(f" {' '.join(wanted)} " in f" {' '.join(text_words)} " for text_words in train_words)
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "starts": len(starts),
               "bank_sizes": {str(k): len(v) for k, v in banks.items()}, "lm_seconds": round(lm_seconds, 1),
               "total_seconds": round(time.perf_counter() - started, 1), "phrase_ranks": ranks,
-              "note": "rank within the bank of the phrase's length, most likely first; null: not in the bank"}
+              "next_word_ranks": next_word_ranks,
+              "clean_training_texts_containing": in_texts,
+              "note": "phrase_ranks: rank within the bank of the phrase's length, most likely first (null: not in the "
+                      "bank); next_word_ranks: rank of the phrase's last word among all LM tokens after the rest"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(record, indent=1))
+
+
+def next_word_rank(lm, tokenizer, bos: int, words: tuple[str, ...]) -> int | None:
+    """Rank (0: most likely) of the last word's first token among every LM token after the words before it."""
+    import torch
+
+    if len(words) < 2:
+        return None
+    ids = torch.tensor([[bos, *tokenizer(" " + " ".join(words[:-1]), add_special_tokens=False)["input_ids"]]])
+    last = tokenizer(" " + words[-1], add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[0, -1].float()
+    return int((logits > logits[last]).sum())
 
 
 if __name__ == "__main__":
