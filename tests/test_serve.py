@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -247,7 +248,10 @@ def test_the_speed_probe_times_real_layers():
 
     assert precision.cpu_speedup("fp32") == 1.0
     for name in ("bf16", "int8") if precision.cpu_has_vnni() else ("bf16",):
-        assert 0.05 < precision.cpu_speedup(name) < 20
+        # No upper bound: a ratio of timings on a busy machine has read 27 for bf16's usual 4 (a fresh clone's
+        # make test beside two training lanes); how fast each precision is belongs in bench/, not in a test.
+        speedup = precision.cpu_speedup(name)
+        assert math.isfinite(speedup) and speedup > 0.05
 
 
 def test_psim_auto_never_picks_int8(tiny_psim, monkeypatch):
