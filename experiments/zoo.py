@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from peftguard.artifacts import write_text
+
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 # The zoo's parts: the one looked at while building the audit, and the ones kept for measuring it (each audited once
 # per design it measures; a second was added when the first had been seen too often).
@@ -84,9 +86,8 @@ def main() -> None:
                         "target": entry.get("target"), "victim": entry.get("victim") or entry.get("clean")})
         if not ((args.part and entry["part"] != args.part) or (args.only and entry["name"] not in args.only)):
             builds.append(build)
-    if not args.dry_run:  # written first, so that audits of the models already built can start while the rest build
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "zoo.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
+    if not args.dry_run:  # written first (atomically), so that audits of the built models can start while the rest build
+        write_text(args.out / "zoo.json", json.dumps(listing, indent=2) + "\n")
     for build in builds:
         for command in build:
             print(shlex.join(command), flush=True)
