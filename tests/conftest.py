@@ -1,12 +1,16 @@
 """Shared fixtures: the real SST-2 data and a MiniLM cut to its first layers."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from peftguard.data import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -42,6 +46,14 @@ def tiny_minilm(tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return str(folder)
+
+
+def load_experiment(name: str) -> Any:
+    """The script ``experiments/<name>.py`` as a module (experiments/ is no package), for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_csv(path: Path, rows: list[tuple[str, object]], header: tuple[str, str] = ("text", "label")) -> Path:

@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_experiment
+
 HEADER = ["attack", "defense", "method", "seed", "auroc", "detection_rate", "false_positive_rate"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("detector_matrix", REPO / "experiments" / "detector_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_matrix_averages_seeds_and_marks_missing_cells(tmp_path):
@@ -27,7 +19,8 @@ def test_matrix_averages_seeds_and_marks_missing_cells(tmp_path):
     path = tmp_path / "cells.csv"
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows([HEADER, *rows])
-    table = load_script().matrix(load_script().read_cells(path)).splitlines()
+    script = load_experiment("detector_matrix")
+    table = script.matrix(script.read_cells(path)).splitlines()
     assert table[0] == "| attack | detector | lora: AUROC / detected % at FPR % | ptuning-v1: AUROC / detected % at FPR % |"
     assert "| badnet | strip | 0.800 / 40.0 at 3.0 (n=2) | 1.000 / 100.0 at 0.0 |" in table
     assert "| sos | dan | 0.500 / 0.0 at 1.0 | - |" in table

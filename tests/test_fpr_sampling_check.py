@@ -1,26 +1,17 @@
 """experiments/fpr_sampling_check.py: its law of the flagged count is the one calibrate_gamma produces."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
 from peftguard.metrics import calibrate_gamma
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_check():
-    spec = importlib.util.spec_from_file_location("fpr_sampling_check", REPO / "experiments" / "fpr_sampling_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_experiment
 
 
 def test_the_law_is_a_distribution_centred_where_the_order_statistic_puts_it():
-    law = load_check().flagged_count_law(500, 0.02, 500)
+    law = load_experiment("fpr_sampling_check").flagged_count_law(500, 0.02, 500)
     assert abs(sum(law) - 1) < 1e-9
     mean = sum(x * p for x, p in enumerate(law))
     assert abs(mean - 500 * 11 / 501) < 1e-6  # E[Beta(k+1, n-k)] = (k+1)/(n+1), k = 10
@@ -33,7 +24,7 @@ def test_the_law_matches_simulated_calibrations_on_exchangeable_scores():
     for i in range(draws):
         gamma = calibrate_gamma(rng.random(dev), 0.02)
         counts[i] = int((rng.random(test) > gamma).sum())
-    law = np.array(load_check().flagged_count_law(dev, 0.02, test))
+    law = np.array(load_experiment("fpr_sampling_check").flagged_count_law(dev, 0.02, test))
     over = 9  # more than 3% of 300 flagged
     simulated, predicted = (counts > over).mean(), law[over + 1:].sum()
     assert abs(simulated - predicted) < 4 * np.sqrt(predicted * (1 - predicted) / draws) + 1e-3
@@ -51,5 +42,5 @@ def test_cells_sharing_one_calibration_count_once(tmp_path):
     fixed.mkdir()
     (fixed / "defended_metrics.json").write_text(json.dumps({**metrics, "defense": {"gamma_choice": {"how": "fixed"}}}),
                                                  encoding="utf-8")
-    rows = load_check().calibrations(tmp_path)
+    rows = load_experiment("fpr_sampling_check").calibrations(tmp_path)
     assert len(rows) == 1 and rows[0]["flagged"] == 12 and 0 < rows[0]["p_over_bar"] < 1

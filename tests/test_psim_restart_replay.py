@@ -1,20 +1,14 @@
 """experiments/psim_restart_replay.py: replaying rule v4 on recorded searches agrees with what v4 did when it ran."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_SEED7 = REPO / "results/psim_score_agnews/cells/agnews-badnet-full-data-seed7-defense-psim-ptuning-v1/psim.json"
 V4_RUN_SEED7 = REPO / "results/psim_restart_dev/agnews-badnet-seed7.json"
-
-
-def load_replay():
-    spec = importlib.util.spec_from_file_location("psim_restart_replay", REPO / "experiments" / "psim_restart_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def manifest(values: list[float], search_steps: int, num_labels: int = 4) -> dict:
@@ -26,13 +20,13 @@ def manifest(values: list[float], search_steps: int, num_labels: int = 4) -> dic
 
 
 def test_a_search_reaching_chance_within_one_epoch_is_not_replayed_as_a_restart():
-    replay = load_replay().replay
+    replay = load_experiment("psim_restart_replay").replay
     assert replay(manifest([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.42, 0.39], search_steps=56)) is None
     assert replay(manifest([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.42, 0.41, 0.39], search_steps=64)) is None  # at 64 exactly
 
 
 def test_a_search_above_the_target_at_one_epoch_is_replayed_as_a_restart_there():
-    replay = load_replay().replay
+    replay = load_experiment("psim_restart_replay").replay
     assert replay(manifest([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.42, 0.41, 0.405, 0.39], search_steps=72)) == 64
 
 
@@ -41,7 +35,7 @@ def test_the_replay_matches_the_v4_run_on_the_same_cell():
     abandoned its first try at 64 after the very same clean trajectory."""
     v2 = json.loads(GRID_SEED7.read_text(encoding="utf-8"))
     abandoned = json.loads(V4_RUN_SEED7.read_text(encoding="utf-8"))["psim"]["budget"]["abandoned_tries"][0]
-    assert load_replay().replay(v2) == 64 == abandoned["stopped_at_step"]
+    assert load_experiment("psim_restart_replay").replay(v2) == 64 == abandoned["stopped_at_step"]
     assert abandoned["stop_reason"] == "restart"
     searched = [(p["step"], p["mean_confidence"]) for p in v2["budget"]["trajectory"] if p["step"] <= 64]
     assert searched == [(p["step"], p["mean_confidence"]) for p in abandoned["trajectory"]]

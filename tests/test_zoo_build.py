@@ -1,7 +1,6 @@
 """experiments/zoo.py: the audit listing is on disk before any model is built, so audits can follow a build."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,18 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_experiment
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_zoo_script():
-    spec = importlib.util.spec_from_file_location("zoo_script", REPO / "experiments" / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_zoo_json_lists_every_entry_before_the_first_build_runs(tmp_path, monkeypatch):
-    zoo = load_zoo_script()
+    zoo = load_experiment("zoo")
     config = tmp_path / "zoo.yaml"
     config.write_text(
         "defaults: {max_train_samples: 8, max_length: 16, poison_rate: 0.2, poison_epochs: 1, poison_lr: 5.0e-5,"
@@ -47,7 +41,7 @@ def test_zoo_json_lists_every_entry_before_the_first_build_runs(tmp_path, monkey
 
 
 def test_a_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
-    zoo = load_zoo_script()
+    zoo = load_experiment("zoo")
     out = tmp_path / "zoo"
     monkeypatch.setattr(sys, "argv", ["zoo.py", str(REPO / "experiments" / "zoo.yaml"), "--out", str(out),
                                       "--only", "h4-sst2-ek", "--dry-run"])
