@@ -23,7 +23,8 @@ from peftguard.report import row_label, write_record, write_report
 from peftguard.stage_names import stage_dir
 from peftguard.triggers import build_trigger
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 AUTHORS_ROUND_TRIPS = "back-translation: precomputed round trips of the PSIM authors"
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DOCUMENTS = ("README.md", "REPRODUCTION.md", "BENCHMARKS.md")
 PLACEHOLDER = "PLACEHOLDER"  # stands for a `<described value>` in a documented command
 SHELL_ENDS = ("|", ">", ">>", "&&", ";", "||", "2>&1", "<")

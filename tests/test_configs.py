@@ -12,7 +12,8 @@ from peftguard.errors import DataError, OptionError
 from peftguard.experiment import grid_size, plan_grid
 from peftguard.report import paper_table, row_label
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SHIPPED = [*sorted((REPO / "configs").glob("*.yaml")), REPO / "src" / "peftguard" / "demo.yaml"]
 
 

@@ -11,7 +11,7 @@ from peftguard.errors import DataError, OptionError
 from peftguard.experiment import StageError, plan_grid, run_local, run_parallel, run_ray, stage_dir, write_plan
 from peftguard.report import write_report
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 @pytest.mark.parametrize("raw, message", [

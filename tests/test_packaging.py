@@ -20,7 +20,8 @@ from peftguard.errors import PeftguardError
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 SCHEMA_FILE = REPO / "schemas" / "experiment.schema.json"
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from conftest import load_experiment
+from conftest import REPO, load_experiment
 
-REPO = Path(__file__).resolve().parents[1]
 GRID_SEED7 = REPO / "results/psim_score_agnews/cells/agnews-badnet-full-data-seed7-defense-psim-ptuning-v1/psim.json"
 V4_RUN_SEED7 = REPO / "results/psim_restart_dev/agnews-badnet-seed7.json"
 

@@ -19,7 +19,8 @@ import pytest
 
 from peftguard.data import default_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 RECORD = REPO / "REPRODUCTION.md"
 BENCHMARKS = REPO / "BENCHMARKS.md"  # its tables are checked where they name their sources (older ones predate the rule)
 GENERATED = sorted((REPO / "results").glob("*/table.md"))

@@ -4,13 +4,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_experiment
 
 
 def test_zoo_json_lists_every_entry_before_the_first_build_runs(tmp_path, monkeypatch):
