@@ -29,7 +29,9 @@ def sha256(path: Path) -> str:
 def check(model_folder: Path, recorded: dict[str, Any]) -> dict[str, Any]:
     """Compare the weight files with the recorded provenance: the suspect's, and a LoRA victim's poisoned base's (a
     folder beside the victim's in the zoo; a packaged base such as minilm is not rebuilt and not compared)."""
-    folders = {"suspect": model_folder, "base": model_folder.parent / Path(str(recorded.get("base"))).name}
+    folders = {"suspect": model_folder}
+    if "/" in str(recorded.get("base")):  # a folder, not a packaged name
+        folders["base"] = model_folder.parent / Path(recorded["base"]).name
     weights = [f for f in recorded["files"] if f["role"] in folders and f["format"] in WEIGHT_FORMATS]
     files = []
     for entry in weights:
