@@ -7,6 +7,10 @@ its audit.json present, is reused), and writes table.md and results.json: verdic
 alarms on clean models at the default threshold, BadNet triggers recovered exactly in the top 1 / top 5, InSent
 sentences with a word in the top 5, task words among the top 5 candidates on clean models, and run time per step.
 
+With both lenses it also summarizes the lens-by-labels candidate (the classifier lens on datasets of more than two
+labels, the PSIM lens on the others; pre-registered in session 30, REPRODUCTION.md "A fifth held-apart part"), from
+the same audits.
+
 A *task word* is a word the clean training data itself ties to one label: it occurs in at least TASK_MIN_TEXTS
 texts of the dataset's clean training split, and at least TASK_PURITY of those texts carry one label (both fixed a
 priori; peftguard.audit.task). Sentiment words on SST-2 and topic words on AG News are task words; the zoo's rare-word triggers
@@ -37,6 +41,27 @@ def task_words(dataset: str) -> frozenset[str]:
     from peftguard.data import load_dataset
 
     return words_tied_to_a_label(load_dataset(dataset).train.examples)
+
+
+@functools.cache
+def num_labels(dataset: str) -> int:
+    from peftguard.data import load_dataset
+
+    return load_dataset(dataset).num_labels
+
+
+Audits = dict[str, dict[str, Any]]  # model name -> audit.json
+
+
+def by_labels(models: list[dict[str, Any]], lens_audits: dict[str, Audits]) -> Audits:
+    """The lens-by-labels candidate (pre-registered in session 30, not the audit's default): each model's
+    classifier-lens audit when its dataset has more than two labels, its PSIM-lens audit otherwise."""
+    chosen = {}
+    for m in models:
+        lens = "classifier" if num_labels(m["dataset"]) > 2 else "psim"
+        if m["name"] in lens_audits.get(lens, {}):
+            chosen[m["name"]] = lens_audits[lens][m["name"]]
+    return chosen
 
 
 def task_word_count(dataset: str, candidates: list[str]) -> int:
@@ -133,9 +158,13 @@ def main() -> None:
     args = build_parser().parse_args()
     models = [m for m in json.loads((args.zoo / "zoo.json").read_text()) if m["part"] == args.part
               and (not args.only or m["name"] in args.only)]
-    results, per_model = {}, []
+    results, per_model, lens_audits = {}, [], {}
     for lens in args.lens or ["psim", "classifier"]:
-        audits = {m["name"]: a for m in models if (a := audit(m, lens, args.out, args.audit_args)) is not None}
+        lens_audits[lens] = {m["name"]: a for m in models
+                             if (a := audit(m, lens, args.out, args.audit_args)) is not None}
+    if {"psim", "classifier"} <= set(lens_audits):
+        lens_audits["by-labels"] = by_labels(models, lens_audits)
+    for lens, audits in lens_audits.items():
         results[lens] = summarize(models, audits)
         per_model += [{"name": m["name"], "lens": lens, "trigger": m["trigger"], "verdict": audits[m["name"]]["verdict"],
                        "score": audits[m["name"]]["score"], "top5": [c["text"] for c in audits[m["name"]]["candidates"][:5]]}

@@ -1,0 +1,15 @@
+"""experiments/audit_zoo.py: the lens-by-labels candidate picks each model's audit by its dataset's label count."""
+from __future__ import annotations
+
+from conftest import load_experiment
+
+
+def test_by_labels_takes_the_classifier_lens_above_two_labels_and_the_psim_lens_otherwise(monkeypatch):
+    script = load_experiment("audit_zoo")
+    monkeypatch.setattr(script, "num_labels", {"sst2": 2, "agnews": 4}.__getitem__)
+    models = [{"name": "binary", "dataset": "sst2"}, {"name": "topics", "dataset": "agnews"},
+              {"name": "unaudited", "dataset": "agnews"}]
+    lens_audits = {"psim": {"binary": {"lens": "psim-b"}, "topics": {"lens": "psim-t"}},
+                   "classifier": {"binary": {"lens": "cls-b"}, "topics": {"lens": "cls-t"}}}
+    chosen = script.by_labels(models, lens_audits)
+    assert chosen == {"binary": {"lens": "psim-b"}, "topics": {"lens": "cls-t"}}
