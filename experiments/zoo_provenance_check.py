@@ -10,20 +10,13 @@ judged. Only weight files are compared (their manifests record training time and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from peftguard.audit.sources import sha256_file
+
 WEIGHT_FORMATS = ("safetensors",)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check(model_folder: Path, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -36,8 +29,9 @@ def check(model_folder: Path, recorded: dict[str, Any]) -> dict[str, Any]:
     files = []
     for entry in weights:
         path = folders[entry["role"]] / entry["file"]
-        now = sha256(path) if path.is_file() else None
-        files.append({"role": entry["role"], "file": entry["file"], "recorded": entry["sha256"], "rebuilt": now, "same": now == entry["sha256"]})
+        now = sha256_file(path) if path.is_file() else None
+        files.append({"role": entry["role"], "file": entry["file"], "recorded": entry["sha256"], "rebuilt": now,
+                      "same": now == entry["sha256"]})
     return {"folder": str(model_folder), "files": files, "same": bool(files) and all(f["same"] for f in files)}
 
 
