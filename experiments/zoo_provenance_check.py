@@ -1,6 +1,7 @@
 """Check that rebuilt zoo models are the files a recorded audit saw: sha256 of every weight file against its provenance.
 
-    python experiments/zoo_provenance_check.py --zoo runs/zoo --audits results/audit_zoo/held_apart_4 --out results/audit_zoo/held_apart_4_rebuild_check.json
+    python experiments/zoo_provenance_check.py --zoo runs/zoo --audits results/audit_zoo/held_apart_4 \
+        --out results/audit_zoo/held_apart_4_rebuild_check.json
 
 A checkout loses runs/ (the built zoo); the committed audits keep the sha256 of each file they read. Rebuilding a
 model from experiments/zoo.yaml gives the same bytes on one machine (REPRODUCTION.md, "Run to run"), and this script
@@ -38,7 +39,8 @@ def check(model_folder: Path, recorded: dict[str, Any]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, required=True, help="the built zoo (its zoo.json names each model's folder)")
+    parser.add_argument("--zoo", type=Path, required=True,
+                        help="the built zoo (its zoo.json names each model's folder)")
     parser.add_argument("--audits", type=Path, required=True, help="a folder of recorded NAME.audit.json files")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     return parser
