@@ -35,19 +35,23 @@ PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 
 
 @functools.cache
-def task_words(dataset: str) -> frozenset[str]:
-    """Words the clean training split ties to one label (see the module docstring)."""
-    from peftguard.audit.task import task_words as words_tied_to_a_label
+def clean_dataset(name: str) -> Any:
+    """The dataset, read once for both task words and label count."""
     from peftguard.data import load_dataset
 
-    return words_tied_to_a_label(load_dataset(dataset).train.examples)
+    return load_dataset(name)
 
 
 @functools.cache
-def num_labels(dataset: str) -> int:
-    from peftguard.data import load_dataset
+def task_words(dataset: str) -> frozenset[str]:
+    """Words the clean training split ties to one label (see the module docstring)."""
+    from peftguard.audit.task import task_words as words_tied_to_a_label
 
-    return load_dataset(dataset).num_labels
+    return words_tied_to_a_label(clean_dataset(dataset).train.examples)
+
+
+def num_labels(dataset: str) -> int:
+    return clean_dataset(dataset).num_labels
 
 
 Audits = dict[str, dict[str, Any]]  # model name -> audit.json
