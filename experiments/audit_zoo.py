@@ -6,6 +6,7 @@ Reads runs/zoo/zoo.json (written by experiments/zoo.py), runs `peftguard audit` 
 its audit.json present, is reused), and writes table.md and results.json: verdict AUROC (poisoned vs clean), false
 alarms on clean models at the default threshold, BadNet triggers recovered exactly in the top 1 / top 5, InSent
 sentences with a word in the top 5, task words among the top 5 candidates on clean models, and run time per step.
+With --summarize-only it starts no audit and summarizes the audits already there.
 
 With both lenses it also summarizes the lens-by-labels candidate (the classifier lens on datasets of more than two
 labels, the PSIM lens on the others; pre-registered in session 30, REPRODUCTION.md "A fifth held-apart part"), from
@@ -30,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import PARTS  # noqa: E402
+
+from peftguard.artifacts import write_text  # noqa: E402
 
 PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 
@@ -76,9 +79,12 @@ def task_word_count(dataset: str, candidates: list[str]) -> int:
     return sum(bool(words_of(c) & words) for c in candidates)
 
 
-def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str]) -> dict[str, Any] | None:
+def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str], run: bool = True) -> dict[str, Any] | None:
+    """The model's audit.json under this lens, running `peftguard audit` first when it is missing and `run` is set."""
     folder = out / lens / model["name"]
     if not (folder / "audit.json").is_file():
+        if not run:
+            return None
         command = [*PEFTGUARD, "audit", "--model", model["model"], "--dataset", model["dataset"], "--lens", lens,
                    "--out", str(folder), "--overwrite", *extra]
         print(shlex.join(command), flush=True)
@@ -154,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part", choices=PARTS, default="held-apart")
     parser.add_argument("--lens", action="append", choices=["psim", "classifier"])
     parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="start no audit: summarize those already under --out (each lens row says how many models)")
     parser.add_argument("audit_args", nargs="*", help="passed on to peftguard audit (after --)")
     return parser
 
@@ -165,7 +173,7 @@ def main() -> None:
     results, per_model, lens_audits = {}, [], {}
     for lens in args.lens or ["psim", "classifier"]:
         lens_audits[lens] = {m["name"]: a for m in models
-                             if (a := audit(m, lens, args.out, args.audit_args)) is not None}
+                             if (a := audit(m, lens, args.out, args.audit_args, run=not args.summarize_only)) is not None}
     if {"psim", "classifier"} <= set(lens_audits):
         lens_audits["by-labels"] = by_labels(models, lens_audits)
     for lens, audits in lens_audits.items():
@@ -173,9 +181,8 @@ def main() -> None:
         per_model += [{"name": m["name"], "lens": lens, "trigger": m["trigger"], "verdict": audits[m["name"]]["verdict"],
                        "score": audits[m["name"]]["score"], "top5": [c["text"] for c in audits[m["name"]]["candidates"][:5]]}
                       for m in models if m["name"] in audits]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"part": args.part, "summary": results, "models": per_model}, indent=2))
-    (args.out / "table.md").write_text(table(results, per_model), encoding="utf-8")
+    write_text(args.out / "results.json", json.dumps({"part": args.part, "summary": results, "models": per_model}, indent=2))
+    write_text(args.out / "table.md", table(results, per_model))
     print(table(results, per_model))
 
 

@@ -13,3 +13,15 @@ def test_by_labels_takes_the_classifier_lens_above_two_labels_and_the_psim_lens_
                    "classifier": {"binary": {"lens": "cls-b"}, "topics": {"lens": "cls-t"}}}
     chosen = script.by_labels(models, lens_audits)
     assert chosen == {"binary": {"lens": "psim-b"}, "topics": {"lens": "cls-t"}}
+
+
+def test_summarize_only_reads_finished_audits_and_starts_none(tmp_path, monkeypatch):
+    script = load_experiment("audit_zoo")
+    started = []
+    monkeypatch.setattr(script.subprocess, "run", lambda command, **_: started.append(command))
+    (tmp_path / "psim" / "done").mkdir(parents=True)
+    (tmp_path / "psim" / "done" / "audit.json").write_text('{"verdict": "no evidence"}')
+    model = {"name": "done", "model": "m", "dataset": "sst2"}
+    assert script.audit(model, "psim", tmp_path, [], run=False) == {"verdict": "no evidence"}
+    assert script.audit({**model, "name": "missing"}, "psim", tmp_path, [], run=False) is None
+    assert started == []
