@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo import PARTS  # noqa: E402
+from zoo import PARTS, PEFTGUARD  # noqa: E402
 
 from peftguard.artifacts import write_text  # noqa: E402
-
-PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 
 
 @functools.cache

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo import PARTS  # noqa: E402
+from zoo import PARTS, PEFTGUARD  # noqa: E402
 
 from peftguard.artifacts import write_text  # noqa: E402
-
-PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 
 
 def evaluate_command(model: dict[str, Any], out: Path, samples: int) -> list[str]:
@@ -70,9 +68,8 @@ def main() -> None:
             print(shlex.join(command), flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         rows.append(strength(model, json.loads(out.read_text(encoding="utf-8"))))
-    write_text(args.out, json.dumps({"part": args.part, "max_eval_samples": args.max_eval_samples, "models": rows,
-                                    "not_built": not_built},
-                                    indent=2) + "\n")
+    record = {"part": args.part, "max_eval_samples": args.max_eval_samples, "models": rows, "not_built": not_built}
+    write_text(args.out, json.dumps(record, indent=2) + "\n")
     write_text(args.out.with_suffix(".md"), table(rows))
     print(table(rows))
 
