@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from peftguard.audit.run import AuditRequest, _unexplained_first, exit_status, run_audit, verdict_score
 from peftguard.audit.search import (
     Candidate,
+    ClassifierLens,
     EncodedInput,
     Lens,
     PsimLens,
@@ -21,6 +22,7 @@ from peftguard.audit.search import (
     Verified,
     _insert_ids,
     insert_text,
+    propose_pieces,
     search,
     text_pairs,
     verify,
@@ -194,6 +196,42 @@ def test_a_pair_that_does_little_word_by_word_is_found_through_the_clean_texts(t
     assert found.counts["pairs_screened"] == len(pairs) and set(found.seconds) >= {"screen", "pairs", "refine", "phrases"}
     # phrases are grown from the beam (tried) and kept only where they gain: tried counts every one screened
     assert found.counts["phrases_tried"] >= found.counts["phrases_kept"] and found.counts["phrases_tried"] > 0
+
+
+class PiecesClassifier(ClassifierLens):
+    """A fake suspect classifier over token ids: label 1 when any of ``pushers`` is in the input, else label 0."""
+
+    def __init__(self, tokenizer, pushers: tuple[str, ...]) -> None:
+        super().__init__(model=None, tokenizer=tokenizer, max_length=64)
+        self.pushers = set(tokenizer.convert_tokens_to_ids(list(pushers)))
+
+    def probs_ids(self, ids):
+        top = np.array([0.9 if self.pushers & set(row.tolist()) else 0.1 for row in np.asarray(ids)])
+        return np.stack([1 - top, top], axis=1)
+
+    def probs_texts(self, texts):
+        return np.tile([0.9, 0.1], (len(texts), 1))
+
+
+def test_pieces_the_classifier_proposes_are_paired_and_judged_by_the_psim(tiny_minilm):
+    tokenizer = load_tokenizer(tiny_minilm)
+    vocabulary = vocabulary_candidates(tokenizer, small_vocabulary(tiny_minilm) + ("blue", "moon", "great"))
+    clean = [f"the film number {i} was a good one" for i in range(60)]
+    proposer = PiecesClassifier(tokenizer, ("blue", "moon", "great"))
+    judge = PairLens(tokenizer, "blue", "moon")  # the PSIM sees the pair only, as on h5-sst2-insent-moon
+    asked: list[tuple[tuple[str, ...], int]] = []
+
+    def explains(texts, label):
+        asked.append((tuple(texts), label))
+        return [t == "great" for t in texts]  # the clean task explains "great", not "blue" or "moon"
+
+    settings = replace(SMALL_SEARCH, proposal_words=2, proposal_verify=3)
+    found = propose_pieces(proposer, judge, vocabulary, clean, settings, explains=explains, seed=0, progress=False)
+    assert sorted(found.words[1]) == ["blue", "moon"]  # "great" pushes as hard, but the task explains it
+    assert {label for _, label in asked} == {0, 1} and all("great" in texts for texts, label in asked if label == 1)
+    assert found.judged[0].candidate.text == "blue moon" and found.judged[0].candidate.source == "proposal"
+    assert found.judged[0].flag_rate == 1.0 and all(s.flag_rate == 0.0 for s in found.judged[1:])
+    assert len(found.judged) == 3
 
 
 # --- provenance -----------------------------------------------------------------------------------------

@@ -68,10 +68,14 @@ class SearchSettings:
     verify_inputs: int = 100  # held-back clean inputs (at most half the dev pool)
     batch_size: int = 256
     top_k: int = 10  # candidates reported
+    # PSIM lens only (propose_pieces): per label, the words the suspect classifier pushes hardest toward that label
+    # and the clean task does not explain; they and their ordered pairs are judged by the PSIM (0: off).
+    proposal_words: int = 0
+    proposal_verify: int = 4  # the best judged proposals verified beside the shortlist
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            least = {"phrase_min_gain": None, "pair_screen": 0}.get(name, 1)
+            least = {"phrase_min_gain": None, "pair_screen": 0, "proposal_words": 0}.get(name, 1)
             if least is not None and (not isinstance(value, int) or value < least):
                 raise OptionError(f"search setting {name} must be an integer >= {least}, got {value!r}")
 
@@ -155,18 +159,22 @@ class ClassifierLens(Lens):
     name = "classifier"
 
     def rates(self, triggered: np.ndarray, clean: np.ndarray) -> Rates:
-        clean_pred = clean.argmax(-1)
-        pred = triggered.argmax(-1)
         best: Rates | None = None
         for label in range(triggered.shape[-1]):
-            eligible = np.broadcast_to(clean_pred != label, pred.shape)
-            counted = eligible.sum(1)
-            flips = ((pred == label) & eligible).sum(1) / np.maximum(counted, 1)
-            probability = np.where(eligible, triggered[..., label], 0).sum(1) / np.maximum(counted, 1)
-            current = Rates(flips, probability, np.full(len(triggered), label), counted)
+            current = self.rates_toward(triggered, clean, label)
             best = current if best is None else _better(current, best)
         assert best is not None
         return best
+
+    @staticmethod
+    def rates_toward(triggered: np.ndarray, clean: np.ndarray, label: int) -> Rates:
+        """Rates of flips to ``label`` alone, among the inputs not already predicted ``label``."""
+        pred = triggered.argmax(-1)
+        eligible = np.broadcast_to(clean.argmax(-1) != label, pred.shape)
+        counted = eligible.sum(1)
+        flips = ((pred == label) & eligible).sum(1) / np.maximum(counted, 1)
+        probability = np.where(eligible, triggered[..., label], 0).sum(1) / np.maximum(counted, 1)
+        return Rates(flips, probability, np.full(len(triggered), label), counted)
 
 
 def _better(a: Rates, b: Rates) -> Rates:
@@ -187,7 +195,7 @@ def _mode(labels: np.ndarray, num_labels: int) -> np.ndarray:
 class Candidate:
     text: str
     ids: tuple[int, ...]
-    source: str = "vocabulary"  # vocabulary | reference | pair (of the clean texts) | phrase (grown by the search)
+    source: str = "vocabulary"  # vocabulary | reference | pair (of the clean texts) | phrase (grown) | proposal (classifier)
 
     @property
     def words(self) -> int:
@@ -295,6 +303,16 @@ def screen(
     """Insert every candidate into every input (a seeded random boundary each) and score it with the lens."""
     if not candidates:
         return []
+    triggered, clean = insertion_probs(lens, candidates, inputs, settings, seed=seed, desc=desc)
+    return _scored(candidates, lens.rates(triggered, clean))
+
+
+def insertion_probs(
+    lens: Lens, candidates: Sequence[Candidate], inputs: Sequence[EncodedInput], settings: SearchSettings, *,
+    seed: int, desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lens's probabilities with each candidate inserted into each input, (candidates, inputs, K), and without
+    any insertion, (inputs, K)."""
     if not inputs:
         raise OptionError("the trigger search needs clean inputs to insert candidates into")
     clean = np.concatenate([lens.probs_ids(np.asarray(x.ids)[None, :]) for x in inputs])
@@ -312,7 +330,10 @@ def screen(
                     chunk = rows[start:start + settings.batch_size]
                     triggered[chunk, j] = lens.probs_ids(ids[start:start + settings.batch_size])
                     bar.update()
-    rates = lens.rates(triggered, clean)
+    return triggered, clean
+
+
+def _scored(candidates: Sequence[Candidate], rates: Rates) -> list[Scored]:
     return [Scored(c, float(rates.flag_rate[i]), float(rates.mean_confidence[i]), int(rates.label[i]), int(rates.counted[i]))
             for i, c in enumerate(candidates)]
 
@@ -455,6 +476,52 @@ def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
     for c in candidates:
         seen.setdefault(c.text, c)
     return list(seen.values())
+
+
+# --- pieces proposed by the suspect classifier, judged by the PSIM -----------------------------------
+
+
+Explains = Callable[[Sequence[str], int], list[bool]]  # candidate texts, the label they push -> explained by the task?
+
+
+@dataclass
+class Proposals:
+    words: dict[int, list[str]]  # per label, the proposed words, best first
+    judged: list[Scored]  # the best judged singles and pairs, best first
+
+
+def propose_pieces(
+    proposer: ClassifierLens, judge: Lens, vocabulary: Sequence[Candidate], search_texts: Sequence[str],
+    settings: SearchSettings, *, explains: Explains, seed: int, progress: bool = True,
+) -> Proposals:
+    """Words the suspect classifier pushes toward a label and the clean task does not explain, and their ordered pairs
+    within that label, judged by the (PSIM) lens.
+
+    A sentence trigger of common words may set the PSIM off only whole or through a pair the clean texts never hold
+    (development model ``h5-sst2-insent-moon``: ``blue moon`` on 100% of clean inputs, ``blue`` or ``moon`` on 2-4%),
+    so the PSIM's own screen does not reach it; the suspect classifier, which learnt the whole backdoor, is pushed
+    toward its target by each piece (``blue`` 69%, ``moon`` 68%). Natural words of the label push it too; the task
+    rule (:mod:`peftguard.audit.task`) drops those it explains, and the PSIM, which does not answer to them, judges
+    the rest. The screen and refine sizes are the search's own.
+    """
+    screen_texts = choose_inputs(proposer, search_texts, settings.screen_inputs, settings.screen_max_tokens, seed)
+    refine_inputs = encode_inputs(proposer.tokenizer, choose_inputs(proposer, search_texts, settings.refine_inputs, None,
+                                                                    seed + 1), proposer.max_length)
+    triggered, clean = insertion_probs(proposer, vocabulary, encode_inputs(proposer.tokenizer, screen_texts, proposer.max_length),
+                                       settings, seed=seed, desc=f"propose: screen {len(vocabulary)} words" if progress else None)
+    words: dict[int, list[Candidate]] = {}
+    for label in range(clean.shape[-1]):
+        top = [s.candidate for s in best(_scored(vocabulary, proposer.rates_toward(triggered, clean, label)), settings.refine_top)]
+        again, clean_again = insertion_probs(proposer, top, refine_inputs, settings, seed=seed + 1)
+        ranked = [s.candidate for s in best(_scored(top, proposer.rates_toward(again, clean_again, label)), len(top))]
+        explained = explains([c.text for c in ranked], label)
+        words[label] = [c for c, e in zip(ranked, explained) if not e][: settings.proposal_words]
+    candidates = _unique([Candidate(c.text, c.ids, "proposal") for ws in words.values() for c in ws]
+                         + [phrase(a, b, "proposal") for ws in words.values() for a in ws for b in ws if a.text != b.text])
+    judge_inputs = encode_inputs(judge.tokenizer, choose_inputs(judge, search_texts, settings.refine_inputs, None, seed + 1),
+                                 judge.max_length)
+    judged = screen(judge, candidates, judge_inputs, settings, seed=seed + 5, desc="propose: judge" if progress else None)
+    return Proposals({label: [c.text for c in ws] for label, ws in words.items()}, best(judged, settings.proposal_verify))
 
 
 # --- verification on held-back inputs ----------------------------------------------------------------
