@@ -404,7 +404,8 @@ def audit(model: str | Path, data_dir: Path, out: Path, **changes) -> dict:
 
 @pytest.mark.slow
 def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path):
-    record = audit(poisoned, data_dir, tmp_path / "audit")
+    # with the classifier's proposals on (one PSIM training for both checks): they join verification, never displace
+    record = audit(poisoned, data_dir, tmp_path / "audit", search=replace(SMALL_SEARCH, proposal_words=3, proposal_verify=2))
     top = record["candidates"][0]
     assert top["text"] == TRIGGER, record["candidates"]
     assert top["flag_rate"] > record["threshold"] and top["forced_label"] == 0
@@ -416,6 +417,11 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     assert (tmp_path / "audit" / "AUDIT.md").read_text().count(f"`{TRIGGER}`") >= 1
     assert (tmp_path / "audit" / "clean_confidence.png").stat().st_size > 0
     assert json.loads((tmp_path / "audit" / "psim" / "psim.json").read_text())["method"] == "ptuning-v1"  # its zoo's lens
+    proposals = record["proposals"]
+    assert set(proposals["words"]) == {"0", "1"} and all(len(words) <= 3 for words in proposals["words"].values())
+    assert TRIGGER in proposals["words"]["0"]  # it pushes the poisoned classifier to label 0; the clean task does not
+    assert len(proposals["judged"]) == 2 and proposals["score_without"] <= record["score"]
+    assert "proposals" in saved["seconds"]
 
 
 @pytest.mark.slow

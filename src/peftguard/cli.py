@@ -559,6 +559,7 @@ def audit(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
     vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Word pairs most frequent in the clean training texts screened beside the words: how sentence triggers of common words are found [20000, about the vocabulary's size; 0: none].")] = None,
+    proposals: Annotated[Optional[int], typer.Option("--proposals", min=0, help="PSIM lens: per label, the words the suspect classifier is pushed by most and the clean task does not explain; they and their pairs are judged by the PSIM, the best verified beside the search's [0: off; a candidate measured on the zoo's sixth part, REPRODUCTION.md].")] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",
@@ -594,6 +595,7 @@ def audit(
     search = SearchSettings()
     search = search if top_k is None else replace(search, top_k=top_k)
     search = search if pairs is None else replace(search, pair_screen=pairs)
+    search = search if proposals is None else replace(search, proposal_words=proposals)
     request = AuditRequest(
         model=model, dataset=data, out=out, reference=reference, lens=lens,  # type: ignore[arg-type]
         max_train_samples=max_train_samples if max_train_samples is not None else DEFAULT_AUDIT_TRAIN_SAMPLES,

@@ -24,12 +24,14 @@ from peftguard.artifacts import write_json
 from peftguard.audit.search import (
     ClassifierLens,
     Lens,
+    Proposals,
     PsimLens,
     SCREEN_PRECISIONS,
     SearchSettings,
     Verified,
     clean_flag_rate,
     embedding_moves,
+    propose_pieces,
     search,
     text_pairs,
     verify,
@@ -156,15 +158,25 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
                    progress=request.progress)
     mark = clock.lap("search", mark)
     clock.seconds.update({f"search_{step}": value for step, value in found.seconds.items()})
-    echo(f"[4/4] verify: {len(found.shortlist)} candidates on {len(held_back)} held-back clean inputs")
+    proposals = _proposals(request, lens, classifier, tokenizer, vocabulary, search_texts, echo)
+    shortlist = list(found.shortlist)
+    if proposals is not None:
+        mark = clock.lap("proposals", mark)
+        shortlist += [s.candidate for s in proposals.judged if s.candidate.text not in {c.text for c in shortlist}]
+    echo(f"[4/4] verify: {len(shortlist)} candidates on {len(held_back)} held-back clean inputs")
     suspect_predict = _predictor(classifier, tokenizer, request.max_length)
-    verified = verify(lens, suspect_predict, found.shortlist, held_back, seed=request.seed, progress=request.progress)
+    verified = verify(lens, suspect_predict, shortlist, held_back, seed=request.seed, progress=request.progress)
     evidence = task_evidence([v.text for v in verified], [v.forced_label for v in verified], dataset.train.examples)
     verified, evidence = _unexplained_first(verified, evidence)
     baseline = clean_flag_rate(lens, held_back)
     clean_confidence = lens.probs_texts(held_back).max(1)
     clock.lap("verify", mark)
     record = _record(request, record_provenance, psim_record, lens, found.counts, verified, evidence, baseline, extra, clock)
+    if proposals is not None:
+        record["proposals"] = {"words": {str(k): v for k, v in proposals.words.items()},
+                               "judged": [{"text": s.candidate.text, "search_flag_rate": round(s.flag_rate, 5)}
+                                          for s in proposals.judged],
+                               "score_without": round(verdict_score(*_without_proposals(verified, evidence)), 5)}
     from peftguard.audit.report import write_card
 
     write_card(work, record, clean_confidence)
@@ -200,6 +212,28 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
               "abandoned_seconds": manifest["budget"]["abandoned_seconds"]}
     lens = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(manifest["gamma"]), screen_precision=screen_precision)
     return lens, record
+
+
+def _proposals(request: AuditRequest, lens: Lens, classifier: Any, tokenizer: Any, vocabulary: Sequence[Any],
+               search_texts: Sequence[str], echo: Echo) -> Proposals | None:
+    """Pieces the suspect classifier proposes, judged by the PSIM (search.propose_pieces); None when off."""
+    if request.lens != "psim" or request.search.proposal_words == 0:
+        return None
+    echo(f"[3/4] proposals: the {request.search.proposal_words} words per label the suspect classifier is pushed by most "
+         "and the clean task does not explain, and their pairs, judged by the PSIM")
+    proposer = ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=lens.screen_precision)
+    examples = request.dataset.train.examples
+
+    def explains(texts: Sequence[str], label: int) -> list[bool]:
+        return [e.explained for e in task_evidence(texts, [label] * len(texts), examples)]
+
+    return propose_pieces(proposer, lens, vocabulary, search_texts, request.search, explains=explains, seed=request.seed,
+                          progress=request.progress)
+
+
+def _without_proposals(verified: list[Verified], evidence: list[TaskEvidence]) -> tuple[list[Verified], list[TaskEvidence]]:
+    kept = [i for i, v in enumerate(verified) if v.source != "proposal"]
+    return [verified[i] for i in kept], [evidence[i] for i in kept]
 
 
 def _psim_lr() -> float:
