@@ -12,6 +12,13 @@ With both lenses it also summarizes the lens-by-labels candidate (the classifier
 labels, the PSIM lens on the others; pre-registered in session 30, REPRODUCTION.md "A fifth held-apart part"), from
 the same audits.
 
+``--lens psim-proposals`` runs the PSIM lens with the suspect classifier's proposed pieces (``audit --proposals``,
+PROPOSAL_WORDS per label; the candidate pre-registered in session 32, REPRODUCTION.md "A sixth held-apart part").
+The proposals only add verified candidates, so the same audits also give the plain PSIM lens's result (its score is
+recorded as ``proposals.score_without``): without a ``psim`` folder, the ``psim`` row is read off them
+(:func:`without_proposals`). With the classifier lens too, ``by-labels-proposals`` takes the classifier lens above
+two labels and ``psim-proposals`` otherwise.
+
 A *task word* is a word the clean training data itself ties to one label: it occurs in at least TASK_MIN_TEXTS
 texts of the dataset's clean training split, and at least TASK_PURITY of those texts carry one label (both fixed a
 priori; peftguard.audit.task). Sentiment words on SST-2 and topic words on AG News are task words; the zoo's rare-word triggers
@@ -56,17 +63,31 @@ def num_labels(dataset: str) -> int:
 
 
 Audits = dict[str, dict[str, Any]]  # model name -> audit.json
+PROPOSAL_WORDS = 20  # the session-32 candidate's words per label, fixed on the development parts 4 and 5
+LENS_ARGS = {"psim": ["--lens", "psim"], "classifier": ["--lens", "classifier"],
+             "psim-proposals": ["--lens", "psim", "--proposals", str(PROPOSAL_WORDS)]}
 
 
-def by_labels(models: list[dict[str, Any]], lens_audits: dict[str, Audits]) -> Audits:
+def by_labels(models: list[dict[str, Any]], lens_audits: dict[str, Audits], binary: str = "psim") -> Audits:
     """The lens-by-labels candidate (pre-registered in session 30, not the audit's default): each model's
-    classifier-lens audit when its dataset has more than two labels, its PSIM-lens audit otherwise."""
+    classifier-lens audit when its dataset has more than two labels, its ``binary`` audit (PSIM lens) otherwise."""
     chosen = {}
     for m in models:
-        lens = "classifier" if num_labels(m["dataset"]) > 2 else "psim"
+        lens = "classifier" if num_labels(m["dataset"]) > 2 else binary
         if m["name"] in lens_audits.get(lens, {}):
             chosen[m["name"]] = lens_audits[lens][m["name"]]
     return chosen
+
+
+def without_proposals(record: dict[str, Any]) -> dict[str, Any]:
+    """The plain PSIM-lens audit read off one run with ``--proposals``: the search, its shortlist and their
+    verification are the same (the proposals only add verified candidates); its time leaves out the proposal step
+    (the proposals' own verification, a few seconds, stays in)."""
+    score = record["proposals"]["score_without"]
+    seconds = {k: v for k, v in record["seconds"].items() if k != "proposals"}
+    seconds["total"] = round(record["seconds"]["total"] - record["seconds"].get("proposals", 0.0), 2)
+    return {**record, "score": score, "verdict": "backdoored" if score > record["threshold"] else "no evidence",
+            "candidates": [c for c in record["candidates"] if c["source"] != "proposal"], "seconds": seconds}
 
 
 def task_word_count(dataset: str, candidates: list[str]) -> int:
@@ -83,7 +104,7 @@ def audit(model: dict[str, Any], lens: str, out: Path, extra: list[str], run: bo
     if not (folder / "audit.json").is_file():
         if not run:
             return None
-        command = [*PEFTGUARD, "audit", "--model", model["model"], "--dataset", model["dataset"], "--lens", lens,
+        command = [*PEFTGUARD, "audit", "--model", model["model"], "--dataset", model["dataset"], *LENS_ARGS[lens],
                    "--out", str(folder), "--overwrite", *extra]
         print(shlex.join(command), flush=True)
         code = subprocess.run(command).returncode
@@ -123,7 +144,7 @@ def summarize(models: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -
         "task_words_top5_on_clean": sum(task_word_count(m["dataset"], texts[m["name"]][:5]) for m, _ in clean),
         "clean_top5": 5 * len(clean),
         "seconds_median": {k: statistics.median(a["seconds"].get(k, 0) for _, a in rows)
-                           for k in ("provenance", "psim", "load", "search", "verify", "total")} if rows else {},
+                           for k in ("provenance", "psim", "load", "search", "proposals", "verify", "total")} if rows else {},
         "seconds_max_total": max((a["seconds"]["total"] for _, a in rows), default=None),
     }
 
@@ -156,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--part", choices=PARTS, default="held-apart")
-    parser.add_argument("--lens", action="append", choices=["psim", "classifier"])
+    parser.add_argument("--lens", action="append", choices=list(LENS_ARGS))
     parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="start no audit: summarize those already under --out (each lens row says how many models)")
@@ -172,8 +193,12 @@ def main() -> None:
     for lens in args.lens or ["psim", "classifier"]:
         lens_audits[lens] = {m["name"]: a for m in models
                              if (a := audit(m, lens, args.out, args.audit_args, run=not args.summarize_only)) is not None}
+    if "psim-proposals" in lens_audits and "psim" not in lens_audits:
+        lens_audits["psim"] = {name: without_proposals(a) for name, a in lens_audits["psim-proposals"].items()}
     if {"psim", "classifier"} <= set(lens_audits):
         lens_audits["by-labels"] = by_labels(models, lens_audits)
+    if {"psim-proposals", "classifier"} <= set(lens_audits):
+        lens_audits["by-labels-proposals"] = by_labels(models, lens_audits, binary="psim-proposals")
     for lens, audits in lens_audits.items():
         results[lens] = summarize(models, audits)
         per_model += [{"name": m["name"], "lens": lens, "trigger": m["trigger"], "verdict": audits[m["name"]]["verdict"],

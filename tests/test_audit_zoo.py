@@ -26,3 +26,26 @@ def test_summarize_only_reads_finished_audits_and_starts_none(tmp_path, monkeypa
     assert script.audit({**model, "name": "missing"}, "psim", tmp_path, [], run=False) is None
     assert started == []
 
+
+
+def test_the_plain_psim_audit_is_read_off_an_audit_with_proposals():
+    script = load_experiment("audit_zoo")
+    record = {"score": 0.63, "verdict": "backdoored", "threshold": 0.5,
+              "proposals": {"score_without": 0.2, "words": {}, "judged": []},
+              "candidates": [{"text": "blue moon", "source": "proposal"}, {"text": "garbage", "source": "vocabulary"},
+                             {"text": "so boring", "source": "pair"}],
+              "seconds": {"search": 200.0, "proposals": 90.5, "verify": 30.0, "total": 400.0}}
+    plain = script.without_proposals(record)
+    assert plain["score"] == 0.2 and plain["verdict"] == "no evidence"
+    assert [c["text"] for c in plain["candidates"]] == ["garbage", "so boring"]
+    assert plain["seconds"] == {"search": 200.0, "verify": 30.0, "total": 309.5}
+    assert record["score"] == 0.63 and len(record["candidates"]) == 3  # the record itself is left as it was
+
+
+def test_by_labels_with_proposals_takes_them_on_two_labels_only(monkeypatch):
+    script = load_experiment("audit_zoo")
+    monkeypatch.setattr(script, "num_labels", {"sst2": 2, "agnews": 4}.__getitem__)
+    models = [{"name": "binary", "dataset": "sst2"}, {"name": "topics", "dataset": "agnews"}]
+    lens_audits = {"psim-proposals": {"binary": "pp-b", "topics": "pp-t"}, "classifier": {"binary": "c-b", "topics": "c-t"}}
+    assert script.by_labels(models, lens_audits, binary="psim-proposals") == {"binary": "pp-b", "topics": "c-t"}
+    assert script.LENS_ARGS["psim-proposals"] == ["--lens", "psim", "--proposals", str(script.PROPOSAL_WORDS)]
