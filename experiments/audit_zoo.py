@@ -84,7 +84,7 @@ def without_proposals(record: dict[str, Any]) -> dict[str, Any]:
     verification are the same (the proposals only add verified candidates); its time leaves out the proposal step
     (the proposals' own verification, a few seconds, stays in)."""
     score = record["proposals"]["score_without"]
-    seconds = {k: v for k, v in record["seconds"].items() if k != "proposals"}
+    seconds = {k: v for k, v in record["seconds"].items() if not k.startswith("proposals")}
     seconds["total"] = round(record["seconds"]["total"] - record["seconds"].get("proposals", 0.0), 2)
     return {**record, "score": score, "verdict": "backdoored" if score > record["threshold"] else "no evidence",
             "candidates": [c for c in record["candidates"] if c["source"] != "proposal"], "seconds": seconds}

@@ -86,6 +86,7 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
         "verified": [{**v.as_dict(), "explained_by_task": e.explained} for v, e in zip(verified, evidence)],
         "settings": {"proposal_words": proposal_words, "proposal_verify": proposal_verify},
         "seconds": round(time.perf_counter() - started, 1),
+        "proposal_seconds": proposals.seconds,
     }
 
 

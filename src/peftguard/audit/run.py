@@ -162,6 +162,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     shortlist = list(found.shortlist)
     if proposals is not None:
         mark = clock.lap("proposals", mark)
+        clock.seconds.update({f"proposals_{step}": value for step, value in proposals.seconds.items()})
         shortlist += [s.candidate for s in proposals.judged if s.candidate.text not in {c.text for c in shortlist}]
     echo(f"[4/4] verify: {len(shortlist)} candidates on {len(held_back)} held-back clean inputs")
     suspect_predict = _predictor(classifier, tokenizer, request.max_length)

@@ -488,6 +488,7 @@ Explains = Callable[[Sequence[str], int], list[bool]]  # candidate texts, the la
 class Proposals:
     words: dict[int, list[str]]  # per label, the proposed words, best first
     judged: list[Scored]  # the best judged singles and pairs, best first
+    seconds: dict[str, float] = field(default_factory=dict)  # screen, refine, judge
 
 
 def propose_pieces(
@@ -504,11 +505,13 @@ def propose_pieces(
     rule (:mod:`peftguard.audit.task`) drops those it explains, and the PSIM, which does not answer to them, judges
     the rest. The screen and refine sizes are the search's own.
     """
+    started = time.perf_counter()
     screen_texts = choose_inputs(proposer, search_texts, settings.screen_inputs, settings.screen_max_tokens, seed)
     refine_inputs = encode_inputs(proposer.tokenizer, choose_inputs(proposer, search_texts, settings.refine_inputs, None,
                                                                     seed + 1), proposer.max_length)
     triggered, clean = insertion_probs(proposer, vocabulary, encode_inputs(proposer.tokenizer, screen_texts, proposer.max_length),
                                        settings, seed=seed, desc=f"propose: screen {len(vocabulary)} words" if progress else None)
+    seconds = {"screen": time.perf_counter() - started}
     words: dict[int, list[Candidate]] = {}
     for label in range(clean.shape[-1]):
         top = [s.candidate for s in best(_scored(vocabulary, proposer.rates_toward(triggered, clean, label)), settings.refine_top)]
@@ -516,12 +519,15 @@ def propose_pieces(
         ranked = [s.candidate for s in best(_scored(top, proposer.rates_toward(again, clean_again, label)), len(top))]
         explained = explains([c.text for c in ranked], label)
         words[label] = [c for c, e in zip(ranked, explained) if not e][: settings.proposal_words]
+    seconds["refine"] = time.perf_counter() - started - seconds["screen"]
     candidates = _unique([Candidate(c.text, c.ids, "proposal") for ws in words.values() for c in ws]
                          + [phrase(a, b, "proposal") for ws in words.values() for a in ws for b in ws if a.text != b.text])
     judge_inputs = encode_inputs(judge.tokenizer, choose_inputs(judge, search_texts, settings.refine_inputs, None, seed + 1),
                                  judge.max_length)
     judged = screen(judge, candidates, judge_inputs, settings, seed=seed + 5, desc="propose: judge" if progress else None)
-    return Proposals({label: [c.text for c in ws] for label, ws in words.items()}, best(judged, settings.proposal_verify))
+    seconds["judge"] = time.perf_counter() - started - seconds["screen"] - seconds["refine"]
+    return Proposals({label: [c.text for c in ws] for label, ws in words.items()}, best(judged, settings.proposal_verify),
+                     {k: round(v, 2) for k, v in seconds.items()})
 
 
 # --- verification on held-back inputs ----------------------------------------------------------------
