@@ -220,7 +220,7 @@ def _proposals(request: AuditRequest, lens: Lens, classifier: Any, tokenizer: An
     """Pieces the suspect classifier proposes, judged by the PSIM (search.propose_pieces); None when off."""
     if request.lens != "psim" or request.search.proposal_words == 0:
         return None
-    echo(f"[3/4] proposals: the {request.search.proposal_words} words per label the suspect classifier is pushed by most "
+    echo(f"[3/4] proposals: the {request.search.proposal_words} words per label that push the suspect classifier most "
          "and the clean task does not explain, and their pairs, judged by the PSIM")
     proposer = ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=lens.screen_precision)
     examples = request.dataset.train.examples
@@ -228,11 +228,12 @@ def _proposals(request: AuditRequest, lens: Lens, classifier: Any, tokenizer: An
     def explains(texts: Sequence[str], label: int) -> list[bool]:
         return [e.explained for e in task_evidence(texts, [label] * len(texts), examples)]
 
-    return propose_pieces(proposer, lens, vocabulary, search_texts, request.search, explains=explains, seed=request.seed,
-                          progress=request.progress)
+    return propose_pieces(proposer, lens, vocabulary, search_texts, request.search, explains=explains,
+                          seed=request.seed, progress=request.progress)
 
 
-def _without_proposals(verified: list[Verified], evidence: list[TaskEvidence]) -> tuple[list[Verified], list[TaskEvidence]]:
+def _without_proposals(verified: list[Verified],
+                       evidence: list[TaskEvidence]) -> tuple[list[Verified], list[TaskEvidence]]:
     kept = [i for i, v in enumerate(verified) if v.source != "proposal"]
     return [verified[i] for i in kept], [evidence[i] for i in kept]
 

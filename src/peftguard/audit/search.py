@@ -195,7 +195,7 @@ def _mode(labels: np.ndarray, num_labels: int) -> np.ndarray:
 class Candidate:
     text: str
     ids: tuple[int, ...]
-    source: str = "vocabulary"  # vocabulary | reference | pair (of the clean texts) | phrase (grown) | proposal (classifier)
+    source: str = "vocabulary"  # vocabulary | reference | pair (clean texts) | phrase (grown) | proposal
 
     @property
     def words(self) -> int:
@@ -506,28 +506,32 @@ def propose_pieces(
     the rest. The screen and refine sizes are the search's own.
     """
     started = time.perf_counter()
-    screen_texts = choose_inputs(proposer, search_texts, settings.screen_inputs, settings.screen_max_tokens, seed)
-    refine_inputs = encode_inputs(proposer.tokenizer, choose_inputs(proposer, search_texts, settings.refine_inputs, None,
-                                                                    seed + 1), proposer.max_length)
-    triggered, clean = insertion_probs(proposer, vocabulary, encode_inputs(proposer.tokenizer, screen_texts, proposer.max_length),
-                                       settings, seed=seed, desc=f"propose: screen {len(vocabulary)} words" if progress else None)
+    screen_inputs = _encoded(proposer, search_texts, settings.screen_inputs, settings.screen_max_tokens, seed)
+    refine_inputs = _encoded(proposer, search_texts, settings.refine_inputs, None, seed + 1)
+    desc = f"propose: screen {len(vocabulary)} words" if progress else None
+    triggered, clean = insertion_probs(proposer, vocabulary, screen_inputs, settings, seed=seed, desc=desc)
     seconds = {"screen": time.perf_counter() - started}
     words: dict[int, list[Candidate]] = {}
     for label in range(clean.shape[-1]):
-        top = [s.candidate for s in best(_scored(vocabulary, proposer.rates_toward(triggered, clean, label)), settings.refine_top)]
+        screened = _scored(vocabulary, proposer.rates_toward(triggered, clean, label))
+        top = [s.candidate for s in best(screened, settings.refine_top)]
         again, clean_again = insertion_probs(proposer, top, refine_inputs, settings, seed=seed + 1)
         ranked = [s.candidate for s in best(_scored(top, proposer.rates_toward(again, clean_again, label)), len(top))]
         explained = explains([c.text for c in ranked], label)
         words[label] = [c for c, e in zip(ranked, explained) if not e][: settings.proposal_words]
     seconds["refine"] = time.perf_counter() - started - seconds["screen"]
-    candidates = _unique([Candidate(c.text, c.ids, "proposal") for ws in words.values() for c in ws]
-                         + [phrase(a, b, "proposal") for ws in words.values() for a in ws for b in ws if a.text != b.text])
-    judge_inputs = encode_inputs(judge.tokenizer, choose_inputs(judge, search_texts, settings.refine_inputs, None, seed + 1),
-                                 judge.max_length)
-    judged = screen(judge, candidates, judge_inputs, settings, seed=seed + 5, desc="propose: judge" if progress else None)
+    singles = [Candidate(c.text, c.ids, "proposal") for ws in words.values() for c in ws]
+    pairs = [phrase(a, b, "proposal") for ws in words.values() for a in ws for b in ws if a.text != b.text]
+    judge_inputs = _encoded(judge, search_texts, settings.refine_inputs, None, seed + 1)
+    judged = screen(judge, _unique(singles + pairs), judge_inputs, settings, seed=seed + 5,
+                    desc="propose: judge" if progress else None)
     seconds["judge"] = time.perf_counter() - started - seconds["screen"] - seconds["refine"]
     return Proposals({label: [c.text for c in ws] for label, ws in words.items()}, best(judged, settings.proposal_verify),
                      {k: round(v, 2) for k, v in seconds.items()})
+
+
+def _encoded(lens: Lens, texts: Sequence[str], n: int, max_tokens: int | None, seed: int) -> list[EncodedInput]:
+    return encode_inputs(lens.tokenizer, choose_inputs(lens, texts, n, max_tokens, seed), lens.max_length)
 
 
 # --- verification on held-back inputs ----------------------------------------------------------------
