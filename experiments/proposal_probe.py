@@ -20,7 +20,8 @@ from typing import Any
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--audit", type=Path, action="append", default=[], help="a finished PSIM-lens audit folder (repeat)")
+    parser.add_argument("--audit", type=Path, action="append", default=[],
+                        help="a finished PSIM-lens audit folder (repeat)")
     parser.add_argument("--out", type=Path, required=True, help="folder for NAME.json")
     parser.add_argument("--proposal-words", type=int, default=20, help="proposed words per label")
     parser.add_argument("--proposal-verify", type=int, default=4, help="judged proposals verified")
@@ -62,7 +63,8 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
     classifier, tokenizer = load_suspect_classifier(suspect, dataset.num_labels, options)
     precision = record["lens"]["screen_precision"]
     psim = PSIM(audit_dir / "psim", options=options, precision="fp32")
-    judge = PsimLens(psim.model, psim.tokenizer, psim.max_length, float(record["lens"]["gamma"]), screen_precision=precision)
+    gamma = float(record["lens"]["gamma"])
+    judge = PsimLens(psim.model, psim.tokenizer, psim.max_length, gamma, screen_precision=precision)
     proposer = ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=precision)
     search_texts, held_back = _split_dev(dataset, request)
     examples = dataset.train.examples
@@ -72,15 +74,17 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
 
     proposals = propose_pieces(proposer, judge, vocabulary_candidates(tokenizer), search_texts, search_settings,
                                explains=explains, seed=request.seed, progress=False)
-    verified = verify(judge, _predictor(classifier, tokenizer, request.max_length), [s.candidate for s in proposals.judged],
-                      held_back, seed=request.seed, progress=False)
+    suspect_predict = _predictor(classifier, tokenizer, request.max_length)
+    verified = verify(judge, suspect_predict, [s.candidate for s in proposals.judged], held_back, seed=request.seed,
+                      progress=False)
     evidence = task_evidence([v.text for v in verified], [v.forced_label for v in verified], examples)
     proposal_score = verdict_score(verified, evidence)
+    combined = max(record["score"], proposal_score)
     return {
         "name": audit_dir.name, "dataset": settings["dataset"], "audit_score": record["score"],
         "audit_verdict": record["verdict"], "proposal_score": round(proposal_score, 5),
-        "combined_score": round(max(record["score"], proposal_score), 5),
-        "combined_verdict": "backdoored" if max(record["score"], proposal_score) > record["threshold"] else "no evidence",
+        "combined_score": round(combined, 5),
+        "combined_verdict": "backdoored" if combined > record["threshold"] else "no evidence",
         "proposed_words": proposals.words,
         "judged": [{"text": s.candidate.text, "refine_flag_rate": round(s.flag_rate, 5)} for s in proposals.judged],
         "verified": [{**v.as_dict(), "explained_by_task": e.explained} for v, e in zip(verified, evidence)],
@@ -100,12 +104,12 @@ def summarize(out: Path, zoo: Path, summary: Path) -> None:
                                                 "audit_verdict", "combined_verdict", "seconds")},
                      "trigger": entry.get("trigger") if entry["poisoned"] else None,
                      "best_proposal": result["verified"][0]["text"] if result["verified"] else None})
-    lines = ["| model | trigger | audit score | proposals' score | combined | verdict before -> after | best proposal | s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | trigger | audit score | proposals' score | combined | verdict before -> after | best proposal "
+             "| s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['trigger'] or '(clean)'} | {r['audit_score']:.3f} | {r['proposal_score']:.3f} | "
-                     f"{r['combined_score']:.3f} | {r['audit_verdict']} -> {r['combined_verdict']} | {r['best_proposal']} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {r['name']} | {r['trigger'] or '(clean)'} | {r['audit_score']:.3f} | "
+                     f"{r['proposal_score']:.3f} | {r['combined_score']:.3f} | {r['audit_verdict']} -> "
+                     f"{r['combined_verdict']} | {r['best_proposal']} | {r['seconds']:.0f} |")
     from peftguard.artifacts import write_text
 
     write_text(summary, "\n".join(lines) + "\n")
@@ -131,7 +135,8 @@ def main() -> None:
         write_text(target, json.dumps(result, indent=1) + "\n")
         best = result["verified"][0] if result["verified"] else None
         print(f"{result['name']}: audit {result['audit_score']:.3f} proposals {result['proposal_score']:.3f} "
-              f"({best['text'] if best else '-'}) {result['seconds']:.0f} s; words {result['proposed_words']}", flush=True)
+              f"({best['text'] if best else '-'}) {result['seconds']:.0f} s; words {result['proposed_words']}",
+              flush=True)
 
 
 if __name__ == "__main__":
