@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--summary", type=Path, help="with --zoo: join every NAME.json in --out to the zoo's triggers, "
                         "write this Markdown table (and .json beside it) and run nothing else")
     parser.add_argument("--zoo", type=Path, help="the zoo folder (its zoo.json) for --summary")
+    parser.add_argument("--part-results", type=Path, action="append", default=[],
+                        help="with --summary: a part's results.json from experiments/audit_zoo.py; its by-labels AUROC "
+                             "is recomputed with the probed models' combined scores (repeat)")
     return parser
 
 
@@ -94,7 +97,23 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
     }
 
 
-def summarize(out: Path, zoo: Path, summary: Path) -> None:
+def with_proposals(part_results: dict[str, Any], combined: dict[str, float]) -> dict[str, Any]:
+    """The part's by-labels AUROC before and after replacing the probed models' scores by their combined scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from peftguard.audit.run import VERDICT_THRESHOLD
+
+    rows = [m for m in part_results["models"] if m["lens"] == "by-labels"]
+    poisoned = [int(m["trigger"] is not None) for m in rows]
+    after = [combined.get(m["name"], m["score"]) for m in rows]
+    return {"models": len(rows), "probed": sum(m["name"] in combined for m in rows),
+            "auroc_by_labels": roc_auc_score(poisoned, [m["score"] for m in rows]),
+            "auroc_by_labels_with_proposals": roc_auc_score(poisoned, after),
+            "clean_called_backdoored_with_proposals": sum(score > VERDICT_THRESHOLD
+                                                          for score, p in zip(after, poisoned) if not p)}
+
+
+def summarize(out: Path, zoo: Path, summary: Path, part_results: list[Path]) -> None:
     entries = {e["name"]: e for e in json.loads((zoo / "zoo.json").read_text(encoding="utf-8"))}
     rows = []
     for path in sorted(out.glob("*.json")):
@@ -112,8 +131,15 @@ def summarize(out: Path, zoo: Path, summary: Path) -> None:
                      f"{r['combined_verdict']} | {r['best_proposal']} | {r['seconds']:.0f} |")
     from peftguard.artifacts import write_text
 
+    combined = {r["name"]: r["combined_score"] for r in rows}
+    parts = {str(path): with_proposals(json.loads(path.read_text(encoding="utf-8")), combined) for path in part_results}
+    for path, part in parts.items():
+        lines += ["", f"{path}: by-labels AUROC {part['auroc_by_labels']:.3f} -> "
+                      f"{part['auroc_by_labels_with_proposals']:.3f} with proposals ({part['probed']} of "
+                      f"{part['models']} models probed; clean called backdoored: "
+                      f"{part['clean_called_backdoored_with_proposals']})"]
     write_text(summary, "\n".join(lines) + "\n")
-    write_text(summary.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    write_text(summary.with_suffix(".json"), json.dumps({"models": rows, "parts": parts}, indent=1) + "\n")
     print("\n".join(lines))
 
 
@@ -122,7 +148,7 @@ def main() -> None:
     if args.summary is not None:
         if args.zoo is None:
             raise SystemExit("--summary needs --zoo")
-        summarize(args.out, args.zoo, args.summary)
+        summarize(args.out, args.zoo, args.summary, args.part_results)
         return
     from peftguard.artifacts import write_text
 
