@@ -151,7 +151,9 @@ def main() -> None:
         summarize(args.out, args.zoo, args.summary, args.part_results)
         return
     from peftguard.artifacts import write_text
+    from peftguard.runtime import configure_threads
 
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does (without it torch takes every core)
     for audit_dir in args.audit:
         target = args.out / f"{audit_dir.name}.json"
         if target.exists():
