@@ -352,6 +352,8 @@ def test_the_card_says_when_the_psim_search_was_restarted(abandoned):
     (["--model", "{tiny}", "--vocabulary", "{tmp}/empty.txt"], "no words"),
     (["--model", "{tiny}", "--precision", "int8"], "the audit's search runs at"),
     (["--model", "{tiny}", "--max-restarts", "-1"], "--max-restarts must be"),
+    (["--model", "{tiny}", "--proposals", "-1"], "--proposals must be"),
+    (["--model", "{tiny}", "--lens", "classifier", "--proposals", "20"], "use them with --lens psim"),
 ])
 def test_usage_and_input_errors_exit_2_on_one_line(extra, message, tiny_minilm, tiny_dataset, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")

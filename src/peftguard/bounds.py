@@ -108,6 +108,7 @@ BOUNDS: dict[str, Bound] = {
     "max_cells": _count(1),
     "top_k": _count(1, 1_000),
     "pairs": _count(0, 10_000_000),
+    "proposals": _count(0, 100_000),
     "num_labels": _count(2, 1_000_000),
     "weight_decay": Bound(ge=0, le=1e3),
     "warmup_ratio": UNIT_CLOSED,

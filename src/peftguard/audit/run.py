@@ -106,6 +106,8 @@ class AuditRequest:
             raise OptionError(f"unknown --lens '{self.lens}'; choose from {', '.join(LENSES)}")
         if self.precision not in ("auto", *SCREEN_PRECISIONS):
             raise OptionError(f"--precision {self.precision!r}: the audit's search runs at {', '.join(SCREEN_PRECISIONS)} or auto")
+        if self.lens != "psim" and self.search.proposal_words:
+            raise OptionError("--proposals: the classifier's proposals are judged by the PSIM; use them with --lens psim")
 
 
 @dataclass
