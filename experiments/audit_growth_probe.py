@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from peftguard.runtime import configure_threads
+
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does
     common.setup()
     from peftguard.audit.search import PsimLens, SearchSettings, choose_inputs, encode_inputs, phrase, screen, verify, vocabulary_candidates
     from peftguard.audit.task import task_evidence, task_words

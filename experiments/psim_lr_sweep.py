@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from peftguard.runtime import configure_threads
+
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does
 
     data = load_dataset(args.dataset)
     test = data.test.examples

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from peftguard.runtime import configure_threads
+
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does
     cells = [(run, found) for run in args.runs for found in calibrated_cells(run, args.victim)]
     write(args.out, [row for run, found in cells for row in probe(run, *found)])
 

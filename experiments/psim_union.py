@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from peftguard.runtime import configure_threads
+
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does
     dev_cache: dict[str, np.ndarray] = {}
     rows = [union_row(run, pair, args.target_fpr, dev_cache) for run in args.runs for pair in pairs(run, args.victim)]
     (args.out / "cells").mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from peftguard.runtime import configure_threads
+
+    configure_threads()  # $PEFTGUARD_THREADS, as the CLI does
     from peftguard.audit.search import insert_text
     from peftguard.data import load_dataset
     from peftguard.defenses.psim import PSIM
