@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a finished PSIM-lens audit folder (repeat)")
     parser.add_argument("--out", type=Path, required=True, help="folder for NAME.json")
     parser.add_argument("--proposal-words", type=int, default=20, help="proposed words per label")
-    parser.add_argument("--proposal-verify", type=int, default=4, help="judged proposals verified")
+    parser.add_argument("--proposal-verify", type=int, help="judged proposals verified [the search's default]")
     parser.add_argument("--summary", type=Path, help="with --zoo: join every NAME.json in --out to the zoo's triggers, "
                         "write this Markdown table (and .json beside it) and run nothing else")
     parser.add_argument("--zoo", type=Path, help="the zoo folder (its zoo.json) for --summary")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[str, Any]:
+def probe(audit_dir: Path, proposal_words: int, proposal_verify: int | None) -> dict[str, Any]:
     from dataclasses import replace
 
     from peftguard.audit.run import AuditRequest, _predictor, _split_dev, verdict_score
@@ -42,7 +42,7 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
         ClassifierLens, PsimLens, SearchSettings, propose_pieces, verify, vocabulary_candidates,
     )
     from peftguard.audit.sources import load_suspect_classifier, merge_lora, resolve_suspect
-    from peftguard.audit.task import task_evidence
+    from peftguard.audit.task import explainer, task_evidence
     from peftguard.data import load_dataset
     from peftguard.defenses.psim import PSIM
     from peftguard.models import LoadOptions
@@ -58,7 +58,7 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
     if suspect.is_adapter and not trained_on.exists():  # the audit's merged LoRA victim, removed after it: merge again
         merge_lora(suspect, dataset.num_labels, trained_on, options)
     search_settings = replace(SearchSettings(**record["search"]["settings"]), proposal_words=proposal_words,
-                              proposal_verify=proposal_verify)
+                              proposal_verify=proposal_verify or SearchSettings().proposal_verify)
     request = AuditRequest(model=settings["model"], dataset=dataset, out=audit_dir, seed=settings["seed"],
                            max_eval_samples=settings["max_eval_samples"], max_length=settings["max_length"],
                            search=search_settings)
@@ -71,12 +71,8 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
     proposer = ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=precision)
     search_texts, held_back = _split_dev(dataset, request)
     examples = dataset.train.examples
-
-    def explains(texts: list[str], label: int) -> list[bool]:
-        return [e.explained for e in task_evidence(texts, [label] * len(texts), examples)]
-
     proposals = propose_pieces(proposer, judge, vocabulary_candidates(tokenizer), search_texts, search_settings,
-                               explains=explains, seed=request.seed, progress=False)
+                               explains=explainer(examples), seed=request.seed, progress=False)
     suspect_predict = _predictor(classifier, tokenizer, request.max_length)
     verified = verify(judge, suspect_predict, [s.candidate for s in proposals.judged], held_back, seed=request.seed,
                       progress=False)
@@ -91,7 +87,7 @@ def probe(audit_dir: Path, proposal_words: int, proposal_verify: int) -> dict[st
         "proposed_words": proposals.words,
         "judged": [{"text": s.candidate.text, "refine_flag_rate": round(s.flag_rate, 5)} for s in proposals.judged],
         "verified": [{**v.as_dict(), "explained_by_task": e.explained} for v, e in zip(verified, evidence)],
-        "settings": {"proposal_words": proposal_words, "proposal_verify": proposal_verify},
+        "settings": {"proposal_words": proposal_words, "proposal_verify": search_settings.proposal_verify},
         "seconds": round(time.perf_counter() - started, 1),
         "proposal_seconds": proposals.seconds,
     }

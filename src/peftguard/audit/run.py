@@ -38,7 +38,7 @@ from peftguard.audit.search import (
     vocabulary_candidates,
 )
 from peftguard.audit.sources import Suspect, load_suspect_classifier, merge_lora, provenance, resolve_suspect
-from peftguard.audit.task import TASK_MIN_TEXTS, TASK_PURITY, TaskEvidence, task_evidence
+from peftguard.audit.task import TASK_MIN_TEXTS, TASK_PURITY, TaskEvidence, explainer, task_evidence
 from peftguard.data import TextDataset, subsample
 from peftguard.defenses.psim_budget import BudgetRule
 from peftguard.errors import OptionError
@@ -165,7 +165,8 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     if proposals is not None:
         mark = clock.lap("proposals", mark)
         clock.seconds.update({f"proposals_{step}": value for step, value in proposals.seconds.items()})
-        shortlist += [s.candidate for s in proposals.judged if s.candidate.text not in {c.text for c in shortlist}]
+        listed = {c.text for c in shortlist}
+        shortlist += [s.candidate for s in proposals.judged if s.candidate.text not in listed]
     echo(f"[4/4] verify: {len(shortlist)} candidates on {len(held_back)} held-back clean inputs")
     suspect_predict = _predictor(classifier, tokenizer, request.max_length)
     verified = verify(lens, suspect_predict, shortlist, held_back, seed=request.seed, progress=request.progress)
@@ -225,13 +226,9 @@ def _proposals(request: AuditRequest, lens: Lens, classifier: Any, tokenizer: An
     echo(f"[3/4] proposals: the {request.search.proposal_words} words per label that push the suspect classifier most "
          "and the clean task does not explain, and their pairs, judged by the PSIM")
     proposer = ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=lens.screen_precision)
-    examples = request.dataset.train.examples
-
-    def explains(texts: Sequence[str], label: int) -> list[bool]:
-        return [e.explained for e in task_evidence(texts, [label] * len(texts), examples)]
-
-    return propose_pieces(proposer, lens, vocabulary, search_texts, request.search, explains=explains,
-                          seed=request.seed, progress=request.progress)
+    return propose_pieces(proposer, lens, vocabulary, search_texts, request.search,
+                          explains=explainer(request.dataset.train.examples), seed=request.seed,
+                          progress=request.progress)
 
 
 def _without_proposals(verified: list[Verified],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from peftguard.data import Example
@@ -84,3 +84,11 @@ def task_words(examples: Iterable[Example]) -> frozenset[str]:
         for word in words_of(example.text):
             counts.setdefault(word, Counter())[example.label] += 1
     return frozenset(w for w, c in counts.items() if _is_task(c.total(), max(c.values()) / c.total()))
+
+
+def explainer(examples: Sequence[Example]) -> Callable[[Sequence[str], int], list[bool]]:
+    """For candidate texts that push one label: which the clean task explains (:class:`TaskEvidence.explained`)."""
+    def explains(texts: Sequence[str], label: int) -> list[bool]:
+        return [e.explained for e in task_evidence(texts, [label] * len(texts), examples)]
+
+    return explains
