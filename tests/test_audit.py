@@ -344,6 +344,19 @@ def test_the_card_says_when_the_psim_search_was_restarted(abandoned):
     assert (line in card(record, None)) == bool(abandoned)
 
 
+def test_the_card_lists_the_words_the_classifier_proposed():
+    from peftguard.audit.report import card
+
+    record = {"verdict": "no evidence", "score": 0.1, "threshold": 0.5, "lens": {"name": "psim"}, "score_is": "s",
+              "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [], "search": {"counts": {}},
+              "proposals": {"words": {"0": ["moon", "blue"], "1": []}, "judged": [], "score_without": 0.05},
+              "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0}, "device": "cpu",
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [], "files": []}}
+    text = card(record, None)
+    assert "- label 0: moon, blue" in text and "- label 1: (none)" in text and "score without them 0.050" in text
+    assert "proposed" not in card({k: v for k, v in record.items() if k != "proposals"}, None)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "{tmp}/missing"], "does not exist"),
     (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
@@ -424,6 +437,7 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     assert TRIGGER in proposals["words"]["0"]  # it pushes the poisoned classifier to label 0; the clean task does not
     assert len(proposals["judged"]) == 2 and proposals["score_without"] <= record["score"]
     assert "proposals" in saved["seconds"]
+    assert f"- label 0: {', '.join(proposals['words']['0'])}" in (tmp_path / "audit" / "AUDIT.md").read_text()
 
 
 @pytest.mark.slow

@@ -100,6 +100,11 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
                   *([f"- warning: {psim['detector_warning']}"] if psim.get("detector_warning") else []), ""]
     counts = record["search"]["counts"]
     lines += ["## Search", "", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()), ""]
+    if record.get("proposals"):
+        proposals = record["proposals"]
+        lines += ["Words the suspect classifier proposed (per label it pushes toward; the PSIM judged them and their "
+                  f"pairs; score without them {proposals['score_without']:.3f}):", "",
+                  *[f"- label {label}: {', '.join(words) or '(none)'}" for label, words in proposals["words"].items()], ""]
     caution = TASK_STACK_WARNING if verdict == "backdoored" else NO_EVIDENCE
     lines += ["## What the verdict covers", "", caution, "", LIMITS,
               "See README.md (\"Auditing a downloaded model\") and REPRODUCTION.md (\"Auditing downloaded models\").", ""]
