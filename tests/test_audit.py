@@ -322,7 +322,8 @@ def test_the_card_says_what_the_verdict_does_not_cover(verdict):
               "lens": {"name": "psim"}, "score_is": "s", "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [],
               "search": {"counts": {}}, "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0},
               "device": "cpu",
-              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [], "files": []}}
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [],
+                             "files": []}}
     text = card(record, None)
     assert "## What the verdict covers" in text and LIMITS in text
     assert (NO_EVIDENCE in text) == (verdict == "no evidence")  # the warning belongs to a verdict that clears
@@ -351,7 +352,8 @@ def test_the_card_lists_the_words_the_classifier_proposed():
               "threshold_how": "t", "clean_flag_rate": 0.0, "candidates": [], "search": {"counts": {}},
               "proposals": {"words": {"0": ["moon", "blue"], "1": []}, "judged": [], "score_without": 0.05},
               "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0}, "device": "cpu",
-              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [], "files": []}}
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [],
+                             "files": []}}
     text = card(record, None)
     assert "- label 0: moon, blue" in text and "- label 1: (none)" in text and "score without them 0.050" in text
     assert "proposed" not in card({k: v for k, v in record.items() if k != "proposals"}, None)

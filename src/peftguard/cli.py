@@ -559,7 +559,7 @@ def audit(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
     vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Word pairs most frequent in the clean training texts screened beside the words: how sentence triggers of common words are found [20000, about the vocabulary's size; 0: none].")] = None,
-    proposals: Annotated[Optional[int], typer.Option("--proposals", help="PSIM lens: per label, the words the suspect classifier is pushed by most and the clean task does not explain; they and their pairs are judged by the PSIM, the best verified beside the search's [0: off; a candidate measured on the zoo's sixth part, REPRODUCTION.md].")] = None,
+    proposals: Annotated[Optional[int], typer.Option("--proposals", help="PSIM lens: per label, the words the suspect classifier is pushed by most and the clean task does not explain; they and their pairs are judged by the PSIM, the best verified beside the search's [0: off; measured on the zoo's sixth part, where they changed no verdict and were not made the default: REPRODUCTION.md].")] = None,
     data_dir: DataDirOpt = None,
     text_column: TextColOpt = "text",
     label_column: LabelColOpt = "label",

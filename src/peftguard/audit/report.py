@@ -104,7 +104,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
         proposals = record["proposals"]
         lines += ["Words the suspect classifier proposed (per label it pushes toward; the PSIM judged them and their "
                   f"pairs; score without them {proposals['score_without']:.3f}):", "",
-                  *[f"- label {label}: {', '.join(words) or '(none)'}" for label, words in proposals["words"].items()], ""]
+                  *[f"- label {label}: {', '.join(words) or '(none)'}"
+                    for label, words in proposals["words"].items()], ""]
     caution = TASK_STACK_WARNING if verdict == "backdoored" else NO_EVIDENCE
     lines += ["## What the verdict covers", "", caution, "", LIMITS,
               "See README.md (\"Auditing a downloaded model\") and REPRODUCTION.md (\"Auditing downloaded models\").", ""]
