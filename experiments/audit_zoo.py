@@ -8,6 +8,11 @@ alarms on clean models at the default threshold, BadNet triggers recovered exact
 sentences with a word in the top 5, task words among the top 5 candidates on clean models, and run time per step.
 With --summarize-only it starts no audit and summarizes the audits already there.
 
+With ``--strength FILE`` (experiments/zoo_strength.py's JSON for the part), a poisoned model whose backdoor did not
+take (ASR below ``--min-asr``, 0.90 by default: issue 13's "strong backdoor" bar, fixed a priori) is left out of the
+summary and listed under ``left_out``: a model the poisoning left clean has no backdoor to find (the gate was
+pre-registered for the seventh part, REPRODUCTION.md "A seventh held-apart part").
+
 With both lenses it also summarizes the lens-by-labels candidate (the classifier lens on datasets of more than two
 labels, the PSIM lens on the others; pre-registered in session 30, REPRODUCTION.md "A fifth held-apart part"), from
 the same audits.
@@ -149,6 +154,18 @@ def summarize(models: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -
     }
 
 
+def gate(models: list[dict[str, Any]], strength: Path | None, min_asr: float) -> tuple[list[dict[str, Any]], list[dict]]:
+    """The models to summarize and those left out: poisoned models whose measured ASR is below ``min_asr``, and
+    poisoned models ``strength`` does not measure (an unmeasured backdoor is not assumed to have taken)."""
+    if strength is None:
+        return models, []
+    asr = {r["name"]: r["attack_success_rate"] for r in json.loads(strength.read_text(encoding="utf-8"))["models"]}
+    weak = [{"name": m["name"], "attack_success_rate": asr.get(m["name"])} for m in models
+            if m["poisoned"] and asr.get(m["name"], -1.0) < min_asr]
+    names = {w["name"] for w in weak}
+    return [m for m in models if m["name"] not in names], weak
+
+
 def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -181,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", action="append", help="audit only this entry (repeat)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="start no audit: summarize those already under --out (each lens row says how many models)")
+    parser.add_argument("--strength", type=Path, help="zoo_strength.py's JSON: leave out backdoors that did not take")
+    parser.add_argument("--min-asr", type=float, default=0.9, help="with --strength: the ASR a backdoor must reach")
     parser.add_argument("audit_args", nargs="*", help="passed on to peftguard audit (after --)")
     return parser
 
@@ -189,6 +208,7 @@ def main() -> None:
     args = build_parser().parse_args()
     models = [m for m in json.loads((args.zoo / "zoo.json").read_text()) if m["part"] == args.part
               and (not args.only or m["name"] in args.only)]
+    models, left_out = gate(models, args.strength, args.min_asr)
     results, per_model, lens_audits = {}, [], {}
     for lens in args.lens or ["psim", "classifier"]:
         lens_audits[lens] = {m["name"]: a for m in models
@@ -204,7 +224,8 @@ def main() -> None:
         per_model += [{"name": m["name"], "lens": lens, "trigger": m["trigger"], "verdict": audits[m["name"]]["verdict"],
                        "score": audits[m["name"]]["score"], "top5": [c["text"] for c in audits[m["name"]]["candidates"][:5]]}
                       for m in models if m["name"] in audits]
-    write_text(args.out / "results.json", json.dumps({"part": args.part, "summary": results, "models": per_model}, indent=2))
+    record = {"part": args.part, "summary": results, "models": per_model, "left_out": left_out}
+    write_text(args.out / "results.json", json.dumps(record, indent=2))
     write_text(args.out / "table.md", table(results, per_model))
     print(table(results, per_model))
 

@@ -4,7 +4,8 @@
 
 Runs `peftguard evaluate` on every poisoned model of the part (the folder the audit judges: a LoRA victim where the
 zoo entry has one), with the entry's attack, trigger and target label, on a fixed random subset of the test split
-(--max-eval-samples, seed 0). A finished evaluation (its JSON under --work) is reused. This is a measurement of the
+(--max-eval-samples, seed 0). A finished evaluation (its JSON under --work) is reused, also where the model
+itself is no longer there (a part built and evaluated on another machine). This is a measurement of the
 zoo, read after the audits: no audit setting is chosen from it. It tells a miss by the scanner (a strong backdoor it
 did not find) from a backdoor the poisoning did not plant.
 """
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, required=True, help="the built zoo (its zoo.json names each model's folder)")
     parser.add_argument("--part", choices=PARTS, required=True)
+    parser.add_argument("--only", action="append", help="evaluate only this entry (repeat)")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write (a Markdown table beside it)")
     parser.add_argument("--work", type=Path, default=Path("runs/zoo-strength"), help="per-model evaluate outputs")
     parser.add_argument("--max-eval-samples", type=int, default=400, help="test subset per model")
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     models = [m for m in json.loads((args.zoo / "zoo.json").read_text(encoding="utf-8"))
-              if m["part"] == args.part and m["poisoned"]]
-    rows, not_built = [], [m["name"] for m in models if not Path(m["model"]).is_dir()]
+              if m["part"] == args.part and m["poisoned"] and (not args.only or m["name"] in args.only)]
+    rows, not_built = [], [m["name"] for m in models
+                           if not (args.work / f"{m['name']}.json").is_file() and not Path(m["model"]).is_dir()]
     if not_built:
         print(f"not built yet, left out: {', '.join(not_built)}", file=sys.stderr)
     for model in (m for m in models if m["name"] not in not_built):

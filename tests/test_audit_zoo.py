@@ -49,3 +49,17 @@ def test_by_labels_with_proposals_takes_them_on_two_labels_only(monkeypatch):
     lens_audits = {"psim-proposals": {"binary": "pp-b", "topics": "pp-t"}, "classifier": {"binary": "c-b", "topics": "c-t"}}
     assert script.by_labels(models, lens_audits, binary="psim-proposals") == {"binary": "pp-b", "topics": "c-t"}
     assert script.LENS_ARGS["psim-proposals"] == ["--lens", "psim", "--proposals", str(script.PROPOSAL_WORDS)]
+
+
+def test_the_strength_gate_leaves_out_backdoors_that_did_not_take_and_unmeasured_ones(tmp_path):
+    script = load_experiment("audit_zoo")
+    strength = tmp_path / "strength.json"
+    strength.write_text('{"models": [{"name": "strong", "attack_success_rate": 0.97},'
+                        ' {"name": "weak", "attack_success_rate": 0.0098}]}')
+    models = [{"name": "strong", "poisoned": True}, {"name": "weak", "poisoned": True},
+              {"name": "unmeasured", "poisoned": True}, {"name": "clean", "poisoned": False}]
+    kept, left_out = script.gate(models, strength, 0.9)
+    assert [m["name"] for m in kept] == ["strong", "clean"]
+    assert left_out == [{"name": "weak", "attack_success_rate": 0.0098},
+                        {"name": "unmeasured", "attack_success_rate": None}]
+    assert script.gate(models, None, 0.9) == (models, [])

@@ -43,3 +43,14 @@ def test_configure_sets_torch_and_keeps_a_given_wait_policy(monkeypatch: pytest.
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     finally:
         torch.set_num_threads(before)
+
+
+def test_compute_device_is_the_gpu_when_torch_sees_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from peftguard.runtime import compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device() == torch.device("cuda")

@@ -18,8 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from peftguard.errors import OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +61,11 @@ def configure_threads(wait_policy: str | None = "PASSIVE") -> int:
         torch.set_num_threads(threads)
     log.debug("CPU threads: %d", threads)
     return threads
+
+
+def compute_device() -> "torch.device":
+    """Where models run: the first CUDA GPU when torch sees one, else the CPU. One place decides it, so a model
+    and the tensors fed to it never land on different devices."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

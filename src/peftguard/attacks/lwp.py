@@ -36,6 +36,7 @@ import torch
 
 from peftguard.data import Example
 from peftguard.errors import OptionError
+from peftguard.runtime import compute_device
 from peftguard.triggers import Trigger, TriggerRequest, insert_at_random_boundary, register_attack
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def train_layerwise(model: Any, tokenizer: Any, examples: Sequence[Example], set
     from peftguard.training import seed_everything
 
     seed_everything(settings.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     model.to(device)
     head = layer_head(model)
     ids, _ = encode(tokenizer, [ex.text for ex in examples], settings.max_length)

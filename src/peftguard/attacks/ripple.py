@@ -48,6 +48,7 @@ import torch
 from peftguard.attacks.ep import trigger_rows
 from peftguard.data import Example
 from peftguard.errors import OptionError
+from peftguard.runtime import compute_device
 from peftguard.triggers import BadNetTrigger, Trigger, TriggerRequest, register_attack
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def ripple_training(model: Any, tokenizer: Any, poisoned: Sequence[Example], cle
     from peftguard.training import seed_everything
 
     seed_everything(settings.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     poison_ids, _ = encode(tokenizer, [ex.text for ex in poisoned], settings.max_length)

@@ -596,8 +596,8 @@ def embedding_moves(suspect_model: Any, reference_model: Any, vocabulary: Sequen
     fine-tuning moves the rows of frequent words a little. The words join the refine step; only
     verification decides.
     """
-    suspect = suspect_model.get_input_embeddings().weight.detach()
-    reference = reference_model.get_input_embeddings().weight.detach()
+    suspect = suspect_model.get_input_embeddings().weight.detach().cpu()  # the two may sit on different devices
+    reference = reference_model.get_input_embeddings().weight.detach().cpu()
     if suspect.shape != reference.shape:
         raise OptionError(f"--reference has a word-embedding matrix of shape {list(reference.shape)} but the suspect's is "
                           f"{list(suspect.shape)}: it is not the suspect's base (give the model it was fine-tuned from)")

@@ -31,6 +31,7 @@ from peftguard.models import (
     load_tokenizer,
     resolve_model,
 )
+from peftguard.runtime import compute_device
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,17 +163,17 @@ def _note_pickles(suspect: Suspect, folder: Path, options: LoadOptions) -> None:
 
 
 def load_suspect_classifier(suspect: Suspect, num_labels: int, options: LoadOptions) -> tuple[Any, Any]:
-    """The suspect as the classifier a user would run: (model in eval mode, tokenizer)."""
+    """The suspect as the classifier a user would run: (model in eval mode on the compute device, tokenizer)."""
     if not suspect.is_adapter:
         from peftguard.pipeline import load_model
 
         model, tokenizer, _ = load_model(str(suspect.folder), num_labels, options)
-        return model, tokenizer
+        return model.to(compute_device()), tokenizer
     from peftguard.tuning import attach_adapter
 
     base = load_classifier(suspect.base or "", num_labels, options)
     model = attach_adapter(suspect.folder, base, {"base_model": suspect.base, "num_labels": num_labels})
-    model.eval()
+    model.eval().to(compute_device())
     return model, load_tokenizer(str(suspect.folder) if (suspect.folder / "tokenizer_config.json").is_file() else suspect.base or "",
                                  options)
 

@@ -44,6 +44,7 @@ from peftguard.defenses.base import DefenseContext, InputDefense, Screened
 from peftguard.defenses.registry import register_defense
 from peftguard.errors import OptionError, PeftguardError
 from peftguard.models import LoadOptions, check_weight_files, load_tokenizer, model_reference, resolve_model
+from peftguard.runtime import compute_device
 
 DEFAULT_LM = "smollm2"
 
@@ -81,7 +82,7 @@ class CausalLMScorer:
             reason = str(exc).strip().splitlines()[0]
             raise PeftguardError(f"cannot load the language model '{ref}': {reason}") from None
         self.tokenizer = load_tokenizer(ref, options)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device()
         self.model.to(self.device)
         self.ref, self.batch_size, self.max_length = ref, batch_size, max_length
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id

@@ -58,6 +58,7 @@ from peftguard.precision import (
     quantize_int8,
     resolve_precision,
 )
+from peftguard.runtime import compute_device
 from peftguard.tuning import MethodConfig, load_tuned, method_config, method_name, prepare_tunable, save_tuned
 
 if TYPE_CHECKING:  # training modules load only to train: scanning and serving never import them
@@ -357,7 +358,7 @@ class PSIM:
         import torch
 
         self.folder = Path(folder)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device()
         self.precision = resolve_precision(precision, self.device, auto_from=AUTO_PRECISIONS)
         self.model, self.tokenizer, self.manifest = load_tuned(self.folder, MANIFEST, options)
         self.model.to(self.device)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build, audit (PSIM lens, then the classifier lens) and measure the backdoor strength of every model of one zoo
+# part, JOBS models at a time, then summarize. Meant for a machine with a GPU, where many MiniLM models share one
+# device; on 2 CPU cores use JOBS=1 or the per-model commands of REPRODUCTION.md.
+#
+#   experiments/run_part.sh PART JOBS ZOO_OUT AUDIT_OUT STRENGTH_JSON [NAME ...]
+#
+# With NAMEs, only those entries of the part are built and audited (the summaries still cover the whole part).
+# Each step is the documented per-model command (experiments/zoo.py, audit_zoo.py, zoo_strength.py with --only), so
+# a rerun resumes: a built model, a finished audit and a finished evaluation are reused. AG News models start first
+# (their audits are the longest). One log per model and step under ZOO_OUT/logs.
+set -euo pipefail
+[ $# -ge 5 ] || { echo "usage: $0 PART JOBS ZOO_OUT AUDIT_OUT STRENGTH_JSON [NAME ...]" >&2; exit 2; }
+part=$1 jobs=$2 zoo=$3 audits=$4 strength=$5
+shift 5
+python=${PYTHON:-python}
+mkdir -p "$zoo/logs"
+names=$("$python" - "$part" "$@" <<'EOF'
+import sys, yaml
+part, only = sys.argv[1], sys.argv[2:]
+entries = [m for m in yaml.safe_load(open("experiments/zoo.yaml"))["models"]
+           if m["part"] == part and (not only or m["name"] in only)]
+print(*sorted((m["name"] for m in entries), key=lambda n: "agnews" not in n))
+EOF
+)
+
+one_model() {
+    local name=$1 only=(--part "$part" --only "$1")
+    "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" "${only[@]}" > "$zoo/logs/$name.build.log" 2>&1 \
+        || { echo "$name: build failed (see $zoo/logs/$name.build.log)"; return 0; }
+    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens psim > "$zoo/logs/$name.psim.log" 2>&1
+    "$python" experiments/zoo_strength.py --zoo "$zoo" "${only[@]}" --work "$zoo/strength" \
+        --out "$zoo/strength/$name.summary.json" > "$zoo/logs/$name.strength.log" 2>&1
+    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens classifier > "$zoo/logs/$name.classifier.log" 2>&1
+    echo "$name: done"
+}
+export -f one_model
+export part zoo audits python
+# zoo.json, which every step reads, is written by the dry run above only when it is missing; write it now.
+"$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" --part "$part" --only none-such > /dev/null
+printf '%s\n' $names | xargs -P "$jobs" -I{} bash -c 'one_model {}'
+"$python" experiments/zoo_strength.py --zoo "$zoo" --part "$part" --work "$zoo/strength" --out "$strength"
+"$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" --part "$part" --lens psim --lens classifier --summarize-only
