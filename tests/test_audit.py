@@ -459,7 +459,9 @@ def test_an_adapter_folder_is_audited_on_its_base(poisoned, data_dir, tmp_path):
 
     adapter_model, tokenizer = load_suspect_classifier(suspect, 2, LoadOptions())
     merged, merged_tokenizer, _ = load_model(str(tmp_path / "merged"), 2)
-    assert np.allclose(predict_proba(adapter_model, tokenizer, texts), predict_proba(merged, merged_tokenizer, texts), atol=1e-4)
+    # in float32 on both sides: on a GPU the suspect sits there and predict_proba would otherwise multiply in bf16
+    unmerged = predict_proba(adapter_model, tokenizer, texts, bf16=False)
+    assert np.allclose(unmerged, predict_proba(merged, merged_tokenizer, texts, bf16=False), atol=1e-4)
     classic = audit(victim, data_dir, tmp_path / "audit-classifier", lens="classifier")
     assert classic["provenance"]["kind"] == "adapter" and classic["psim"] is None
     assert TRIGGER in [c["text"] for c in classic["candidates"]]
