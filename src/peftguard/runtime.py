@@ -1,4 +1,5 @@
-"""Process-wide runtime settings: how many CPU threads torch uses, decided in one place.
+"""Process-wide runtime settings, each decided in one place: how many CPU threads torch uses, and which device
+models run on (:func:`compute_device`).
 
 ``PEFTGUARD_THREADS`` if set; else ``OMP_NUM_THREADS`` if set to a number (what the user or a
 test harness asked for); else the cores this process may run on (``os.sched_getaffinity``, which
@@ -63,7 +64,7 @@ def configure_threads(wait_policy: str | None = "PASSIVE") -> int:
     return threads
 
 
-def compute_device() -> "torch.device":
+def compute_device() -> torch.device:
     """Where models run: the first CUDA GPU when torch sees one, else the CPU. One place decides it, so a model
     and the tensors fed to it never land on different devices."""
     import torch

@@ -355,8 +355,6 @@ class PSIM:
 
     def __init__(self, folder: str | Path, *, options: LoadOptions = LoadOptions(), batch_size: int = DEFAULT_BATCH_SIZE,
                  precision: str = DEFAULT_PRECISION) -> None:
-        import torch
-
         self.folder = Path(folder)
         self.device = compute_device()
         self.precision = resolve_precision(precision, self.device, auto_from=AUTO_PRECISIONS)
