@@ -24,20 +24,33 @@ print(*sorted((m["name"] for m in entries), key=lambda n: "agnews" not in n))
 EOF
 )
 
-one_model() {
+# Two kinds of task share the JOBS slots: each model's chain (build, PSIM-lens audit, strength), all queued first,
+# then each model's classifier-lens audit, which waits for its model's build. So under a deadline the default lens's
+# audits are the ones that finish.
+chain() {
     local name=$1 only=(--part "$part" --only "$1")
-    "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" "${only[@]}" > "$zoo/logs/$name.build.log" 2>&1 \
-        || { echo "$name: build failed (see $zoo/logs/$name.build.log)"; return 0; }
+    if ! "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" "${only[@]}" > "$zoo/logs/$name.build.log" 2>&1; then
+        echo "$name: build failed (see $zoo/logs/$name.build.log)"; touch "$zoo/logs/$name.failed"; return 0
+    fi
+    touch "$zoo/logs/$name.built"
     "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens psim > "$zoo/logs/$name.psim.log" 2>&1
     "$python" experiments/zoo_strength.py --zoo "$zoo" "${only[@]}" --work "$zoo/strength" \
         --out "$zoo/strength/$name.summary.json" > "$zoo/logs/$name.strength.log" 2>&1
-    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens classifier > "$zoo/logs/$name.classifier.log" 2>&1
-    echo "$name: done"
+    echo "$name: built, PSIM-lens audit and strength done"
 }
-export -f one_model
+classifier() {
+    local name=$1
+    until [ -e "$zoo/logs/$name.built" ] || [ -e "$zoo/logs/$name.failed" ]; do sleep 5; done
+    [ -e "$zoo/logs/$name.built" ] || return 0
+    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" --part "$part" --only "$name" --lens classifier \
+        > "$zoo/logs/$name.classifier.log" 2>&1
+    echo "$name: classifier-lens audit done"
+}
+export -f chain classifier
 export part zoo audits python
-# zoo.json, which every step reads, is written by the dry run above only when it is missing; write it now.
+# zoo.json, which every step reads, lists the whole zoo; --only with no such entry writes it and builds nothing.
 "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" --part "$part" --only none-such > /dev/null
-printf '%s\n' $names | xargs -P "$jobs" -I{} bash -c 'one_model {}'
+rm -f "$zoo"/logs/*.built "$zoo"/logs/*.failed
+{ printf 'chain %s\n' $names; printf 'classifier %s\n' $names; } | xargs -P "$jobs" -L 1 bash -c '"$0" "$1"'
 "$python" experiments/zoo_strength.py --zoo "$zoo" --part "$part" --work "$zoo/strength" --out "$strength"
 "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" --part "$part" --lens psim --lens classifier --summarize-only
