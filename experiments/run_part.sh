@@ -29,11 +29,13 @@ EOF
 # audits are the ones that finish.
 chain() {
     local name=$1 only=(--part "$part" --only "$1")
-    if ! "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" "${only[@]}" > "$zoo/logs/$name.build.log" 2>&1; then
+    if ! "$python" experiments/zoo.py experiments/zoo.yaml --out "$zoo" "${only[@]}" \
+            > "$zoo/logs/$name.build.log" 2>&1; then
         echo "$name: build failed (see $zoo/logs/$name.build.log)"; touch "$zoo/logs/$name.failed"; return 0
     fi
     touch "$zoo/logs/$name.built"
-    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens psim > "$zoo/logs/$name.psim.log" 2>&1
+    "$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" "${only[@]}" --lens psim \
+        > "$zoo/logs/$name.psim.log" 2>&1
     "$python" experiments/zoo_strength.py --zoo "$zoo" "${only[@]}" --work "$zoo/strength" \
         --out "$zoo/strength/$name.summary.json" > "$zoo/logs/$name.strength.log" 2>&1
     echo "$name: built, PSIM-lens audit and strength done"
@@ -53,4 +55,5 @@ export part zoo audits python
 rm -f "$zoo"/logs/*.built "$zoo"/logs/*.failed
 { printf 'chain %s\n' $names; printf 'classifier %s\n' $names; } | xargs -P "$jobs" -L 1 bash -c '"$0" "$1"'
 "$python" experiments/zoo_strength.py --zoo "$zoo" --part "$part" --work "$zoo/strength" --out "$strength"
-"$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" --part "$part" --lens psim --lens classifier --summarize-only
+"$python" experiments/audit_zoo.py --zoo "$zoo" --out "$audits" --part "$part" --lens psim --lens classifier \
+    --summarize-only
