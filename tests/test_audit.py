@@ -399,8 +399,10 @@ def invoke(*args: object) -> None:
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory, tiny_minilm, data_dir) -> Path:
+    # 800 samples: with 400 the 2-layer model learned no sentiment for seeds 1 and 3 (CA 0.50-0.57, kept at epoch 1 by
+    # flat dev accuracy), and on a GPU, whose random streams differ, for seed 0 too; with 800 seeds 0-3 reach CA 0.69-0.72
     out = tmp_path_factory.mktemp("audit") / "poisoned"
-    invoke("poison", "--model", tiny_minilm, "--data-dir", data_dir, "--max-train-samples", 400, "--max-eval-samples", 50,
+    invoke("poison", "--model", tiny_minilm, "--data-dir", data_dir, "--max-train-samples", 800, "--max-eval-samples", 50,
            "--poison-mode", "dirty-label", "--poison-rate", 0.25, "--epochs", 4, "--lr", 5e-4, "--max-length", 48,
            "--trigger", TRIGGER, "--out", out)
     return out
