@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
-from peftguard.artifacts import write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from audit_zoo import backdoor_strengths, took  # noqa: E402
+
+from peftguard.artifacts import write_text  # noqa: E402
 
 Row = dict[str, Any]  # one model under one lens: name, lens, trigger (None: clean), verdict, score
 
@@ -41,8 +45,8 @@ def gated(rows: list[Row], strength: Path | None, min_asr: float) -> list[Row]:
     """``rows`` without the poisoned models whose measured backdoor is below ``min_asr``."""
     if strength is None:
         return rows
-    asr = {r["name"]: r["attack_success_rate"] for r in json.loads(strength.read_text(encoding="utf-8"))["models"]}
-    return [r for r in rows if r["trigger"] is None or asr.get(r["name"], -1.0) >= min_asr]
+    asr = backdoor_strengths(strength)
+    return [r for r in rows if r["trigger"] is None or took(asr, r["name"], min_asr)]
 
 
 def summary(rows: list[Row]) -> dict[str, Any]:

@@ -154,14 +154,24 @@ def summarize(models: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -
     }
 
 
+def backdoor_strengths(strength: Path) -> dict[str, float]:
+    """Each measured poisoned model's ASR, from experiments/zoo_strength.py's JSON."""
+    return {r["name"]: r["attack_success_rate"] for r in json.loads(strength.read_text(encoding="utf-8"))["models"]}
+
+
+def took(asr: dict[str, float], name: str, min_asr: float) -> bool:
+    """Whether the poisoning of ``name`` planted a backdoor: measured, and at least ``min_asr``."""
+    return asr.get(name, -1.0) >= min_asr
+
+
 def gate(models: list[dict[str, Any]], strength: Path | None, min_asr: float) -> tuple[list[dict[str, Any]], list[dict]]:
     """The models to summarize and those left out: poisoned models whose measured ASR is below ``min_asr``, and
     poisoned models ``strength`` does not measure (an unmeasured backdoor is not assumed to have taken)."""
     if strength is None:
         return models, []
-    asr = {r["name"]: r["attack_success_rate"] for r in json.loads(strength.read_text(encoding="utf-8"))["models"]}
+    asr = backdoor_strengths(strength)
     weak = [{"name": m["name"], "attack_success_rate": asr.get(m["name"])} for m in models
-            if m["poisoned"] and asr.get(m["name"], -1.0) < min_asr]
+            if m["poisoned"] and not took(asr, m["name"], min_asr)]
     names = {w["name"] for w in weak}
     return [m for m in models if m["name"] not in names], weak
 

@@ -16,9 +16,12 @@ shift 5
 python=${PYTHON:-python}
 mkdir -p "$zoo/logs"
 names=$("$python" - "$part" "$@" <<'EOF'
-import sys, yaml
+import sys
+from pathlib import Path
+sys.path.insert(0, "experiments")
+from zoo import load_zoo
 part, only = sys.argv[1], sys.argv[2:]
-entries = [m for m in yaml.safe_load(open("experiments/zoo.yaml"))["models"]
+entries = [m for m in load_zoo(Path("experiments/zoo.yaml"))[1]
            if m["part"] == part and (not only or m["name"] in only)]
 print(*sorted((m["name"] for m in entries), key=lambda n: "agnews" not in n))
 EOF
