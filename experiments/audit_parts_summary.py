@@ -7,9 +7,10 @@
         --strength 6=results/audit_zoo/held_apart_6_strength.json --strength 7=results/audit_zoo/held_apart_7_strength.json
 
 Reads the per-model rows of each part's summary (experiments/audit_zoo.py's results.json: name, lens, trigger,
-verdict, score) and, where a part's backdoor strengths were measured (experiments/zoo_strength.py), leaves out the
+verdict, score, top5) and, where a part's backdoor strengths were measured (experiments/zoo_strength.py), leaves out the
 poisoned models whose ASR is below --min-asr (audit_zoo.py's gate; parts without a strength file keep every model).
-A lens is pooled over the parts where it audited every model. Pooling is sound because every part's verdict uses the
+A lens is pooled over the parts where it audited every model. Trigger recovery is counted as audit_zoo.py counts it
+(the rows carry no attack name: in the zoo a one-word trigger is a BadNet word and a longer one an InSent sentence). Pooling is sound because every part's verdict uses the
 same score and the same threshold fixed a priori. This reads finished results only; it chooses nothing.
 """
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audit_zoo import backdoor_strengths, took  # noqa: E402
+from audit_zoo import backdoor_strengths, recovered, took  # noqa: E402
 
 from peftguard.artifacts import write_text  # noqa: E402
 
-Row = dict[str, Any]  # one model under one lens: name, lens, trigger (None: clean), verdict, score
+Row = dict[str, Any]  # one model under one lens: name, lens, trigger (None: clean), verdict, score, top5
 
 
 def numbered(values: list[str], flag: str) -> dict[str, Path]:
@@ -49,23 +50,39 @@ def gated(rows: list[Row], strength: Path | None, min_asr: float) -> list[Row]:
     return [r for r in rows if r["trigger"] is None or took(asr, r["name"], min_asr)]
 
 
+def attack(row: Row) -> str:
+    return "badnet" if len(row["trigger"].split()) == 1 else "insent"
+
+
+def recovery(rows: list[Row], kind: str, k: int) -> list[int]:
+    """[recovered, out of] over the poisoned rows of this attack kind: the trigger (a sentence: one of its words)
+    among the top ``k`` candidates."""
+    mine = [r for r in rows if r["trigger"] is not None and attack(r) == kind]
+    return [sum(recovered({"attack": kind, "trigger": r["trigger"]}, r["top5"], k) for r in mine), len(mine)]
+
+
 def summary(rows: list[Row]) -> dict[str, Any]:
     poisoned = [r["trigger"] is not None for r in rows]
     clean = [r for r in rows if r["trigger"] is None]
     return {"models": len(rows), "poisoned": sum(poisoned),
             "auroc": roc_auc_score(poisoned, [r["score"] for r in rows]) if 0 < sum(poisoned) < len(rows) else None,
             "clean_called_backdoored": sum(r["verdict"] == "backdoored" for r in clean), "clean": len(clean),
-            "poisoned_caught": sum(r["verdict"] == "backdoored" for r in rows if r["trigger"] is not None)}
+            "poisoned_caught": sum(r["verdict"] == "backdoored" for r in rows if r["trigger"] is not None),
+            "badnet_top1": recovery(rows, "badnet", 1), "badnet_top5": recovery(rows, "badnet", 5),
+            "insent_word_top5": recovery(rows, "insent", 5)}
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    lines = ["| reading | lens | part | models | AUROC | clean called backdoored | poisoned caught |", "|" + "---|" * 7]
+    lines = ["| reading | lens | part | models | AUROC | clean called backdoored | poisoned caught | BadNet top-1 | "
+             "BadNet top-5 | InSent word top-5 |", "|" + "---|" * 10]
     for reading, by_lens in results.items():
         for lens, by_part in by_lens.items():
             for part, r in by_part.items():
                 auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
+                shares = " | ".join(f"{n}/{d}" for n, d in (r["badnet_top1"], r["badnet_top5"], r["insent_word_top5"]))
                 lines.append(f"| {reading} | {lens} | {part} | {r['models']} | {auroc} | "
-                             f"{r['clean_called_backdoored']}/{r['clean']} | {r['poisoned_caught']}/{r['poisoned']} |")
+                             f"{r['clean_called_backdoored']}/{r['clean']} | {r['poisoned_caught']}/{r['poisoned']} | "
+                             f"{shares} |")
     return "\n".join(lines) + "\n"
 
 
