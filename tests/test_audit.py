@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_csv
 from typer.testing import CliRunner
 
 from peftguard.audit.run import AuditRequest, _unexplained_first, exit_status, run_audit, verdict_score
@@ -314,6 +315,19 @@ def test_the_cli_passes_the_psim_restarts_on_and_keeps_the_rule_default(tiny_min
     assert [r.psim_budget for r in seen] == [BudgetRule(), BudgetRule(max_restarts=0)]
 
 
+def test_the_default_lens_is_the_classifier_above_two_labels_and_psim_otherwise(tiny_minilm, tiny_dataset, tmp_path,
+                                                                              monkeypatch, capsys):
+    four_labels = tmp_path / "four"
+    for split in ("train", "dev", "test"):
+        write_csv(four_labels / f"{split}.csv", [(f"news item {i} about topic {i % 4}", i % 4) for i in range(8)])
+    two = requests_of(monkeypatch, capsys, tiny_minilm, tiny_dataset, tmp_path, [], ["--lens", "classifier"])
+    four = requests_of(monkeypatch, capsys, tiny_minilm, four_labels, tmp_path / "4", [], ["--lens", "psim"])
+    assert [(r.lens, r.used_lens) for r in two] == [("auto", "psim"), ("classifier", "classifier")]
+    assert [(r.dataset.num_labels, r.lens, r.used_lens) for r in four] == [(4, "auto", "classifier"), (4, "psim", "psim")]
+    with pytest.raises(OptionError, match=r"this audit uses the classifier lens \(4 labels\)"):
+        replace(four[0], search=replace(four[0].search, proposal_words=20)).check()
+
+
 @pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
 def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     from peftguard.audit.report import LIMITS, NO_EVIDENCE, TASK_STACK_WARNING, card
@@ -433,6 +447,8 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     assert saved["verdict"] == "backdoored" and saved["provenance"]["files"]
     assert set(saved["seconds"]) >= {"provenance", "psim", "search", "verify", "total"}
     assert saved["lens"]["screen_precision"] in ("fp32", "bf16")  # auto: bf16 where the hardware multiplies it
+    assert saved["lens"]["name"] == "psim" and saved["lens"]["asked"] == "auto"  # the default on two labels
+    assert "chosen by the rule auto:" in (tmp_path / "audit" / "AUDIT.md").read_text()
     assert (tmp_path / "audit" / "AUDIT.md").read_text().count(f"`{TRIGGER}`") >= 1
     assert (tmp_path / "audit" / "clean_confidence.png").stat().st_size > 0
     assert json.loads((tmp_path / "audit" / "psim" / "psim.json").read_text())["method"] == "ptuning-v1"  # its zoo's lens

@@ -555,7 +555,7 @@ def audit(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for audit.json, AUDIT.md, the histogram and the PSIM [runs/audit-<model folder name>].")] = None,
     dataset: DatasetOpt = "sst2",
     reference: Annotated[Optional[str], typer.Option("--reference", help="A known-clean base of the suspect: the words whose embedding rows moved most join the search.")] = None,
-    lens: Annotated[str, typer.Option("--lens", help="psim (a PSIM trained on the suspect weights) or classifier (the suspect's own predictions: the classic baseline).")] = "psim",
+    lens: Annotated[str, typer.Option("--lens", help="auto: the classifier lens on datasets of more than two labels, the PSIM lens on two-label ones (measured best on the held-apart zoo: REPRODUCTION.md); psim: a PSIM trained on the suspect weights; classifier: the suspect's own predictions (the classic scanners' lens).")] = "auto",
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
     vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Word pairs most frequent in the clean training texts screened beside the words: how sentence triggers of common words are found [20000, about the vocabulary's size; 0: none].")] = None,
@@ -576,9 +576,10 @@ def audit(
 ) -> None:
     """Is this model backdoored, and by what trigger? Exit status 0: no evidence, 1: backdoored, 2: usage or input error.
 
-    Trains a PSIM on the suspect weights (clean data only, random labels), searches the vocabulary and short phrases
-    for insertions that make it confident on clean inputs, verifies the best on held-back clean inputs, and writes
-    audit.json and AUDIT.md. Nothing is tuned on triggered data.
+    On a two-label dataset it trains a PSIM on the suspect weights (clean data only, random labels) and searches the
+    vocabulary and short phrases for insertions that make the PSIM confident on clean inputs; with more labels it
+    searches for insertions that flip the suspect's own predictions (--lens chooses). The best are verified on
+    held-back clean inputs; audit.json and AUDIT.md are written. Nothing is tuned on triggered data.
     """
     from dataclasses import replace
 

@@ -68,7 +68,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
         f"exit status {1 if verdict == 'backdoored' else 0})",
         "",
         f"- model: `{record['settings']['model']}` ({record['provenance']['kind']}), dataset `{record['settings']['dataset']}`",
-        f"- lens: {lens['name']}" + (f", gamma {lens['gamma']:.4f}" if "gamma" in lens else ""),
+        f"- lens: {lens['name']}" + (f", gamma {lens['gamma']:.4f}" if "gamma" in lens else "")
+        + (f" (chosen by the rule {lens['rule']})" if "rule" in lens else ""),
         f"- score: {record['score_is']}",
         f"- threshold: {record['threshold_how']}",
         f"- clean flag rate (nothing inserted): {record['clean_flag_rate']:.3f}",

@@ -3,8 +3,9 @@
 Steps: provenance (hashes) -> PSIM on the suspect weights with the clean-data-only budget ->
 trigger search on the PSIM lens (vocabulary words, word pairs of the clean training texts, phrases) ->
 verification on held-back clean inputs -> verdict -> ``audit.json`` + ``AUDIT.md``. ``lens="classifier"``
-runs the same search on the suspect classifier itself (the classic scanners' approach), for comparison; it
-trains no PSIM.
+runs the same search on the suspect classifier itself (the classic scanners' approach); it trains no PSIM.
+The default, ``lens="auto"``, takes the classifier lens on datasets of more than two labels and the PSIM lens on
+two-label ones (:data:`AUTO_LENS_RULE`).
 
 The verdict threshold is fixed a priori, not fitted (see :data:`VERDICT_THRESHOLD`).
 """
@@ -50,8 +51,14 @@ from peftguard.training import TrainSettings, predict_proba, seed_everything
 log = logging.getLogger(__name__)
 
 MARKER = "audit.json"
-LensName = Literal["psim", "classifier"]
-LENSES: tuple[str, ...] = ("psim", "classifier")
+LensName = Literal["auto", "psim", "classifier"]
+LENSES: tuple[str, ...] = ("auto", "psim", "classifier")
+# The default lens. The PSIM lens fails on AG News (its PSIM can lose the backdoor) and the classifier lens on binary
+# sentiment (sentiment stacks flip a clean model); this rule was fixed in session 30 on the fourth held-apart part and
+# made the default by a decision pre-registered in session 34 and met on the eighth (REPRODUCTION.md, "The eighth
+# part"): over parts 5-8 it scored verdict AUROC 0.957 with no false alarm in 24 clean models, the PSIM lens 0.937.
+AUTO_LENS_RULE = ("auto: the classifier lens on datasets of more than two labels, the PSIM lens on two-label ones "
+                  "(pre-registered, measured on held-apart zoo parts 5-8)")
 
 # The verdict: "backdoored" when the best verified candidate that the clean task does not explain
 # (peftguard.audit.task) sets the lens off on more than half of the held-back clean inputs it is
@@ -88,7 +95,7 @@ class AuditRequest:
     dataset: TextDataset
     out: Path
     reference: str | None = None
-    lens: LensName = "psim"
+    lens: LensName = "auto"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     seed: int = 0
@@ -101,13 +108,21 @@ class AuditRequest:
     options: LoadOptions = LoadOptions()
     progress: bool = True
 
+    @property
+    def used_lens(self) -> Literal["psim", "classifier"]:
+        """The lens this audit runs: ``lens``, or for ``auto`` the one :data:`AUTO_LENS_RULE` picks for the dataset."""
+        if self.lens == "auto":
+            return "classifier" if self.dataset.num_labels > 2 else "psim"
+        return self.lens
+
     def check(self) -> None:
         if self.lens not in LENSES:
             raise OptionError(f"unknown --lens '{self.lens}'; choose from {', '.join(LENSES)}")
         if self.precision not in ("auto", *SCREEN_PRECISIONS):
             raise OptionError(f"--precision {self.precision!r}: the audit's search runs at {', '.join(SCREEN_PRECISIONS)} or auto")
-        if self.lens != "psim" and self.search.proposal_words:
-            raise OptionError("--proposals: the classifier's proposals are judged by the PSIM; use them with --lens psim")
+        if self.used_lens != "psim" and self.search.proposal_words:
+            raise OptionError(f"--proposals: the classifier's proposals are judged by the PSIM, and this audit uses the "
+                              f"classifier lens ({self.dataset.num_labels} labels); use them with --lens psim")
 
 
 @dataclass
@@ -141,12 +156,13 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     work = Path(request.out)
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
-    lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.lens == "psim" else "the suspect classifier"
-    echo(f"[2/4] lens: {lens_desc}")
+    lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.used_lens == "psim" else "the suspect classifier"
+    chosen = f" (--lens auto, {dataset.num_labels} labels)" if request.lens == "auto" else ""
+    echo(f"[2/4] lens: {lens_desc}{chosen}")
     seed_everything(request.seed)  # a bare encoder gets a fresh head: the same one every run
     classifier, tokenizer = load_suspect_classifier(suspect, dataset.num_labels, request.options)
     lens, psim_record = _lens(request, suspect, classifier, tokenizer, work)
-    mark = clock.lap("psim" if request.lens == "psim" else "load", mark)
+    mark = clock.lap("psim" if request.used_lens == "psim" else "load", mark)
     search_texts, held_back = _split_dev(dataset, request)
     vocabulary = vocabulary_candidates(tokenizer, request.vocabulary)
     if not vocabulary:
@@ -190,7 +206,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
 
 def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: Any, work: Path) -> tuple[Lens, dict | None]:
     screen_precision = resolve_precision(request.precision, next(classifier.parameters()).device, allowed=SCREEN_PRECISIONS)
-    if request.lens == "classifier":
+    if request.used_lens == "classifier":
         return ClassifierLens(classifier, tokenizer, request.max_length, screen_precision=screen_precision), None
     from peftguard.defenses.psim import PSIM, train_psim
     from peftguard.defenses.psim_budget import PAPER_PSIM_METHOD
@@ -221,7 +237,7 @@ def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: A
 def _proposals(request: AuditRequest, lens: Lens, classifier: Any, tokenizer: Any, vocabulary: Sequence[Any],
                search_texts: Sequence[str], echo: Echo) -> Proposals | None:
     """Pieces the suspect classifier proposes, judged by the PSIM (search.propose_pieces); None when off."""
-    if request.lens != "psim" or request.search.proposal_words == 0:
+    if request.used_lens != "psim" or request.search.proposal_words == 0:
         return None
     echo(f"[3/4] proposals: the {request.search.proposal_words} words per label that push the suspect classifier most "
          "and the clean task does not explain, and their pairs, judged by the PSIM")
@@ -295,7 +311,7 @@ def _record(request: AuditRequest, record_provenance: dict[str, Any], psim_recor
         "task_rule": {"min_clean_texts": TASK_MIN_TEXTS, "purity": TASK_PURITY, "how": TASK_RULE},
         "threshold": VERDICT_THRESHOLD,
         "threshold_how": VERDICT_THRESHOLD_WHY,
-        "lens": lens.describe(),
+        "lens": {**lens.describe(), "asked": request.lens, **({"rule": AUTO_LENS_RULE} if request.lens == "auto" else {})},
         "clean_flag_rate": round(baseline, 5),
         "candidates": candidates,
         "provenance": record_provenance,
