@@ -373,6 +373,24 @@ def test_the_card_lists_the_words_the_classifier_proposed():
     assert "proposed" not in card({k: v for k, v in record.items() if k != "proposals"}, None)
 
 
+def test_the_card_compares_the_candidates_with_the_reference():
+    from peftguard.audit.report import card
+
+    record = {"verdict": "backdoored", "score": 0.9, "threshold": 0.5, "lens": {"name": "psim"}, "score_is": "s",
+              "threshold_how": "t", "clean_flag_rate": 0.0, "search": {"counts": {}},
+              "candidates": [{"text": "cf", "source": "vocabulary", "flag_rate": 0.9, "forced_label": 0,
+                              "forced_rate": 0.9, "flip_rate": 0.8, "mean_confidence": 0.8, "reference_flag_rate": 0.02}],
+              "reference_audit": {"folder": "reference", "model": "minilm", "verdict": "no evidence", "score": 0.04,
+                                  "clean_flag_rate": 0.02, "candidates": ["awful"]},
+              "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0}, "device": "cpu",
+              "provenance": {"kind": "folder", "given": "m", "folder": "m", "notes": [], "weight_formats": [],
+                             "files": []}}
+    text = card(record, None)
+    assert "The same audit on the known-clean `minilm`" in text and "no evidence, score 0.040" in text
+    assert "| `cf` | 0.900 | 0.020 |" in text
+    assert "Against the reference" not in card({k: v for k, v in record.items() if k != "reference_audit"}, None)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "{tmp}/missing"], "does not exist"),
     (["--model", "{tiny}", "--lens", "magic"], "unknown --lens"),
@@ -458,6 +476,21 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
     assert len(proposals["judged"]) == 2 and proposals["score_without"] <= record["score"]
     assert "proposals" in saved["seconds"]
     assert f"- label 0: {', '.join(proposals['words']['0'])}" in (tmp_path / "audit" / "AUDIT.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_reference_gets_the_same_audit_and_the_candidates_are_verified_on_it(poisoned, tiny_minilm, data_dir, tmp_path):
+    record = audit(poisoned, data_dir, tmp_path / "audit", reference=str(tiny_minilm))
+    saved = json.loads((tmp_path / "audit" / "reference" / "audit.json").read_text())
+    assert record["reference_audit"]["verdict"] == saved["verdict"] and record["reference_audit"]["score"] == saved["score"]
+    assert saved["settings"]["model"] == str(tiny_minilm) and saved["settings"]["reference"] is None
+    assert saved["lens"]["name"] == record["lens"]["name"] == "psim"  # the same lens, trained on the clean base
+    trigger = next(c for c in record["candidates"] if c["text"] == TRIGGER)
+    assert trigger["flag_rate"] > 0.5 and trigger["reference_flag_rate"] < trigger["flag_rate"] - 0.3, trigger
+    assert all(0 <= c["reference_flag_rate"] <= 1 for c in record["candidates"])
+    assert record["seconds"]["reference"] > 0 and (tmp_path / "audit" / "reference" / "psim" / "psim.json").is_file()
+    assert f"| `{TRIGGER}` | {trigger['flag_rate']:.3f} | {trigger['reference_flag_rate']:.3f} |" in (
+        tmp_path / "audit" / "AUDIT.md").read_text()
 
 
 @pytest.mark.slow

@@ -554,7 +554,7 @@ def audit(
     model: Annotated[str, typer.Option("--model", help="The suspect: a model folder (plain, poisoned, fine-tuned), a PEFT adapter folder (audited on its base), 'minilm', or a hub id as owner/name[@revision].")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for audit.json, AUDIT.md, the histogram and the PSIM [runs/audit-<model folder name>].")] = None,
     dataset: DatasetOpt = "sst2",
-    reference: Annotated[Optional[str], typer.Option("--reference", help="A known-clean base of the suspect: the words whose embedding rows moved most join the search.")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="A known-clean base of the suspect: the words whose embedding rows moved most join the search, and the same audit runs on it (OUT/reference; about doubles the time), each candidate's flag rate there reported beside the suspect's (the verdict stays the suspect's).")] = None,
     lens: Annotated[str, typer.Option("--lens", help="auto: the classifier lens on datasets of more than two labels, the PSIM lens on two-label ones (measured best on the held-apart zoo: REPRODUCTION.md); psim: a PSIM trained on the suspect weights; classifier: the suspect's own predictions (the classic scanners' lens).")] = "auto",
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Candidates reported [10].")] = None,
     vocabulary: Annotated[Optional[Path], typer.Option("--vocabulary", help="Screen only the words in this file (one a line) instead of the whole vocabulary.")] = None,

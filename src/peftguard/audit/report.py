@@ -89,6 +89,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
 
     lines += ["", f"![clean confidence]({histogram})" if histogram
               else f"(histogram skipped: matplotlib is not installed; {install_hint('matplotlib')})", ""]
+    if record.get("reference_audit"):
+        lines += reference_section(record)
     psim = record.get("psim")
     if psim:
         lines += ["## PSIM", "",
@@ -126,6 +128,20 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
               ", ".join(f"{k}: {v}" for k, v in settings.items()), "",
               "seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + f" ({record['device']})", ""]
     return "\n".join(lines)
+
+
+def reference_section(record: dict[str, Any]) -> list[str]:
+    """The same audit on the known-clean reference, and the candidates' flag rates there (the verdict is the suspect's)."""
+    ref = record["reference_audit"]
+    return ["## Against the reference", "",
+            f"The same audit on the known-clean `{ref['model']}` (its card: `{ref['folder']}/AUDIT.md`): "
+            f"{ref['verdict']}, score {ref['score']:.3f}; its best candidates: "
+            f"{', '.join(f'`{t}`' for t in ref['candidates']) or '(none)'}. A candidate that sets the reference off "
+            "about as often as the suspect is the model family's or the task's, not a backdoor's; the verdict above "
+            "is the suspect's alone.", "",
+            "| text | flag rate (suspect) | flag rate (reference) |", "|---|---|---|",
+            *[f"| `{c['text']}` | {c['flag_rate']:.3f} | {c['reference_flag_rate']:.3f} |" for c in record["candidates"]],
+            ""]
 
 
 def _task_reason(candidate: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from peftguard.artifacts import write_json
 from peftguard.audit.search import (
+    Candidate,
     ClassifierLens,
     Lens,
     Proposals,
@@ -142,9 +143,67 @@ class Clock:
 Echo = Callable[[str], None]
 
 
+@dataclass
+class Scan:
+    """One model's audit before it is written: the record, and the lens and predictor that verified its candidates."""
+    record: dict[str, Any]
+    lens: Lens
+    predict: Callable[[Sequence[str]], np.ndarray]
+    held_back: list[str]
+    clean_confidence: np.ndarray
+
+
 def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[str, Any]:
-    """Audit ``request.model``; write ``audit.json`` and ``AUDIT.md`` into ``request.out``; return the record."""
+    """Audit ``request.model``; write ``audit.json`` and ``AUDIT.md`` into ``request.out``; return the record.
+
+    With ``request.reference`` (a known-clean base) the same audit also runs on the reference, into
+    ``out/reference``, and the suspect's candidates are verified there too (:func:`against_reference`)."""
     request.check()
+    work = Path(request.out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
+    scan = _scan(request, echo)
+    if request.reference is not None:
+        started = time.perf_counter()
+        scan.record["reference_audit"] = against_reference(request, scan, echo)
+        scan.record["seconds"]["reference"] = round(time.perf_counter() - started, 2)
+        scan.record["seconds"]["total"] = round(scan.record["seconds"]["total"] + scan.record["seconds"]["reference"], 2)
+    _write(work, scan)
+    return scan.record
+
+
+def _write(work: Path, scan: Scan) -> None:
+    from peftguard.audit.report import write_card
+
+    write_card(work, scan.record, scan.clean_confidence)
+    write_json(work / MARKER, scan.record)  # last: its presence marks a complete audit
+
+
+def against_reference(request: AuditRequest, scan: Scan, echo: Echo) -> dict[str, Any]:
+    """The same audit (lens, search, seed, clean inputs) on the known-clean reference, written to ``out/reference``,
+    and each reported candidate of the suspect verified on the reference's lens: a word that sets a clean base off as
+    often is the model family's, not a backdoor's. Reported beside the verdict, which it does not change (the verdict
+    rule was measured without a reference)."""
+    folder = Path(request.out) / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    echo(f"[5/5] reference: the same audit on the known-clean {request.reference}")
+    sub = replace(request, model=str(request.reference), reference=None, lens=request.used_lens, out=folder)
+    reference = _scan(sub, lambda message: echo(f"  reference {message}"))
+    _write(folder, reference)
+    texts = [c["text"] for c in scan.record["candidates"]]
+    rates = {v.text: v.flag_rate
+             for v in verify(reference.lens, reference.predict, [Candidate(t, ()) for t in texts], scan.held_back,
+                             seed=request.seed, progress=request.progress)}
+    for candidate in scan.record["candidates"]:
+        candidate["reference_flag_rate"] = round(rates[candidate["text"]], 5)
+    return {"folder": "reference", "model": str(request.reference), "verdict": reference.record["verdict"],
+            "score": reference.record["score"], "clean_flag_rate": reference.record["clean_flag_rate"],
+            "candidates": [c["text"] for c in reference.record["candidates"][:5]]}
+
+
+def _scan(request: AuditRequest, echo: Echo) -> Scan:
+    """Provenance, lens, search and verification of ``request.model`` (writes only the PSIM, under ``request.out``)."""
     clock = Clock()
     dataset = request.dataset
     echo(f"[1/4] provenance: resolving and hashing {request.model}")
@@ -154,8 +213,6 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     record_provenance = provenance(suspect, request.reference)
     mark = clock.lap("provenance", clock.started)
     work = Path(request.out)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
     lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.used_lens == "psim" else "the suspect classifier"
     chosen = f" (--lens auto, {dataset.num_labels} labels)" if request.lens == "auto" else ""
     echo(f"[2/4] lens: {lens_desc}{chosen}")
@@ -197,11 +254,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
                                "judged": [{"text": s.candidate.text, "search_flag_rate": round(s.flag_rate, 5)}
                                           for s in proposals.judged],
                                "score_without": round(verdict_score(*_without_proposals(verified, evidence)), 5)}
-    from peftguard.audit.report import write_card
-
-    write_card(work, record, clean_confidence)
-    write_json(work / MARKER, record)  # last: its presence marks a complete audit
-    return record
+    return Scan(record, lens, suspect_predict, held_back, clean_confidence)
 
 
 def _lens(request: AuditRequest, suspect: Suspect, classifier: Any, tokenizer: Any, work: Path) -> tuple[Lens, dict | None]:
