@@ -9,8 +9,9 @@
 Reads the per-model rows of each part's summary (experiments/audit_zoo.py's results.json: name, lens, trigger,
 verdict, score, top5) and, where a part's backdoor strengths were measured (experiments/zoo_strength.py), leaves out the
 poisoned models whose ASR is below --min-asr (audit_zoo.py's gate; parts without a strength file keep every model).
-A lens is pooled over the parts where it audited every model. Trigger recovery is counted as audit_zoo.py counts it
-(the rows carry no attack name: in the zoo a one-word trigger is a BadNet word and a longer one an InSent sentence). Pooling is sound because every part's verdict uses the
+A lens is pooled over the parts where it audited every model. Trigger recovery is counted as audit_zoo.py counts
+it (the rows carry no attack name: in the zoo a one-word trigger is a BadNet word and a longer one an InSent
+sentence). Pooling is sound because every part's verdict uses the
 same score and the same threshold fixed a priori. This reads finished results only; it chooses nothing.
 """
 from __future__ import annotations

@@ -323,7 +323,8 @@ def test_the_default_lens_is_the_classifier_above_two_labels_and_psim_otherwise(
     two = requests_of(monkeypatch, capsys, tiny_minilm, tiny_dataset, tmp_path, [], ["--lens", "classifier"])
     four = requests_of(monkeypatch, capsys, tiny_minilm, four_labels, tmp_path / "4", [], ["--lens", "psim"])
     assert [(r.lens, r.used_lens) for r in two] == [("auto", "psim"), ("classifier", "classifier")]
-    assert [(r.dataset.num_labels, r.lens, r.used_lens) for r in four] == [(4, "auto", "classifier"), (4, "psim", "psim")]
+    assert [(r.dataset.num_labels, r.lens, r.used_lens) for r in four] == [(4, "auto", "classifier"),
+                                                                          (4, "psim", "psim")]
     with pytest.raises(OptionError, match=r"this audit uses the classifier lens \(4 labels\)"):
         replace(four[0], search=replace(four[0].search, proposal_words=20)).check()
 
@@ -379,7 +380,8 @@ def test_the_card_compares_the_candidates_with_the_reference():
     record = {"verdict": "backdoored", "score": 0.9, "threshold": 0.5, "lens": {"name": "psim"}, "score_is": "s",
               "threshold_how": "t", "clean_flag_rate": 0.0, "search": {"counts": {}},
               "candidates": [{"text": "cf", "source": "vocabulary", "flag_rate": 0.9, "forced_label": 0,
-                              "forced_rate": 0.9, "flip_rate": 0.8, "mean_confidence": 0.8, "reference_flag_rate": 0.02}],
+                              "forced_rate": 0.9, "flip_rate": 0.8, "mean_confidence": 0.8,
+                              "reference_flag_rate": 0.02}],
               "reference_audit": {"folder": "reference", "model": "minilm", "verdict": "no evidence", "score": 0.04,
                                   "clean_flag_rate": 0.02, "candidates": ["awful"]},
               "settings": {"model": "m", "dataset": "d"}, "seconds": {"total": 1.0}, "device": "cpu",
@@ -479,10 +481,12 @@ def test_the_search_puts_the_planted_trigger_first(poisoned, data_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_reference_gets_the_same_audit_and_the_candidates_are_verified_on_it(poisoned, tiny_minilm, data_dir, tmp_path):
+def test_a_reference_gets_the_same_audit_and_the_candidates_are_verified_on_it(poisoned, tiny_minilm, data_dir,
+                                                                              tmp_path):
     record = audit(poisoned, data_dir, tmp_path / "audit", reference=str(tiny_minilm))
     saved = json.loads((tmp_path / "audit" / "reference" / "audit.json").read_text())
-    assert record["reference_audit"]["verdict"] == saved["verdict"] and record["reference_audit"]["score"] == saved["score"]
+    reference = record["reference_audit"]
+    assert reference["verdict"] == saved["verdict"] and reference["score"] == saved["score"]
     assert saved["settings"]["model"] == str(tiny_minilm) and saved["settings"]["reference"] is None
     assert saved["lens"]["name"] == record["lens"]["name"] == "psim"  # the same lens, trained on the clean base
     trigger = next(c for c in record["candidates"] if c["text"] == TRIGGER)

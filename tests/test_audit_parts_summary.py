@@ -7,7 +7,8 @@ import pytest
 from conftest import load_experiment
 
 
-def _part(tmp_path, name: str, rows: list[tuple[str, str, str | None, float]], top5: dict[str, list[str]] | None = None):
+def _part(tmp_path, name: str, rows: list[tuple[str, str, str | None, float]],
+          top5: dict[str, list[str]] | None = None):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({"models": [{"name": n, "lens": lens, "trigger": trigger, "score": score,
                                             "verdict": "backdoored" if score > 0.5 else "no evidence",
@@ -37,7 +38,8 @@ def test_pooled_over_the_parts_a_lens_audited_whole_and_gated_by_measured_streng
     gated = results["gated"]["psim"]
     assert gated["1"]["models"] == 2 and gated["1"]["auroc"] == 1.0  # the unplanted `ae` left out
     assert gated["2"]["models"] == 3  # a part without a strength file keeps every model
-    # recovery: `mb` second (top 5, not top 1); `cf` and `ae` not listed; the sentence found through `large`, not `largely`
+    # recovery: `mb` second (top 5, not top 1); `cf` and `ae` not listed; the sentence found through `large`, not
+    # through `largely`
     assert everything["badnet_top1"] == [0, 3] and everything["badnet_top5"] == [1, 3]
     assert everything["insent_word_top5"] == [1, 1]
     assert gated["pooled"] == {"models": 5, "poisoned": 3, "auroc": pytest.approx(5 / 6), "clean_called_backdoored": 0,

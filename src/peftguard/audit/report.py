@@ -131,7 +131,8 @@ def card(record: dict[str, Any], histogram: str | None) -> str:
 
 
 def reference_section(record: dict[str, Any]) -> list[str]:
-    """The same audit on the known-clean reference, and the candidates' flag rates there (the verdict is the suspect's)."""
+    """The same audit on the known-clean reference, and the candidates' flag rates there (the verdict stays the
+    suspect's)."""
     ref = record["reference_audit"]
     return ["## Against the reference", "",
             f"The same audit on the known-clean `{ref['model']}` (its card: `{ref['folder']}/AUDIT.md`): "
@@ -140,7 +141,8 @@ def reference_section(record: dict[str, Any]) -> list[str]:
             "about as often as the suspect is the model family's or the task's, not a backdoor's; the verdict above "
             "is the suspect's alone.", "",
             "| text | flag rate (suspect) | flag rate (reference) |", "|---|---|---|",
-            *[f"| `{c['text']}` | {c['flag_rate']:.3f} | {c['reference_flag_rate']:.3f} |" for c in record["candidates"]],
+            *[f"| `{c['text']}` | {c['flag_rate']:.3f} | {c['reference_flag_rate']:.3f} |"
+              for c in record["candidates"]],
             ""]
 
 

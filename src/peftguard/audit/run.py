@@ -122,8 +122,8 @@ class AuditRequest:
         if self.precision not in ("auto", *SCREEN_PRECISIONS):
             raise OptionError(f"--precision {self.precision!r}: the audit's search runs at {', '.join(SCREEN_PRECISIONS)} or auto")
         if self.used_lens != "psim" and self.search.proposal_words:
-            raise OptionError(f"--proposals: the classifier's proposals are judged by the PSIM, and this audit uses the "
-                              f"classifier lens ({self.dataset.num_labels} labels); use them with --lens psim")
+            raise OptionError(f"--proposals: the classifier's proposals are judged by the PSIM, and this audit uses "
+                              f"the classifier lens ({self.dataset.num_labels} labels); use them with --lens psim")
 
 
 @dataclass
@@ -166,8 +166,9 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     if request.reference is not None:
         started = time.perf_counter()
         scan.record["reference_audit"] = against_reference(request, scan, echo)
-        scan.record["seconds"]["reference"] = round(time.perf_counter() - started, 2)
-        scan.record["seconds"]["total"] = round(scan.record["seconds"]["total"] + scan.record["seconds"]["reference"], 2)
+        seconds = scan.record["seconds"]
+        seconds["reference"] = round(time.perf_counter() - started, 2)
+        seconds["total"] = round(seconds["total"] + seconds["reference"], 2)
     _write(work, scan)
     return scan.record
 
@@ -213,7 +214,8 @@ def _scan(request: AuditRequest, echo: Echo) -> Scan:
     record_provenance = provenance(suspect, request.reference)
     mark = clock.lap("provenance", clock.started)
     work = Path(request.out)
-    lens_desc = "PSIM on the suspect weights (clean-data budget rule)" if request.used_lens == "psim" else "the suspect classifier"
+    psim_lens = "PSIM on the suspect weights (clean-data budget rule)"
+    lens_desc = psim_lens if request.used_lens == "psim" else "the suspect classifier"
     chosen = f" (--lens auto, {dataset.num_labels} labels)" if request.lens == "auto" else ""
     echo(f"[2/4] lens: {lens_desc}{chosen}")
     seed_everything(request.seed)  # a bare encoder gets a fresh head: the same one every run
@@ -364,7 +366,8 @@ def _record(request: AuditRequest, record_provenance: dict[str, Any], psim_recor
         "task_rule": {"min_clean_texts": TASK_MIN_TEXTS, "purity": TASK_PURITY, "how": TASK_RULE},
         "threshold": VERDICT_THRESHOLD,
         "threshold_how": VERDICT_THRESHOLD_WHY,
-        "lens": {**lens.describe(), "asked": request.lens, **({"rule": AUTO_LENS_RULE} if request.lens == "auto" else {})},
+        "lens": {**lens.describe(), "asked": request.lens,
+                 **({"rule": AUTO_LENS_RULE} if request.lens == "auto" else {})},
         "clean_flag_rate": round(baseline, 5),
         "candidates": candidates,
         "provenance": record_provenance,
