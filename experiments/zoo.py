@@ -25,7 +25,7 @@ PEFTGUARD = [sys.executable, "-m", "peftguard.cli"]
 # The zoo's parts: the one looked at while building the audit, and the ones kept for measuring it (each audited once
 # per design it measures; a second was added when the first had been seen too often).
 PARTS = ("development", "held-apart", "held-apart-2", "held-apart-3", "held-apart-4", "held-apart-5", "held-apart-6",
-         "held-apart-7", "held-apart-8")
+         "held-apart-7", "held-apart-8", "held-apart-9")
 
 
 def load_zoo(config: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
