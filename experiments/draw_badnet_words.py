@@ -38,12 +38,17 @@ def pool(zoo: Path) -> list[str]:
                   and tokenizer.tokenize(w) == [w] and w not in used and texts[w] <= MAX_TEXTS)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (apart from main, so that tests check the documented commands without running them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, required=True, help="the part's number")
-    parser.add_argument("--count", type=int, default=8)
-    parser.add_argument("--zoo", type=Path, default=Path("experiments/zoo.yaml"))
-    args = parser.parse_args()
+    parser.add_argument("--count", type=int, default=8, help="how many words")
+    parser.add_argument("--zoo", type=Path, default=Path("experiments/zoo.yaml"), help="the zoo whose triggers are used")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     words = pool(args.zoo)
     print(f"pool of {len(words)}; drawn:", " ".join(random.Random(args.seed).sample(words, args.count)))
 
