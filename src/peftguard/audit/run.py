@@ -159,9 +159,6 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
     With ``request.reference`` (a known-clean base) the same audit also runs on the reference, into
     ``out/reference``, and the suspect's candidates are verified there too (:func:`against_reference`)."""
     request.check()
-    work = Path(request.out)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
     scan = _scan(request, echo)
     if request.reference is not None:
         started = time.perf_counter()
@@ -169,7 +166,7 @@ def run_audit(request: AuditRequest, echo: Echo = lambda message: None) -> dict[
         seconds = scan.record["seconds"]
         seconds["reference"] = round(time.perf_counter() - started, 2)
         seconds["total"] = round(seconds["total"] + seconds["reference"], 2)
-    _write(work, scan)
+    _write(Path(request.out), scan)
     return scan.record
 
 
@@ -186,8 +183,6 @@ def against_reference(request: AuditRequest, scan: Scan, echo: Echo) -> dict[str
     often is the model family's, not a backdoor's. Reported beside the verdict, which it does not change (the verdict
     rule was measured without a reference)."""
     folder = Path(request.out) / "reference"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)
     echo(f"[5/5] reference: the same audit on the known-clean {request.reference}")
     sub = replace(request, model=str(request.reference), reference=None, lens=request.used_lens, out=folder)
     reference = _scan(sub, lambda message: echo(f"  reference {message}"))
@@ -204,7 +199,8 @@ def against_reference(request: AuditRequest, scan: Scan, echo: Echo) -> dict[str
 
 
 def _scan(request: AuditRequest, echo: Echo) -> Scan:
-    """Provenance, lens, search and verification of ``request.model`` (writes only the PSIM, under ``request.out``)."""
+    """Provenance, lens, search and verification of ``request.model``. Creates ``request.out`` (once the suspect
+    resolved) and writes only the PSIM there; the caller writes the record."""
     clock = Clock()
     dataset = request.dataset
     echo(f"[1/4] provenance: resolving and hashing {request.model}")
@@ -214,6 +210,8 @@ def _scan(request: AuditRequest, echo: Echo) -> Scan:
     record_provenance = provenance(suspect, request.reference)
     mark = clock.lap("provenance", clock.started)
     work = Path(request.out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).unlink(missing_ok=True)  # an audit.json beside a half-rewritten folder would vouch for it
     psim_lens = "PSIM on the suspect weights (clean-data budget rule)"
     lens_desc = psim_lens if request.used_lens == "psim" else "the suspect classifier"
     chosen = f" (--lens auto, {dataset.num_labels} labels)" if request.lens == "auto" else ""
