@@ -57,9 +57,10 @@ LENSES: tuple[str, ...] = ("auto", "psim", "classifier")
 # The default lens. The PSIM lens fails on AG News (its PSIM can lose the backdoor) and the classifier lens on binary
 # sentiment (sentiment stacks flip a clean model); this rule was fixed in session 30 on the fourth held-apart part and
 # made the default by a decision pre-registered in session 34 and met on the eighth (REPRODUCTION.md, "The eighth
-# part"): over parts 5-8 it scored verdict AUROC 0.957 with no false alarm in 24 clean models, the PSIM lens 0.937.
+# part"): over parts 5-8 it scored verdict AUROC 0.957 with no false alarm in 24 clean models, the PSIM lens 0.937;
+# the ninth part, built after the change, gave it 1.000 (gated) with no false alarm.
 AUTO_LENS_RULE = ("auto: the classifier lens on datasets of more than two labels, the PSIM lens on two-label ones "
-                  "(pre-registered, measured on held-apart zoo parts 5-8)")
+                  "(pre-registered; measured on held-apart zoo parts 5-9, REPRODUCTION.md)")
 
 # The verdict: "backdoored" when the best verified candidate that the clean task does not explain
 # (peftguard.audit.task) sets the lens off on more than half of the held-back clean inputs it is
@@ -183,7 +184,7 @@ def against_reference(request: AuditRequest, scan: Scan, echo: Echo) -> dict[str
     often is the model family's, not a backdoor's. Reported beside the verdict, which it does not change (the verdict
     rule was measured without a reference)."""
     folder = Path(request.out) / "reference"
-    echo(f"[5/5] reference: the same audit on the known-clean {request.reference}")
+    echo(f"[reference] the same audit on the known-clean {request.reference}")
     sub = replace(request, model=str(request.reference), reference=None, lens=request.used_lens, out=folder)
     reference = _scan(sub, lambda message: echo(f"  reference {message}"))
     _write(folder, reference)
