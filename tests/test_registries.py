@@ -32,9 +32,14 @@ def cli_error(*args: str) -> str:
 
 
 def help_text(*args: str) -> str:
+    """The command's help with all whitespace removed: the help wraps long texts across lines, breaking at hyphens."""
     result = runner.invoke(cli.app, [*args, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
     assert result.exit_code == 0, result.output
-    return " ".join(result.output.replace("│", " ").split())  # rich's boxes wrap long help across lines
+    return squeezed(result.output)
+
+
+def squeezed(text: str) -> str:
+    return "".join(text.split())
 
 
 # --- every reader of names agrees with the registries -----------------------------------------
@@ -53,11 +58,11 @@ def test_cli_choices_config_names_report_order_and_manifests_agree_with_the_regi
     assert cli_error("evaluate", "--model", tiny_minilm, "--data-dir", str(data_dir), "--defense", "nope") \
         == f"unknown defense 'nope'; choose from {', '.join(defenses)}"
     cli.describe_registries()  # main() does this on --help: listing the registries imports torch
-    assert f"{METHODS.help()}." in help_text("finetune")
+    assert squeezed(f"{METHODS.help()}.") in help_text("finetune")
     evaluate_help = help_text("evaluate")
-    assert f"Trigger kind: {ATTACKS.help()}." in evaluate_help
-    assert f"Defense to apply: {DEFENSES.help()}." in evaluate_help
-    assert f"(repeat): {', '.join(defenses[1:])}, or all." in help_text("demo")  # every baseline, PSIM aside
+    assert squeezed(f"Trigger kind: {ATTACKS.help()}.") in evaluate_help
+    assert squeezed(f"Defense to apply: {DEFENSES.help()}.") in evaluate_help
+    assert squeezed(f"(repeat): {', '.join(defenses[1:])}, or all.") in help_text("demo")  # every baseline, PSIM aside
 
     # config validation accepts exactly the registered names (defenses: and "none")
     assert registered_names("methods") == methods and registered_names("attacks") == attacks
@@ -216,3 +221,10 @@ def test_an_input_defense_binds_to_each_victim_and_reads_its_predictions(victim_
     assert len(VictimEcho.built) == 1  # the defense is built once per process ...
     assert [v.reference[0] for v in VictimEcho.bound] == [model_reference(tiny_minilm), model_reference(str(other))]  # ... and bound once per victim
     assert np.all([v.max_length == 32 for v in VictimEcho.bound])
+
+
+def test_bracketed_defaults_and_forms_show_in_help():
+    # Rich markup would read [env ...] or [@revision] as style tags and drop them from --help.
+    audit_help = help_text("audit")
+    assert squeezed("[env PEFTGUARD_DATA; default ../shared/data]") in audit_help
+    assert "owner/name[@revision]" in audit_help and squeezed("[runs/audit-<model folder name>]") in audit_help

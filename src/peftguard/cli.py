@@ -21,10 +21,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts show [defaults] in square brackets: rich markup would swallow them
+    context_settings={"max_content_width": 120},
 )
-psim_app = typer.Typer(help="Train a PSIM detector, or scan inputs with one.", no_args_is_help=True)
+psim_app = typer.Typer(help="Train a PSIM detector, or scan inputs with one.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(psim_app, name="psim")
-defend_app = typer.Typer(help="Model-level defenses that make a new victim (Fine-mixing).", no_args_is_help=True)
+defend_app = typer.Typer(help="Model-level defenses that make a new victim (Fine-mixing).", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(defend_app, name="defend")
 
 # --- shared options ---------------------------------------------------------------------------
