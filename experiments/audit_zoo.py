@@ -74,11 +74,13 @@ LENS_ARGS = {"psim": ["--lens", "psim"], "classifier": ["--lens", "classifier"],
 
 
 def by_labels(models: list[dict[str, Any]], lens_audits: dict[str, Audits], binary: str = "psim") -> Audits:
-    """The lens-by-labels candidate (pre-registered in session 30, not the audit's default): each model's
-    classifier-lens audit when its dataset has more than two labels, its ``binary`` audit (PSIM lens) otherwise."""
+    """The lens-by-labels rule (pre-registered in session 30; the audit's default, ``--lens auto``, since session 35):
+    each model's audit under the lens ``auto`` picks for its dataset, ``binary`` standing for the PSIM lens."""
+    from peftguard.audit.run import lens_for
+
     chosen = {}
     for m in models:
-        lens = "classifier" if num_labels(m["dataset"]) > 2 else binary
+        lens = "classifier" if lens_for("auto", num_labels(m["dataset"])) == "classifier" else binary
         if m["name"] in lens_audits.get(lens, {}):
             chosen[m["name"]] = lens_audits[lens][m["name"]]
     return chosen

@@ -34,7 +34,7 @@ def count_part(folder: Path, part: str) -> dict[str, dict[str, dict[str, int]]]:
     """{lens: {binary|agnews: {models, places, task_words, accusing}}} over the part's clean models."""
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for lens in LENSES:
-        saved = lens if (folder / lens).is_dir() or lens != "psim" else "psim-proposals"
+        saved = "psim-proposals" if lens == "psim" and not (folder / "psim").is_dir() else lens
         for file in sorted((folder / saved).glob(f"h{part}-clean-*.audit.json")):
             audit = json.loads(file.read_text(encoding="utf-8"))
             audit = without_proposals(audit) if saved == "psim-proposals" else audit

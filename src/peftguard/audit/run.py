@@ -91,6 +91,13 @@ DEFAULT_AUDIT_TRAIN_SAMPLES = 2000
 DEFAULT_AUDIT_EVAL_SAMPLES = 2000
 
 
+def lens_for(lens: str, num_labels: int) -> Literal["psim", "classifier"]:
+    """The lens an audit runs: ``lens``, or for ``auto`` the one :data:`AUTO_LENS_RULE` picks for ``num_labels``."""
+    if lens == "auto":
+        return "classifier" if num_labels > 2 else "psim"
+    return "classifier" if lens == "classifier" else "psim"
+
+
 @dataclass(frozen=True)
 class AuditRequest:
     model: str
@@ -112,10 +119,7 @@ class AuditRequest:
 
     @property
     def used_lens(self) -> Literal["psim", "classifier"]:
-        """The lens this audit runs: ``lens``, or for ``auto`` the one :data:`AUTO_LENS_RULE` picks for the dataset."""
-        if self.lens == "auto":
-            return "classifier" if self.dataset.num_labels > 2 else "psim"
-        return self.lens
+        return lens_for(self.lens, self.dataset.num_labels)
 
     def check(self) -> None:
         if self.lens not in LENSES:
