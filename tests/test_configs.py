@@ -137,7 +137,7 @@ def test_a_gamma_sweep_does_not_repeat_another_defenses_evaluation() -> None:
 
 
 # Configs without the paper's PSIM: smoke.yaml takes the default (auto), psim_lora_demo.yaml measures a LoRA PSIM,
-# psim_v3b_smollm2_seed3.yaml measures the default (auto) on a decoder.
+# psim_v3b_smollm2_seed3.yaml and psim_v3b_smollm2_full.yaml measure the default (auto) on a decoder.
 UNPINNED_CONFIGS = {"smoke.yaml", "psim_lora_demo.yaml", "psim_v3b_smollm2_seed3.yaml", "psim_v3b_smollm2_full.yaml"}
 
 
