@@ -1,6 +1,7 @@
 """How often a gamma calibrated on clean dev texts lets more than a bar's share of clean test texts through, by chance.
 
     python experiments/fpr_sampling_check.py --out results/fpr_sampling_check results
+    python experiments/fpr_sampling_check.py --pool 400/400/9 500/500/18   # several calibrations' counts together
 
 Gamma is the (k+1)-th largest of n clean dev scores, k = floor(target * n) (:func:`peftguard.metrics.calibrate_gamma`).
 If dev and test texts are exchangeable (drawn alike), the share of test texts scoring above that order statistic is
@@ -59,6 +60,29 @@ def calibrations(results: Path) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (r["dataset"], r["cell"]))
 
 
+def pooled(calibrations: Iterable[tuple[int, int, int]], target: float) -> dict[str, Any]:
+    """The flagged counts of several independent calibrations, each ``(dev, test, flagged)`` at ``target``, added up:
+    the expected total and the chance of a total at least the observed one (their laws convolved)."""
+    total_law, observed, tested = [1.0], 0, 0
+    for dev, test, flagged in calibrations:
+        law = flagged_count_law(dev, target, test)
+        total_law = [sum(total_law[i] * law[x - i] for i in range(max(0, x - test), min(x, len(total_law) - 1) + 1))
+                     for x in range(len(total_law) + test)]
+        observed, tested = observed + flagged, tested + test
+    return {"flagged": observed, "tested": tested, "expected": round(sum(x * p for x, p in enumerate(total_law)), 2),
+            "p_at_least_observed": round(sum(total_law[observed:]), 4)}
+
+
+def pool_arg(text: str) -> tuple[int, int, int]:
+    try:
+        dev, test, flagged = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DEV/TEST/FLAGGED (three whole numbers), got {text!r}") from None
+    if not (dev > 0 and test > 0 and 0 <= flagged <= test):
+        raise argparse.ArgumentTypeError(f"{text!r}: need DEV, TEST > 0 and 0 <= FLAGGED <= TEST")
+    return dev, test, flagged
+
+
 def summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     rows = list(rows)
     over = [r for r in rows if r["fpr"] > BAR]
@@ -93,13 +117,22 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="the committed results folder")
-    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    parser.add_argument("results", type=Path, nargs="?", help="the committed results folder")
+    parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md (with RESULTS)")
+    parser.add_argument("--pool", type=pool_arg, nargs="+", metavar="DEV/TEST/FLAGGED",
+                        help="instead: the summed flagged count of these calibrations against its law")
+    parser.add_argument("--target", type=float, default=0.02, help="the calibrations' target FPR (with --pool)")
     return parser
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.pool:
+        print(json.dumps(pooled(args.pool, args.target)))
+        return
+    if args.results is None or args.out is None:
+        parser.error("give RESULTS and --out, or --pool")
     rows = calibrations(args.results)
     if not rows:
         raise SystemExit(f"{args.results}: no cell calibrated to a target FPR")

@@ -44,3 +44,14 @@ def test_cells_sharing_one_calibration_count_once(tmp_path):
                                                  encoding="utf-8")
     rows = load_experiment("fpr_sampling_check").calibrations(tmp_path)
     assert len(rows) == 1 and rows[0]["flagged"] == 12 and 0 < rows[0]["p_over_bar"] < 1
+
+
+def test_pooling_one_calibration_is_its_own_law_and_pooling_adds_counts():
+    check = load_experiment("fpr_sampling_check")
+    law = check.flagged_count_law(500, 0.02, 500)
+    alone = check.pooled([(500, 500, 18)], 0.02)
+    assert alone["p_at_least_observed"] == round(sum(law[18:]), 4) and alone["flagged"] == 18
+    two = check.pooled([(500, 500, 18), (400, 400, 9)], 0.02)
+    assert two["tested"] == 900 and two["flagged"] == 27
+    assert abs(two["expected"] - (alone["expected"] + check.pooled([(400, 400, 9)], 0.02)["expected"])) < 0.02
+    assert two["p_at_least_observed"] > alone["p_at_least_observed"]  # 9 of 400 is below its own expectation
