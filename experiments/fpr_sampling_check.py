@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from peftguard.metrics import allowed_flags
 
 BAR = 0.03  # issue 13's clean-test FPR bar
@@ -63,14 +65,12 @@ def calibrations(results: Path) -> list[dict[str, Any]]:
 def pooled(calibrations: Iterable[tuple[int, int, int]], target: float) -> dict[str, Any]:
     """The flagged counts of several independent calibrations, each ``(dev, test, flagged)`` at ``target``, added up:
     the expected total and the chance of a total at least the observed one (their laws convolved)."""
-    total_law, observed, tested = [1.0], 0, 0
+    total_law, observed, tested = np.ones(1), 0, 0
     for dev, test, flagged in calibrations:
-        law = flagged_count_law(dev, target, test)
-        total_law = [sum(total_law[i] * law[x - i] for i in range(max(0, x - test), min(x, len(total_law) - 1) + 1))
-                     for x in range(len(total_law) + test)]
+        total_law = np.convolve(total_law, flagged_count_law(dev, target, test))
         observed, tested = observed + flagged, tested + test
-    return {"flagged": observed, "tested": tested, "expected": round(sum(x * p for x, p in enumerate(total_law)), 2),
-            "p_at_least_observed": round(sum(total_law[observed:]), 4)}
+    return {"flagged": observed, "tested": tested, "expected": round(float(np.arange(len(total_law)) @ total_law), 2),
+            "p_at_least_observed": round(float(total_law[observed:].sum()), 4)}
 
 
 def pool_arg(text: str) -> tuple[int, int, int]:

@@ -54,4 +54,4 @@ def test_pooling_one_calibration_is_its_own_law_and_pooling_adds_counts():
     two = check.pooled([(500, 500, 18), (400, 400, 9)], 0.02)
     assert two["tested"] == 900 and two["flagged"] == 27
     assert abs(two["expected"] - (alone["expected"] + check.pooled([(400, 400, 9)], 0.02)["expected"])) < 0.02
-    assert two["p_at_least_observed"] > alone["p_at_least_observed"]  # 9 of 400 is below its own expectation
+    assert two["p_at_least_observed"] > alone["p_at_least_observed"]  # 9 of 400 sits at its expectation (8.98): it dilutes the excess
