@@ -329,6 +329,14 @@ def test_the_default_lens_is_the_classifier_above_two_labels_and_psim_otherwise(
         replace(four[0], search=replace(four[0].search, proposal_words=20)).check()
 
 
+def test_an_unknown_lens_is_refused_not_read_as_psim():
+    from peftguard.audit.run import lens_for
+
+    assert [lens_for(lens, 2) for lens in ("auto", "psim", "classifier")] == ["psim", "psim", "classifier"]
+    with pytest.raises(OptionError, match="unknown --lens 'clasifier'"):
+        lens_for("clasifier", 2)
+
+
 @pytest.mark.parametrize("verdict", ["no evidence", "backdoored"])
 def test_the_card_says_what_the_verdict_does_not_cover(verdict):
     from peftguard.audit.report import LIMITS, NO_EVIDENCE, TASK_STACK_WARNING, card

@@ -95,7 +95,11 @@ def lens_for(lens: str, num_labels: int) -> Literal["psim", "classifier"]:
     """The lens an audit runs: ``lens``, or for ``auto`` the one :data:`AUTO_LENS_RULE` picks for ``num_labels``."""
     if lens == "auto":
         return "classifier" if num_labels > 2 else "psim"
-    return "classifier" if lens == "classifier" else "psim"
+    if lens == "psim":
+        return "psim"
+    if lens == "classifier":
+        return "classifier"
+    raise OptionError(f"unknown --lens '{lens}'; choose from {', '.join(LENSES)}")
 
 
 @dataclass(frozen=True)
