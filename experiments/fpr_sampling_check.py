@@ -7,7 +7,8 @@ Gamma is the (k+1)-th largest of n clean dev scores, k = floor(target * n) (:fun
 If dev and test texts are exchangeable (drawn alike), the share of test texts scoring above that order statistic is
 Beta(k + 1, n - k) distributed, so the count of m clean test texts flagged is beta-binomial(m, k + 1, n - k): a fact
 of order statistics, with no model and no data in it. This reads every committed PSIM cell
-(``results/*/cells/*/defended_metrics.json`` calibrated to a target FPR), counts each calibration once (cells that
+calibrated to a target FPR (budget tables' ``results/*/cells/*/defended_metrics.json`` and ``peftguard report
+--record``'s ``results/*/cells/*.json``), counts each calibration once (cells that
 share a PSIM, gamma and test set, such as one PSIM's rows for several victims, have one FPR), and sets each observed
 test FPR beside that distribution: the chance it exceeds the bar, and how extreme the observed count is.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,26 +42,47 @@ def flagged_count_law(dev: int, target: float, test: int) -> list[float]:
     return beta_binomial_pmf(test, allowed + 1, dev - allowed)
 
 
+def defended_metrics(results: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    """``(cell name, metrics)`` of every committed cell, in both layouts: a budget table's
+    ``RESULTS/GRID/cells/CELL/defended_metrics.json`` and ``peftguard report --record``'s ``RESULTS/GRID/cells/CELL.json``
+    (``{"cell": ..., "metrics": ...}``; that folder's other JSON files are skipped)."""
+    for path in sorted(results.glob("*/cells/*/defended_metrics.json")):
+        yield f"{path.parts[-4]}/{path.parts[-2]}", json.loads(path.read_text(encoding="utf-8"))
+    for path in sorted(results.glob("*/cells/*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+            yield f"{path.parts[-3]}/{path.stem}", record["metrics"]
+
+
 def calibrations(results: Path) -> list[dict[str, Any]]:
     """One row per distinct calibration of a committed PSIM cell."""
-    rows: dict[tuple, dict[str, Any]] = {}
-    for path in sorted(results.glob("*/cells/*/defended_metrics.json")):
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        choice = (metrics.get("defense") or {}).get("gamma_choice") or {}
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for cell, metrics in defended_metrics(results):
+        defense = metrics.get("defense")  # older records name the defense only, without its gamma's calibration
+        choice = (defense.get("gamma_choice") or {}) if isinstance(defense, dict) else {}
         if choice.get("how") != "target-fpr":
             continue
         dev, test, target = choice["calibration_samples"], metrics["clean_samples"], choice["target_fpr"]
         flagged = round(metrics["false_positive_rate"] * test)
-        key = (metrics["dataset"], round(metrics["gamma"], 9), dev, test, flagged)
-        rows.setdefault(key, {"dataset": metrics["dataset"], "cell": f"{path.parts[-4]}/{path.parts[-2]}", "dev": dev,
-                              "test": test, "target_fpr": target, "flagged": flagged, "fpr": flagged / test})
-    for row in rows.values():
+        # Cells share a calibration when they share its gamma (one PSIM's rows for several victims) or its PSIM stage
+        # (one stage rebuilt in another grid: same recipe and texts, a gamma differing in the last digits).
+        psim_stage = re.search(r"stages/(psim-[0-9a-f]+)/", defense.get("psim") or "")
+        keys = {(metrics["dataset"], round(metrics["gamma"], 9), dev, test, flagged)}
+        if psim_stage:
+            keys.add((metrics["dataset"], psim_stage.group(1), dev, test, flagged))
+        if keys & seen:
+            continue
+        seen |= keys
+        rows.append({"dataset": metrics["dataset"], "cell": cell, "dev": dev, "test": test, "target_fpr": target,
+                     "flagged": flagged, "fpr": flagged / test})
+    for row in rows:
         law = flagged_count_law(row["dev"], row["target_fpr"], row["test"])
         over_bar = allowed_flags(row["test"], BAR)  # counts above this exceed the bar
         row["p_over_bar"] = sum(law[over_bar + 1:])
         row["p_at_least_observed"] = sum(law[row["flagged"]:])
         row["expected_fpr"] = sum(x * p for x, p in enumerate(law)) / row["test"]
-    return sorted(rows.values(), key=lambda r: (r["dataset"], r["cell"]))
+    return sorted(rows, key=lambda r: (r["dataset"], r["cell"]))
 
 
 def pooled(calibrations: Iterable[tuple[int, int, int]], target: float) -> dict[str, Any]:

@@ -46,6 +46,34 @@ def test_cells_sharing_one_calibration_count_once(tmp_path):
     assert len(rows) == 1 and rows[0]["flagged"] == 12 and 0 < rows[0]["p_over_bar"] < 1
 
 
+def test_cells_recorded_by_report_record_are_read_and_other_json_skipped(tmp_path):
+    metrics = {"dataset": "sst2", "gamma": 0.73, "clean_samples": 500, "false_positive_rate": 0.036,
+               "defense": {"gamma_choice": {"how": "target-fpr", "calibration_samples": 500, "target_fpr": 0.02}}}
+    cells = tmp_path / "recorded" / "cells"
+    cells.mkdir(parents=True)
+    (cells / "psim.json").write_text(json.dumps({"cell": {"defense": "psim"}, "metrics": metrics}), encoding="utf-8")
+    (cells / "none.json").write_text(json.dumps({"cell": {}, "metrics": {**metrics, "defense": "none"}}),
+                                     encoding="utf-8")
+    (cells / "list.json").write_text(json.dumps([1, 2]), encoding="utf-8")
+    rows = load_experiment("fpr_sampling_check").calibrations(tmp_path)
+    assert [(r["cell"], r["flagged"]) for r in rows] == [("recorded/psim", 18)]
+
+
+def test_one_psim_stage_rebuilt_in_two_grids_counts_once(tmp_path):
+    def record(grid: str, gamma: float, stage: str) -> None:
+        metrics = {"dataset": "sst2", "gamma": gamma, "clean_samples": 200, "false_positive_rate": 0.04,
+                   "defense": {"psim": f"runs/{grid}/stages/{stage}/artifact",
+                               "gamma_choice": {"how": "target-fpr", "calibration_samples": 200, "target_fpr": 0.02}}}
+        (tmp_path / grid / "cells").mkdir(parents=True, exist_ok=True)
+        (tmp_path / grid / "cells" / f"{stage}.json").write_text(json.dumps({"metrics": metrics}), encoding="utf-8")
+
+    record("baselines", 0.66402, "psim-bd40")
+    record("headline", 0.66410, "psim-bd40")  # the same stage on another CPU
+    record("other", 0.66410, "psim-77aa")  # another PSIM: its own calibration
+    rows = load_experiment("fpr_sampling_check").calibrations(tmp_path)
+    assert [r["cell"] for r in rows] == ["baselines/psim-bd40", "other/psim-77aa"]
+
+
 def test_pooling_one_calibration_is_its_own_law_and_pooling_adds_counts():
     check = load_experiment("fpr_sampling_check")
     law = check.flagged_count_law(500, 0.02, 500)
