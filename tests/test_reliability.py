@@ -84,6 +84,20 @@ def test_matching_adapter_still_loads(tiny_minilm: str, tmp_path: Path) -> None:
     assert manifest["method"] == "prompt" and model.config.num_labels == 2
 
 
+@pytest.mark.parametrize("kind", ["victim", "plain"])
+def test_evaluated_models_run_where_compute_device_says(kind: str, tiny_minilm: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import peftguard.pipeline as pipeline
+
+    # "meta" stands in for a GPU this CPU machine lacks: load_model must move both kinds of model there
+    monkeypatch.setattr(pipeline, "compute_device", lambda: torch.device("meta"))
+    ref = str(save_untrained_adapter(tiny_minilm, "lora", tmp_path / "victim")) if kind == "victim" else tiny_minilm
+    model, _, _ = load_model(ref, 2)
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+
+
 def test_psim_folder_with_a_mismatched_head_is_a_clear_error(tiny_minilm: str, tmp_path: Path) -> None:
     from peftguard.defenses.psim import MANIFEST as PSIM_MANIFEST
     from peftguard.defenses.psim import PSIM

@@ -12,6 +12,7 @@ from peftguard.errors import OptionError, PeftguardError
 from peftguard.evaluation import EvalSettings, evaluate
 from peftguard.models import LoadOptions, load_classifier, load_tokenizer, model_reference
 from peftguard.poisoning import MANIFEST as POISONING_MANIFEST
+from peftguard.runtime import compute_device
 from peftguard.triggers import Trigger
 from peftguard.tuning import load_tuned
 from peftguard.victims import MANIFEST as VICTIM_MANIFEST
@@ -21,18 +22,18 @@ METRICS_KEYS = ("model", "dataset", "clean_accuracy")  # every metrics file eval
 
 
 def load_model(ref: str, num_labels: int, options: LoadOptions = LoadOptions()) -> tuple[Any, Any, dict[str, Any]]:
-    """Any model this tool evaluates: a victim folder, a poisoned folder, or a plain classifier."""
+    """Any model this tool evaluates: a victim folder, a poisoned folder, or a plain classifier, in eval mode on
+    :func:`~peftguard.runtime.compute_device` (a GPU when torch sees one)."""
     folder = Path(ref)
     if (folder / VICTIM_MANIFEST).is_file():
         model, tokenizer, manifest = load_tuned(folder, VICTIM_MANIFEST, options)
         if int(manifest["num_labels"]) != num_labels:
             raise PeftguardError(f"{ref} was tuned for {manifest['num_labels']} labels; the dataset has {num_labels}")
-        return model, tokenizer, manifest
+        return model.eval().to(compute_device()), tokenizer, manifest
     model = load_classifier(ref, num_labels, options)
-    model.eval()
     manifest_path = folder / POISONING_MANIFEST
     manifest = {"kind": "poisoned-model" if manifest_path.is_file() else "model", "method": "full"}
-    return model, load_tokenizer(ref, options), manifest
+    return model.eval().to(compute_device()), load_tokenizer(ref, options), manifest
 
 
 def build_defense(

@@ -58,13 +58,13 @@ def layer_features(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_si
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch", disable=desc is None):
         chunk = order[start:start + batch_size]
-        batch = collate(tokenizer, [ids[i] for i in chunk])
+        batch = collate(tokenizer, [ids[i] for i in chunk]).to(next(model.parameters()).device)
         hidden = model(**batch, output_hidden_states=True).hidden_states
         if hidden is None:
             raise OptionError(f"{type(model).__name__} does not return hidden states; DAN cannot read its features")
         # Prompt methods prepend virtual tokens: the input's first token sits after them.
         position = -1 if left_padded else hidden[-1].shape[1] - batch["input_ids"].shape[1]
-        features = torch.stack([layer[:, position, :] for layer in hidden[1:]]).float().numpy()
+        features = torch.stack([layer[:, position, :] for layer in hidden[1:]]).float().cpu().numpy()
         parts.append((chunk, features))
     out = np.zeros((parts[0][1].shape[0], len(texts), parts[0][1].shape[2]), dtype=np.float32) if parts else np.zeros((0, 0, 0))
     for chunk, features in parts:
