@@ -71,9 +71,10 @@ def calibrations(results: Path) -> list[dict[str, Any]]:
         keys = {(metrics["dataset"], round(metrics["gamma"], 9), dev, test, flagged)}
         if psim_stage:
             keys.add((metrics["dataset"], psim_stage.group(1), dev, test, flagged))
-        if keys & seen:
+        known = bool(keys & seen)
+        seen |= keys  # a rebuilt stage's gamma joins its stage's calibration too
+        if known:
             continue
-        seen |= keys
         rows.append({"dataset": metrics["dataset"], "cell": cell, "dev": dev, "test": test, "target_fpr": target,
                      "flagged": flagged, "fpr": flagged / test})
     for row in rows:

@@ -69,7 +69,7 @@ def test_one_psim_stage_rebuilt_in_two_grids_counts_once(tmp_path):
 
     record("baselines", 0.66402, "psim-bd40")
     record("headline", 0.66410, "psim-bd40")  # the same stage on another CPU
-    record("other", 0.66410, "psim-77aa")  # another PSIM: its own calibration
+    record("other", 0.70150, "psim-77aa")  # another PSIM: its own calibration
     rows = load_experiment("fpr_sampling_check").calibrations(tmp_path)
     assert [r["cell"] for r in rows] == ["baselines/psim-bd40", "other/psim-77aa"]
 
