@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fpr_sampling_check import flagged_count_law  # noqa: E402
 
 from peftguard.artifacts import write_text  # noqa: E402
-from peftguard.data import load_dataset, subsample  # noqa: E402
+from peftguard.data import Example, load_dataset, subsample  # noqa: E402
 from peftguard.defenses.psim import PSIM  # noqa: E402
 from peftguard.metrics import flagged  # noqa: E402
 
-def describe(name: str, scores: np.ndarray, gamma: float, law_of: Callable[[int], Sequence[float]]) -> dict[str, Any]:
-    """One set's figures; ``law_of(m)`` is the law of the flagged count among ``m`` clean texts."""
+
+def describe(name: str, scores: np.ndarray, gamma: float, calibrated_on: int, target: float) -> dict[str, Any]:
+    """One set's figures, its flagged count set against the law of a gamma calibrated on ``calibrated_on`` texts."""
     count = int(flagged(scores, gamma).sum())
-    law = law_of(len(scores))
+    law = flagged_count_law(calibrated_on, target, len(scores))
     return {"set": name, "texts": len(scores), "mean_confidence": round(float(scores.mean()), 4), "flagged": count,
             "fpr": round(count / len(scores), 4), "p_at_least_observed": round(float(sum(law[count:])), 4)}
+
+
+def scores_of(psim: PSIM, examples: list[Example], desc: str) -> dict[int, float]:
+    """Each example's PSIM confidence, keyed by the example object (subsets are drawn from the same list)."""
+    return dict(zip(map(id, examples), psim.confidences([ex.text for ex in examples], desc=desc)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,25 +72,29 @@ def main() -> None:
         raise SystemExit(f"{args.psim}: not trained under the budget rule (no monitored dev texts to compare)")
     seed = int(psim.manifest["settings"]["seed"])  # psim train draws its dev subset, and the watched texts, with it
     dataset = load_dataset(args.dataset)
-    dev = dataset.dev.examples
+    dev, test = dataset.dev.examples, dataset.test.examples
     calibration = subsample(dev, calibrated_on, seed)
     monitored = {id(ex) for ex in subsample(calibration, int(budget["rule"]["monitor_samples"]), seed)}
     chosen = {id(ex) for ex in calibration}
+    unread = [ex for ex in dev if id(ex) not in chosen]
+    # The calibration subset is scored as one list, as psim train scored it: gamma is one of those scores, and another
+    # batching moves that text's score by float noise across gamma.
+    dev_scores = scores_of(psim, calibration, "calibration dev") | scores_of(psim, unread, "other dev")
+    test_scores = scores_of(psim, test, "test")
+    watched = [ex for ex in calibration if id(ex) in monitored]
+    unwatched = [ex for ex in calibration if id(ex) not in monitored]
     sets = {
-        "calibration dev (monitored by the budget rule)": [ex.text for ex in calibration if id(ex) in monitored],
-        "calibration dev (not monitored)": [ex.text for ex in calibration if id(ex) not in monitored],
-        "dev outside the calibration subset": [ex.text for ex in dev if id(ex) not in chosen],
-        "test (all)": [ex.text for ex in dataset.test.examples],
+        "calibration dev (monitored by the budget rule)": [dev_scores[id(ex)] for ex in watched],
+        "calibration dev (not monitored)": [dev_scores[id(ex)] for ex in unwatched],
+        "dev outside the calibration subset": [dev_scores[id(ex)] for ex in unread],
+        "test (all)": list(test_scores.values()),
     }
     if args.test_samples:
-        sets["test (the evaluated subset)"] = [ex.text for ex in subsample(dataset.test.examples, args.test_samples,
-                                                                            args.seed)]
-    rows = []
-    for name, texts in sets.items():
-        if texts:
-            scores = psim.confidences(texts, desc=name)
-            rows.append(describe(name, scores, gamma, lambda m: flagged_count_law(calibrated_on, target, m)))
-            print(json.dumps(rows[-1]))
+        evaluated = subsample(test, args.test_samples, args.seed)
+        sets["test (the evaluated subset)"] = [test_scores[id(ex)] for ex in evaluated]
+    rows = [describe(name, np.array(scores), gamma, calibrated_on, target) for name, scores in sets.items() if scores]
+    for row in rows:
+        print(json.dumps(row))
     record = {"psim": str(args.psim), "dataset": dataset.name, "gamma": gamma, "target_fpr": target,
               "calibration_samples": calibrated_on, "psim_seed": seed, "test_seed": args.seed, "sets": rows}
     write_text(args.out, json.dumps(record, indent=1) + "\n")

@@ -167,8 +167,8 @@ def load_suspect_classifier(suspect: Suspect, num_labels: int, options: LoadOpti
     if not suspect.is_adapter:
         from peftguard.pipeline import load_model
 
-        model, tokenizer, _ = load_model(str(suspect.folder), num_labels, options)
-        return model.to(compute_device()), tokenizer
+        model, tokenizer, _ = load_model(str(suspect.folder), num_labels, options)  # on the compute device
+        return model, tokenizer
     from peftguard.tuning import attach_adapter
 
     base = load_classifier(suspect.base or "", num_labels, options)
